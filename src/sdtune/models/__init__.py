@@ -1,0 +1,1 @@
+"""What a Stable Diffusion model is, and moving it between formats."""

@@ -1,0 +1,12 @@
+"""Test-wide setup: no network, tiny models built in code and saved in the real on-disk formats."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing in the test suite may reach the network: models are built in code (sdtune.models.tiny).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["tests.fixtures.models"]
