@@ -1,0 +1,353 @@
+"""The metadata JSON: one file describing every training image (its caption, its tags, its bucket), the contract
+between ``merge-captions`` / ``merge-tags`` / ``clean`` / ``prepare`` and ``train``. This docstring is the schema's
+single source; docs/metadata.md is the user-facing copy.
+
+Schema, version 1::
+
+    {
+      "sdtune_metadata_version": 1,
+      "images": {
+        "<image key>": {
+          "caption": "a girl standing in a field",          # str, from merge-captions (.caption sidecars)
+          "tags": "1girl, long hair, field",                  # str, from merge-tags (.txt sidecars), comma-separated
+          "train_resolution": [512, 512]                      # [width, height] of the bucket, from prepare
+        }
+      }
+    }
+
+Every per-image key is optional; no others are allowed (a typo such as ``"caption "`` raises instead of being
+silently ignored at training time). An entry without ``train_resolution`` has not been prepared (or its image
+failed in ``prepare``) and is not trained on.
+
+Image keys: by default the file stem (``img_001`` for ``train/img_001.png``), as sd-scripts does; the image is
+found in the training folder by that stem. With ``--full_path`` the key is the image's absolute path, so several
+training folders can share one JSON (and two images with the same stem in different folders do not collide).
+
+Versions and migrations: version 0 is sd-scripts' flat layout, ``{"<image key>": {"caption": ..., "tags": ...,
+"train_resolution": [w, h]}}`` without the version wrapper; such files are read as they are and written back as
+the current version. ``MIGRATIONS[n]`` turns a version-``n`` document into version ``n + 1``; a file from a newer
+sdtune raises.
+
+Sidecar files are read as UTF-8 (a byte-order mark is tolerated); the first non-blank line is used, stripped, as
+sd-scripts uses the first line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdtune.atomic import write_json_atomic
+from sdtune.data.images import list_images
+from sdtune.errors import SdtuneError
+from sdtune.options import opt
+
+logger = logging.getLogger(__name__)
+
+METADATA_VERSION = 1
+VERSION_KEY = "sdtune_metadata_version"
+
+#: Per-image keys and a check for each value (a description of what is expected, and the test).
+IMAGE_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "caption": ("a string", lambda v: isinstance(v, str)),
+    "tags": ("a string", lambda v: isinstance(v, str)),
+    "train_resolution": (
+        "[width, height], two positive integers",
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+    ),
+}
+
+Images = dict[str, dict[str, Any]]
+
+
+class MetadataError(SdtuneError):
+    """A metadata JSON that cannot be read: malformed JSON, an unknown key, a value of the wrong type."""
+
+
+# ------------------------------------------------------------------------------------------------ versions
+def _from_flat(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 0 (sd-scripts' flat ``{key: entry}``) -> version 1 (``{"sdtune_metadata_version": 1, "images"}``)."""
+    return {VERSION_KEY: 1, "images": doc}
+
+
+#: ``MIGRATIONS[n]`` takes a version-``n`` document to version ``n + 1``. Small, pure dict -> dict functions.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_flat}
+
+
+def document_version(doc: Mapping[str, Any]) -> int:
+    """The schema version of a parsed metadata document (0 for sd-scripts' flat layout)."""
+    if VERSION_KEY not in doc:
+        return 0
+    version = doc[VERSION_KEY]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{VERSION_KEY} must be a positive integer, not {version!r}")
+    return version
+
+
+def migrate(doc: dict[str, Any], source: str | Path = "<metadata>") -> dict[str, Any]:
+    """Bring a parsed document to ``METADATA_VERSION`` by applying the migrations in turn."""
+    try:
+        version = document_version(doc)
+    except ValueError as exc:
+        raise MetadataError(f"{source}: {exc}") from None
+    if version > METADATA_VERSION:
+        raise MetadataError(f"{source}: metadata version {version} was written by a newer sdtune (this one reads up "
+                            f"to version {METADATA_VERSION}); upgrade sdtune")
+    while version < METADATA_VERSION:
+        doc = MIGRATIONS[version](doc)
+        version += 1
+    return doc
+
+
+def validate_images(images: Any, source: str | Path = "<metadata>") -> Images:
+    """Check every entry's keys and value types; returns ``images`` itself."""
+    if not isinstance(images, dict):
+        raise MetadataError(f"{source}: 'images' must be an object mapping image keys to entries")
+    for key, entry in images.items():
+        if not isinstance(entry, dict):
+            raise MetadataError(f"{source}: image {key!r}: expected an object with caption/tags/train_resolution, "
+                                f"found {type(entry).__name__}")
+        for name, value in entry.items():
+            if name not in IMAGE_FIELDS:
+                raise MetadataError(
+                    f"{source}: image {key!r} has unknown key {name!r}; known keys are "
+                    f"{', '.join(IMAGE_FIELDS)} (fix or remove it)")
+            expected, check = IMAGE_FIELDS[name]
+            if not check(value):
+                raise MetadataError(f"{source}: image {key!r}: {name} must be {expected}, not {value!r}")
+    return images
+
+
+def parse_metadata(text: str, source: str | Path = "<metadata>") -> Images:
+    """Parse, migrate and validate a metadata document; returns the image entries."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MetadataError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); fix the "
+                            "file or delete it to start over") from None
+    if not isinstance(doc, dict):
+        raise MetadataError(f"{source}: expected a JSON object at the top level, found {type(doc).__name__}")
+    doc = migrate(doc, source)
+    unknown = sorted(set(doc) - {VERSION_KEY, "images"})
+    if unknown:
+        raise MetadataError(f"{source}: unknown top-level key(s) {', '.join(map(repr, unknown))}")
+    return validate_images(doc.get("images", {}), source)
+
+
+def load_metadata(path: str | Path) -> Images:
+    """Read a metadata JSON of any known version (sd-scripts' flat files included); returns ``{key: entry}``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: metadata file does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise MetadataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); is it a metadata JSON?") \
+            from None
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return parse_metadata(text, path)
+
+
+def save_metadata(path: str | Path, images: Images) -> None:
+    """Write ``images`` as a current-version metadata JSON, atomically (a crash leaves the old file or none)."""
+    validate_images(images, path)
+    write_json_atomic(path, {VERSION_KEY: METADATA_VERSION, "images": images})
+
+
+# ------------------------------------------------------------------------------------------------ image keys
+def image_key(image: Path, full_path: bool) -> str:
+    """The metadata key of ``image``: its stem, or with ``full_path`` its absolute path.
+
+    ``os.path.abspath`` rather than ``Path.resolve``: it touches no file system (100,000 images) and leaves
+    symbolic links as the user named them.
+    """
+    return os.path.abspath(image) if full_path else image.stem
+
+
+class KeyIndex:
+    """Finds the entry of an image in ``images``, accepting the key spellings older files use.
+
+    sd-scripts' full-path keys are paths as the user typed them (often relative to where the script ran);
+    they are matched by absolute path, so one JSON keeps working from another working folder.
+    """
+
+    def __init__(self, images: Images, full_path: bool) -> None:
+        self.full_path = full_path
+        self._by_abs: dict[str, str] = {}
+        if full_path:
+            for key in images:
+                self._by_abs.setdefault(os.path.normcase(os.path.abspath(key)), key)
+
+    def key_for(self, image: Path) -> str:
+        key = image_key(image, self.full_path)
+        if self.full_path:
+            return self._by_abs.get(os.path.normcase(key), key)
+        return key
+
+
+def duplicate_stems(images: Iterable[Path]) -> dict[str, list[Path]]:
+    """Stems shared by more than one image (``a.png`` and ``a.jpg``): with stem keys they would share one entry."""
+    seen: dict[str, list[Path]] = {}
+    for path in images:
+        seen.setdefault(path.stem, []).append(path)
+    return {stem: paths for stem, paths in seen.items() if len(paths) > 1}
+
+
+def check_unique_keys(images: list[Path], full_path: bool) -> None:
+    """Raise when two images would get the same metadata key (and the same latent file ``<stem>.npz``)."""
+    if full_path:
+        by_folder: dict[Path, list[Path]] = {}
+        for p in images:
+            by_folder.setdefault(p.parent, []).append(p)
+        clashes = {s: ps for group in by_folder.values() for s, ps in duplicate_stems(group).items()}
+    else:
+        clashes = duplicate_stems(images)
+    if clashes:
+        shown = "; ".join(", ".join(str(p) for p in ps) for ps in list(clashes.values())[:5])
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        hint = "" if full_path else ", or use --full_path if they are in different folders"
+        raise MetadataError(f"images share a file stem, so they would share one caption and one latent file: "
+                            f"{shown}{more}; rename them{hint}")
+
+
+# ------------------------------------------------------------------------------------------------ sidecars
+class SidecarError(SdtuneError):
+    """A caption or tag file that exists but cannot be read."""
+
+
+def normalize_extension(extension: str) -> str:
+    extension = extension.strip()
+    if not extension or extension == ".":
+        raise SdtuneError("--caption_extension must not be empty (for example .caption or .txt)")
+    return extension if extension.startswith(".") else "." + extension
+
+
+def read_sidecar(path: Path) -> str:
+    """The first non-blank line of a caption/tag file, stripped; '' for an empty file.
+
+    UTF-8 with an optional byte-order mark (Windows Notepad writes one); anything else raises ``SidecarError``.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SidecarError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SidecarError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+@dataclass
+class MergeSummary:
+    """What a merge did. ``missing`` images have no sidecar; ``unreadable`` sidecars were skipped."""
+
+    kind: str  # "caption" or "tags"
+    merged: int = 0
+    missing: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    empty: list[Path] = field(default_factory=list)
+
+    def log(self, log: logging.Logger = logger) -> None:
+        """The closing summary: counts, then every problem file by name."""
+        log.info("merged %d %s file(s)", self.merged, self.kind)
+        if self.empty:
+            log.warning("%d %s file(s) were empty (stored as ''): %s", len(self.empty), self.kind,
+                        _listing(self.empty))
+        if self.missing:
+            log.warning("%d image(s) have no %s file: %s", len(self.missing), self.kind, _listing(self.missing))
+        if self.unreadable:
+            log.warning("%d %s file(s) could not be read and were skipped:\n%s", len(self.unreadable), self.kind,
+                        "\n".join(f"  {reason}" for _path, reason in self.unreadable))
+
+
+def _listing(paths: list[Path], limit: int = 20) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" (and {len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def merge_sidecars_into(
+    images: Images, image_paths: Iterable[Path], field_name: str, extension: str, full_path: bool
+) -> MergeSummary:
+    """Read each image's sidecar (``<image stem><extension>``) into ``images[key][field_name]``, in place.
+
+    Entries of images not in ``image_paths`` are left alone (other training folders may share the file).
+    """
+    extension = normalize_extension(extension)
+    summary = MergeSummary(kind=field_name)
+    index = KeyIndex(images, full_path)
+    for image in image_paths:
+        sidecar = image.with_name(image.stem + extension)
+        if not sidecar.is_file():
+            summary.missing.append(image)
+            continue
+        try:
+            text = read_sidecar(sidecar)
+        except SidecarError as exc:
+            summary.unreadable.append((sidecar, str(exc)))
+            continue
+        if not text:
+            summary.empty.append(sidecar)
+        images.setdefault(index.key_for(image), {})[field_name] = text
+        summary.merged += 1
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ commands
+@dataclass
+class MergeOptions:
+    train_data_dir: Path = opt(help="folder of training images with caption files beside them", positional=True)
+    out_json: Path = opt(help="metadata JSON to write", positional=True)
+    in_json: Path | None = opt(None, "metadata JSON to read first (default: OUT_JSON when it exists)")
+    caption_extension: str = opt(".caption", "extension of the caption files", aliases=("--caption_extention",))
+    full_path: bool = opt(False, "key images by absolute path instead of file stem (several folders, one JSON)")
+    recursive: bool = opt(False, "also read images in sub-folders")
+
+
+@dataclass
+class MergeTagsOptions:
+    train_data_dir: Path = opt(help="folder of training images with tag files beside them", positional=True)
+    out_json: Path = opt(help="metadata JSON to write", positional=True)
+    in_json: Path | None = opt(None, "metadata JSON to read first (default: OUT_JSON when it exists)")
+    caption_extension: str = opt(".txt", "extension of the tag files", aliases=("--caption_extention",))
+    full_path: bool = opt(False, "key images by absolute path instead of file stem (several folders, one JSON)")
+    recursive: bool = opt(False, "also read images in sub-folders")
+
+
+def merge_folder(
+    train_data_dir: Path, out_json: Path, field_name: str, extension: str, in_json: Path | None = None,
+    full_path: bool = False, recursive: bool = False,
+) -> MergeSummary:
+    """The library function behind ``merge-captions`` / ``merge-tags``: read, merge, write atomically."""
+    extension = normalize_extension(extension)  # before any reading: a bad option fails fast
+    source = in_json if in_json is not None else (out_json if out_json.is_file() else None)
+    images: Images = load_metadata(source) if source is not None else {}
+    if source is not None:
+        logger.info("read %d entries from %s", len(images), source)
+    paths = list_images(train_data_dir, recursive)
+    check_unique_keys(paths, full_path)
+    logger.info("found %d images in %s", len(paths), train_data_dir)
+    summary = merge_sidecars_into(images, paths, field_name, extension, full_path)
+    save_metadata(out_json, images)
+    summary.log()
+    logger.info("wrote %s (%d entries)", out_json, len(images))
+    return summary
+
+
+def merge_captions_command(options: MergeOptions) -> int:
+    merge_folder(options.train_data_dir, options.out_json, "caption", options.caption_extension,
+                 options.in_json, options.full_path, options.recursive)
+    return 0
+
+
+def merge_tags_command(options: MergeTagsOptions) -> int:
+    merge_folder(options.train_data_dir, options.out_json, "tags", options.caption_extension,
+                 options.in_json, options.full_path, options.recursive)
+    return 0
