@@ -230,7 +230,7 @@ class KeyMap:
 
 def _lookup_table(table: Mapping[str, str], key: str) -> str | None:
     if key in table:
-        return table[key] + ""
+        return table[key]
     end = len(key)
     while True:
         end = key.rfind(".", 0, end)

@@ -1,0 +1,495 @@
+"""Load Stable Diffusion models from every format users have, and save them in every format their tools read.
+
+Sources: a diffusers folder, an LDM single file (``.safetensors``, ``.ckpt``), or a hub repo id (online only).
+The format is detected from the path and, for single files, from signature keys; then exactly one loader runs.
+Single files load fully offline: component configs come from :mod:`sdtune.models.families` (or from the file's own
+sdtune metadata), the tokenizer from ``--tokenizer`` or the CLIP vocabulary packaged with sdtune.
+
+``.ckpt`` files are pickles; they are read with ``torch.load(weights_only=True)``, which refuses any pickle that
+would construct arbitrary objects or run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sdtune import __version__
+from sdtune.atomic import atomic_dir, atomic_path
+from sdtune.errors import ConversionError, ModelLoadError
+from sdtune.models.families import SD1, SD2, SD2_V, Family, get_family
+from sdtune.models.ldm_keys import (
+    VAE_ROOT,
+    build_key_map,
+    detect_text_encoder,
+    normalize_ldm_keys,
+    normalize_text_keys,
+    openclip_completion,
+)
+from sdtune.models.sd import StableDiffusion, build_modules, with_prediction_type
+from sdtune.models.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
+PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_META_FAMILY = "sdtune.family"
+_META_CONFIGS = "sdtune.configs"
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a single-file checkpoint and its metadata (safetensors header metadata, or the
+    ``sdtune`` entry of a .ckpt). Raises :class:`ModelLoadError` naming the file on anything unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: the file is empty (an interrupted download or copy?); fetch it again")
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)
+    return _read_pickle(path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"{path}: not a readable .safetensors file ({exc}); it may be truncated or not a model file"
+        ) from exc
+    return tensors, metadata
+
+
+def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"{path}: refused to load. This pickle asks to run code or build objects other than tensors "
+            f"(weights_only=True rejected it: {str(exc).splitlines()[0]}). Only load checkpoints from sources you "
+            "trust; a .safetensors version of the model cannot carry code."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+            UnicodeDecodeError, zipfile.BadZipFile) as exc:  # what the unpickler raises on garbage
+        raise ModelLoadError(f"{path}: not a readable checkpoint ({exc}); it may be truncated or not a model file") from exc
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    metadata: dict[str, str] = {}
+    sdtune_meta = obj.get("sdtune")
+    if isinstance(sdtune_meta, dict):
+        metadata = {str(k): str(v) for k, v in sdtune_meta.items()}
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path}: its 'state_dict' entry is a {type(state).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ModelLoadError(f"{path}: holds no tensors; it is not a model checkpoint")
+    return tensors, metadata
+
+
+# ----------------------------------------------------------------------------------------------------------- family
+def _single_file_family(path: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                        v2: bool | None, v_parameterization: bool | None, global_step: int | None) -> Family:
+    text_kind = detect_text_encoder(sd)
+    if text_kind is None or not any(k.startswith("model.diffusion_model.") for k in sd):
+        raise ModelLoadError(
+            f"{path}: not a Stable Diffusion 1.x/2.x checkpoint (no U-Net and text-encoder weights in the LDM "
+            "layout). For a LoRA, VAE or embedding file use the matching option instead (e.g. --vae)."
+        )
+    if _META_FAMILY in metadata:
+        family = get_family(metadata[_META_FAMILY])
+    elif text_kind == "openclip":
+        # As diffusers does: SD 2.x is v-prediction unless it is the 512-base checkpoint (saved at step 875000).
+        family = SD2 if global_step == 875000 else SD2_V
+    else:
+        family = SD1
+    if v2 is not None and v2 != family.is_v2:
+        raise ModelLoadError(
+            f"{path}: --v2 {'was' if v2 else 'was not'} given, but the weights have a "
+            f"{'OpenCLIP (SD 2.x)' if text_kind == 'openclip' else 'CLIP (SD 1.x)'} text encoder; drop the option"
+        )
+    if v_parameterization is not None:
+        family = with_prediction_type(family, "v_prediction" if v_parameterization else "epsilon")
+    return family
+
+
+def _folder_family(configs: Mapping[str, Mapping[str, Any]], v2: bool | None, v_parameterization: bool | None) -> Family:
+    is_v2 = configs["text_encoder"].get("hidden_act") == "gelu"  # OpenCLIP uses gelu, OpenAI CLIP quick_gelu
+    if v2 is not None:
+        is_v2 = v2
+    prediction = configs["scheduler"].get("prediction_type", "epsilon")
+    if v_parameterization is not None:
+        prediction = "v_prediction" if v_parameterization else "epsilon"
+    family = (SD2_V if prediction == "v_prediction" else SD2) if is_v2 else SD1
+    return with_prediction_type(family, prediction)
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def detect_source(source: str | Path) -> str:
+    """'diffusers', 'single_file' or 'hub'."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "unet").is_dir() or (path / "model_index.json").is_file():
+            return "diffusers"
+        raise ModelLoadError(f"{path}: a folder, but not a diffusers model folder (no unet/ or model_index.json)")
+    if path.is_file():
+        return "single_file"
+    text = str(source)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or text.startswith((".", "/", "\\")) or ":" in text or text.count("/") != 1:
+        raise ModelLoadError(f"{source}: no such file or folder")
+    return "hub"
+
+
+def load_model(
+    source: str | Path,
+    *,
+    v2: bool | None = None,
+    v_parameterization: bool | None = None,
+    vae: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusion:
+    """Load a Stable Diffusion model from a diffusers folder, an LDM single file or (online) a hub repo id.
+
+    ``v2`` / ``v_parameterization`` override what is detected from the weights; ``vae`` replaces the VAE;
+    ``tokenizer`` is a folder with a CLIP tokenizer (single files only; folders carry their own).
+    """
+    kind = detect_source(source)
+    if kind == "hub":
+        source = _download_from_hub(str(source))
+        kind = "diffusers"
+    if kind == "diffusers":
+        model = _load_diffusers(Path(source), v2, v_parameterization, tokenizer)
+    else:
+        model = _load_single_file(Path(source), v2, v_parameterization, tokenizer)
+    if vae is not None:
+        model.vae = load_vae(vae)
+    for module in (model.unet, model.vae, model.text_encoder):
+        if module.dtype != dtype:
+            module.to(dtype)
+        module.eval()
+    return model
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "unet/*.safetensors",
+                "vae/*.safetensors", "text_encoder/*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"{repo_id}: not a local file or folder, and it is not in the Hugging Face cache while the hub is "
+            "unreachable (offline, or HF_HUB_OFFLINE=1). Download the model once while online, or pass a local "
+            "diffusers folder or .safetensors/.ckpt file."
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{repo_id}: could not download it from the Hugging Face hub: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing; the diffusers folder is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _folder_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            return read_state_dict(path)[0]
+    raise ModelLoadError(f"{folder}: no weights file ({' or '.join(names)})")
+
+
+_UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_TEXT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _load_diffusers(folder: Path, v2: bool | None, v_parameterization: bool | None,
+                    tokenizer: str | Path | None) -> StableDiffusion:
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    configs = {
+        "unet": _read_json(folder / "unet" / "config.json"),
+        "vae": _read_json(folder / "vae" / "config.json"),
+        "text_encoder": _read_json(folder / "text_encoder" / "config.json"),
+        "scheduler": _read_json(scheduler_file) if scheduler_file.is_file() else {},
+    }
+    family = _folder_family(configs, v2, v_parameterization)
+    weights = {
+        "unet": _folder_weights(folder / "unet", _UNET_FILES),
+        "vae": _folder_weights(folder / "vae", _UNET_FILES),
+        "text_encoder": normalize_text_keys(_folder_weights(folder / "text_encoder", _TEXT_FILES)),
+    }
+    unet, vae, text_encoder = _instantiate(configs, weights, folder)
+    tok = load_tokenizer(tokenizer if tokenizer is not None else (folder / "tokenizer" if (folder / "tokenizer").is_dir() else None),
+                         family.pad_token)
+    return StableDiffusion(family=family, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok)
+
+
+def _instantiate(configs: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Mapping[str, torch.Tensor]],
+                 source: Path):
+    """Modules built without initialising weights (fast for full-size models), then loaded strictly."""
+    with init_empty_weights(include_buffers=False):
+        modules = build_modules(dict(configs))
+    for name, module in zip(("unet", "vae", "text_encoder"), modules):
+        target = module.state_dict()
+        prefixed = any(k.startswith("text_model.") for k in target)
+        sd = {("text_model." + k if prefixed else k): v for k, v in weights[name].items()}
+        missing = sorted(set(target) - set(sd))
+        unexpected = sorted(set(sd) - set(target))
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"{source}: the {name} weights do not fit its config (is this the right model family, --v2?): "
+                + (f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+                + (f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "")
+            )
+        wrong = [k for k, v in sd.items() if tuple(v.shape) != tuple(target[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise ModelLoadError(
+                f"{source}: {len(wrong)} {name} tensor(s) have another shape than the config expects, e.g. {k}: "
+                f"{tuple(sd[k].shape)} vs {tuple(target[k].shape)}. Is this the right model family (--v2)?"
+            )
+        module.load_state_dict(sd, strict=True, assign=True)
+    return modules
+
+
+def _load_single_file(path: Path, v2: bool | None, v_parameterization: bool | None,
+                      tokenizer: str | Path | None) -> StableDiffusion:
+    sd, metadata = read_state_dict(path)
+    sd = normalize_ldm_keys(sd)
+    step = int(metadata["global_step"]) if metadata.get("global_step", "").isdigit() else None
+    family = _single_file_family(path, sd, metadata, v2, v_parameterization, step)
+    if _META_CONFIGS in metadata:
+        configs = json.loads(metadata[_META_CONFIGS])
+    else:
+        configs = family.configs()
+        conv_in = sd.get("model.diffusion_model.input_blocks.0.0.weight")
+        if conv_in is not None:  # inpainting models take 9 input channels
+            configs["unet"]["in_channels"] = int(conv_in.shape[1])
+    key_map = build_key_map(configs, family.text_encoder)
+    try:
+        converted, extras = key_map.to_diffusers(sd)
+    except ConversionError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    weights = _split_components(converted)
+    unet, vae, text_encoder = _instantiate(configs, weights, path)
+    tok = load_tokenizer(tokenizer, family.pad_token)
+    return StableDiffusion(family=family, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                           ldm_extras=extras)
+
+
+def _split_components(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    for key, value in sd.items():
+        component, _, rest = key.partition(".")
+        out[component][rest] = value
+    return out
+
+
+def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A VAE from a diffusers model or VAE folder, a full single-file checkpoint, or a standalone VAE file
+    (LDM keys such as ``encoder.down.0...`` or diffusers keys, optionally under ``first_stage_model.``)."""
+    path = Path(source)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        config = _read_json(folder / "config.json")
+        weights = _folder_weights(folder, _UNET_FILES)
+    elif path.is_file():
+        sd, metadata = read_state_dict(path)
+        if any(k.startswith("model.diffusion_model.") for k in sd):
+            return load_model(path).vae.to(dtype)
+        sd = {k.removeprefix(VAE_ROOT): v for k, v in sd.items() if not k.startswith("model_ema.")}
+        if any(k.startswith("encoder.down.") for k in sd):  # LDM layout
+            config = _infer_vae_config(sd, path)
+            key_map = build_key_map({"unet": _EMPTY_UNET, "vae": config, "text_encoder": {"num_hidden_layers": 0}}, "clip")
+            try:
+                converted, _ = key_map.to_diffusers({VAE_ROOT + k: v for k, v in sd.items()})
+            except ConversionError as exc:
+                raise ModelLoadError(f"{path}: not a Stable Diffusion VAE: {exc}") from exc
+            weights = {k.removeprefix("vae."): v for k, v in converted.items()}
+        elif any(k.startswith("encoder.down_blocks.") for k in sd):
+            weights = sd
+            config = _infer_vae_config(
+                {"encoder.conv_out.weight": sd["encoder.conv_out.weight"],
+                 **{k.replace("down_blocks.", "down.").replace(".resnets.", ".block."): v
+                    for k, v in sd.items() if k.startswith("encoder.down_blocks.")}}, path)
+        else:
+            raise ModelLoadError(f"{path}: not a VAE (no encoder/decoder weights)")
+    else:
+        raise ModelLoadError(f"{source}: no such VAE file or folder")
+    with init_empty_weights(include_buffers=False):
+        vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    try:
+        vae.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{source}: the VAE weights do not fit an SD VAE: {str(exc)[:400]}") from exc
+    return vae.to(dtype).eval()
+
+
+def _infer_vae_config(ldm_vae: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """A standalone VAE file has no config; its shapes tell the widths, depth and latent channels."""
+    config = SD1.configs()["vae"]
+    try:
+        levels = sorted({int(k.split(".")[2]) for k in ldm_vae if k.startswith("encoder.down.")})
+        widths = [int(ldm_vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in levels]
+        depth = len({k.split(".")[4] for k in ldm_vae if k.startswith("encoder.down.0.block.")})
+        latent = int(ldm_vae["encoder.conv_out.weight"].shape[0]) // 2
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ModelLoadError(f"{path}: not a Stable Diffusion VAE (cannot read its layout: {exc})") from exc
+    n = len(widths)
+    config.update(block_out_channels=widths, layers_per_block=depth, latent_channels=latent,
+                  down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
+    return config
+
+
+# A U-Net config with no blocks, for building a key map that covers only the VAE.
+_EMPTY_UNET: dict[str, Any] = {"layers_per_block": 0, "down_block_types": [], "up_block_types": []}
+
+
+# ----------------------------------------------------------------------------------------------------------- saving
+def _cast(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies; floating tensors in ``dtype``, others (position_ids) unchanged."""
+    return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in sd.items()}
+
+
+def diffusers_state_dict(model: StableDiffusion) -> dict[str, torch.Tensor]:
+    """All weights with ``unet.`` / ``vae.`` / ``text_encoder.`` prefixes (text keys without ``text_model.``)."""
+    out = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
+    out.update({f"vae.{k}": v for k, v in model.vae.state_dict().items()})
+    out.update({f"text_encoder.{k}": v for k, v in normalize_text_keys(model.text_encoder.state_dict()).items()})
+    return out
+
+
+def ldm_state_dict(model: StableDiffusion, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The model as one LDM state dict, as A1111 and ComfyUI read it (SD2: with OpenCLIP's full layout)."""
+    configs = model.configs()
+    key_map = build_key_map(configs, model.family.text_encoder)
+    dsd = _cast(diffusers_state_dict(model), dtype)
+    ldm = key_map.to_ldm(dsd)
+    if model.family.text_encoder == "openclip":
+        ldm.update(_cast(openclip_completion(model.ldm_extras, dsd, key_map.text_layers), dtype))
+    else:
+        positions = int(configs["text_encoder"]["max_position_embeddings"])
+        ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    return ldm
+
+
+def _metadata(model: StableDiffusion, epoch: int, global_step: int) -> dict[str, str]:
+    family = model.family
+    return {
+        _META_FAMILY: family.name,
+        _META_CONFIGS: json.dumps(model.configs()),
+        "sdtune.version": __version__,
+        "epoch": str(epoch),
+        "global_step": str(global_step),
+        # Stability AI's model-spec fields, read by UIs to tell model types apart.
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/stablediffusion" if family.is_v2
+        else "https://github.com/CompVis/stable-diffusion",
+        "modelspec.prediction_type": family.prediction_type,
+        "modelspec.resolution": f"{family.resolution}x{family.resolution}",
+    }
+
+
+def save_model(model: StableDiffusion, dest: str | Path, fmt: str = "safetensors", precision: str = "float",
+               epoch: int = 0, global_step: int = 0) -> Path:
+    """Write ``model`` as ``fmt`` (ckpt | safetensors | diffusers | diffusers_safetensors) atomically."""
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"unknown save format {fmt!r}; expected one of {', '.join(SAVE_FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of float, fp16, bf16")
+    dtype = PRECISIONS[precision]
+    dest = Path(dest)
+    if fmt in ("diffusers", "diffusers_safetensors"):
+        _save_diffusers(model, dest, dtype, safetensors=(fmt == "diffusers_safetensors"))
+        return dest
+    ldm = ldm_state_dict(model, dtype)
+    metadata = _metadata(model, epoch, global_step)
+    if fmt == "safetensors":
+        with atomic_path(dest) as tmp:
+            save_file(ldm, str(tmp), metadata=metadata)
+    else:
+        with atomic_path(dest) as tmp:
+            torch.save({"state_dict": ldm, "epoch": epoch, "global_step": global_step, "sdtune": metadata}, str(tmp))
+    return dest
+
+
+def _save_diffusers(model: StableDiffusion, dest: Path, dtype: torch.dtype, safetensors: bool) -> None:
+    """A folder diffusers' StableDiffusionPipeline.from_pretrained loads. Text-encoder weights keep the
+    ``text_model.`` prefix, which every transformers version and ComfyUI's diffusers loader accept."""
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    configs = model.configs()
+    with atomic_dir(dest) as tmp:
+        for name, module in (("unet", model.unet), ("vae", model.vae)):
+            (tmp / name).mkdir()
+            module.save_config(tmp / name)
+            _write_weights(_cast(module.state_dict(), dtype), tmp / name, "diffusion_pytorch_model", safetensors)
+        (tmp / "text_encoder").mkdir()
+        model.text_encoder.config.save_pretrained(tmp / "text_encoder")
+        text_sd = {"text_model." + k: v for k, v in normalize_text_keys(model.text_encoder.state_dict()).items()}
+        _write_weights(_cast(text_sd, dtype), tmp / "text_encoder", "model" if safetensors else "pytorch_model",
+                       safetensors)
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        _save_slow_tokenizer_files(model.tokenizer, tmp / "tokenizer")
+        scheduler = DDIMScheduler.from_config(configs["scheduler"])
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (tmp / "sdtune.json").write_text(json.dumps({"family": model.family.name, "version": __version__}) + "\n",
+                                         encoding="utf-8")
+
+
+def _write_weights(sd: dict[str, torch.Tensor], folder: Path, stem: str, safetensors: bool) -> None:
+    if safetensors:
+        save_file(sd, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(sd, str(folder / f"{stem}.bin"))
+
+
+def _save_slow_tokenizer_files(tokenizer, folder: Path) -> None:
+    """vocab.json + merges.txt beside tokenizer.json, for tools that use transformers' pure-Python CLIPTokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not (folder / "vocab.json").exists():
+        backend.model.save(str(folder))
+
+
+def model_summary(model: StableDiffusion) -> str:
+    counts = {name: sum(p.numel() for p in m.parameters())
+              for name, m in (("unet", model.unet), ("vae", model.vae), ("text encoder", model.text_encoder))}
+    parts = ", ".join(f"{name} {n / 1e6:.1f}M" for name, n in counts.items())
+    return f"{model.family.description}; {parts} parameters"
