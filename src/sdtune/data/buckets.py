@@ -1,0 +1,281 @@
+"""Aspect-ratio buckets (NovelAI's method, as sd-scripts uses it): pure and seedable, no I/O.
+
+Instead of centre-cropping every image to a square, images are grouped by aspect ratio into a few resolutions of
+about the same area, and each batch holds images of one resolution.
+
+* **Generation** (``make_bucket_resolutions``): for every width ``w`` from ``min_bucket_reso`` to
+  ``max_bucket_reso`` in steps of ``bucket_reso_steps``, the tallest height that keeps ``w * h`` within the
+  area of ``max_resolution`` (also a multiple of the step, at most ``max_bucket_reso``), if it is at least
+  ``min_bucket_reso``; then the same with width and height swapped, plus the square of the same area
+  (NovelAI/novelai-aspect-ratio-bucketing bucketmanager.py; sd-scripts library/model_util.py
+  ``make_bucket_resolutions``).
+* **Placement** (``AspectBuckets.place``): an image goes to the bucket whose aspect ratio is nearest its own (a
+  bucket of exactly its size wins a tie), is resized (keeping its aspect ratio) to the smallest size covering the
+  bucket, and centre-cropped to it. Small images are therefore enlarged.
+* **No upscaling** (``no_upscale=True``, ``--bucket_no_upscale``): an image is never enlarged. It is shrunk only
+  when it is larger than the area of ``max_resolution`` or a side is longer than ``max_bucket_reso``; its bucket
+  is its (shrunk) size floored to the step, so every image gets a bucket of its own shape and buckets are created
+  as needed. An image whose bucket would have a side under ``min_bucket_reso`` is refused (``TooSmall``): it
+  would have to be enlarged, which the option forbids.
+* **Batches** (``AspectBuckets.batches``): see there. Every image is in exactly one batch per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sdtune.errors import SdtuneError
+
+Reso = tuple[int, int]  # (width, height)
+
+
+class TooSmall(SdtuneError):
+    """An image too small for the smallest bucket when upscaling is off."""
+
+
+def make_bucket_resolutions(
+    max_resolution: Reso = (512, 512), min_bucket_reso: int = 256, max_bucket_reso: int = 1024, step: int = 64
+) -> list[Reso]:
+    """The predefined bucket resolutions, sorted by width then height (see the module docstring)."""
+    check_bucket_limits(max_resolution, min_bucket_reso, max_bucket_reso, step)
+    max_area_units = (max_resolution[0] // step) * (max_resolution[1] // step)
+    resos: set[Reso] = set()
+    side = min(max(math.isqrt(max_area_units) * step, min_bucket_reso), max_bucket_reso)
+    resos.add((side, side))
+    for width in range(min_bucket_reso, max_bucket_reso + 1, step):
+        height = min(max_bucket_reso, (max_area_units // (width // step)) * step)
+        if height >= min_bucket_reso:
+            resos.add((width, height))
+            resos.add((height, width))
+    return sorted(resos)
+
+
+def check_bucket_limits(max_resolution: Reso, min_bucket_reso: int, max_bucket_reso: int, step: int) -> None:
+    """Raise ``SdtuneError`` for limits that give no buckets or buckets the VAE cannot take."""
+    if step <= 0 or step % 8:
+        raise SdtuneError(f"--bucket_reso_steps must be a positive multiple of 8 (the VAE's downscale), not {step}")
+    if len(max_resolution) != 2 or min(max_resolution) < step:
+        raise SdtuneError(f"--max_resolution {max_resolution} must be two sizes of at least {step}, like 512,512")
+    if min_bucket_reso % step or max_bucket_reso % step:
+        raise SdtuneError(f"--min_bucket_reso ({min_bucket_reso}) and --max_bucket_reso ({max_bucket_reso}) must be "
+                          f"multiples of --bucket_reso_steps ({step})")
+    if not 0 < min_bucket_reso <= max_bucket_reso:
+        raise SdtuneError(f"--min_bucket_reso ({min_bucket_reso}) must be positive and at most --max_bucket_reso "
+                          f"({max_bucket_reso})")
+    if min_bucket_reso * min_bucket_reso > max_resolution[0] * max_resolution[1]:
+        raise SdtuneError(f"--min_bucket_reso {min_bucket_reso} squared is more than the area of --max_resolution "
+                          f"{max_resolution[0]},{max_resolution[1]}: no bucket fits; lower --min_bucket_reso")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image goes: its bucket, the size it is resized to and the crop box (in resized pixels)."""
+
+    bucket: Reso
+    resized: Reso
+    crop_ltrb: tuple[int, int, int, int]
+    aspect_error: float  # bucket aspect ratio minus image aspect ratio
+
+
+def _centre_crop(resized: Reso, bucket: Reso) -> tuple[int, int, int, int]:
+    left = (resized[0] - bucket[0]) // 2
+    top = (resized[1] - bucket[1]) // 2
+    return left, top, left + bucket[0], top + bucket[1]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """All ranks' batches for one epoch.
+
+    ``batches`` is the global order (each image exactly once). Rank ``r`` takes batches ``r, r + world_size,
+    r + 2 * world_size, ...``; when their number is not a multiple of ``world_size``, the first ``padded``
+    batches are repeated at the end so that every rank runs the same number of steps (a rank that finished early
+    would hang the others at the next all-reduce). Only those few images are seen twice.
+    """
+
+    batches: tuple[tuple[str, ...], ...]
+    world_size: int
+    padded: int
+
+    def for_rank(self, rank: int) -> list[list[str]]:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside world size {self.world_size}")
+        n = len(self.batches)
+        # Position i of the padded list is batch i % n: the first `padded` batches again (cycling when there are
+        # fewer batches than ranks).
+        return [list(self.batches[i % n]) for i in range(rank, n + self.padded, self.world_size)]
+
+
+@dataclass
+class AspectBuckets:
+    """Bucket resolutions for given limits, and the images assigned to them (by key).
+
+    ``place`` is pure; ``assign`` / ``add`` record an image; ``batches`` gives a deterministic epoch of batches.
+    """
+
+    max_resolution: Reso = (512, 512)
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    no_upscale: bool = False
+    resolutions: tuple[Reso, ...] = field(init=False)
+    _assigned: dict[str, Reso] = field(init=False, default_factory=dict, repr=False)
+    _errors: dict[str, float] = field(init=False, default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.max_resolution = (int(self.max_resolution[0]), int(self.max_resolution[1]))
+        self.resolutions = tuple(make_bucket_resolutions(
+            self.max_resolution, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps))
+        self._aspects = np.array([w / h for w, h in self.resolutions])
+
+    @property
+    def max_area(self) -> int:
+        return self.max_resolution[0] * self.max_resolution[1]
+
+    # ---------------------------------------------------------------------------------------------- placement
+    def place(self, width: int, height: int) -> Placement:
+        """The bucket, resized size and crop box of an image of ``width`` x ``height`` (EXIF-oriented) pixels.
+
+        Raises ``TooSmall`` with ``no_upscale`` when the image cannot fill the smallest allowed bucket side.
+        """
+        if width <= 0 or height <= 0:
+            raise ValueError(f"image size must be positive, not {width}x{height}")
+        aspect = width / height
+        if self.no_upscale:
+            return self._place_no_upscale(width, height, aspect)
+        if (width, height) in self.resolutions:
+            bucket = (width, height)
+        else:
+            bucket = self.resolutions[int(np.abs(self._aspects - aspect).argmin())]
+        # Cover the bucket: the side that is relatively shorter matches exactly, the other overhangs.
+        scale = max(bucket[0] / width, bucket[1] / height)
+        resized = (max(bucket[0], int(width * scale + 0.5)), max(bucket[1], int(height * scale + 0.5)))
+        return Placement(bucket, resized, _centre_crop(resized, bucket), bucket[0] / bucket[1] - aspect)
+
+    def _place_no_upscale(self, width: int, height: int, aspect: float) -> Placement:
+        step = self.bucket_reso_steps
+        # Shrink only: to the maximum area, and so that no side exceeds the largest bucket side.
+        scale = min(1.0, math.sqrt(self.max_area / (width * height)),
+                    self.max_bucket_reso / width, self.max_bucket_reso / height)
+        if scale >= 1.0:
+            resized = (width, height)
+        else:
+            resized = self._shrunk_size(width * scale, height * scale, aspect)
+        bucket = (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
+        # Rounding can leave the floored bucket a step over the area: take a step off the longer side.
+        while bucket[0] * bucket[1] > self.max_area:
+            bucket = (bucket[0] - step, bucket[1]) if bucket[0] >= bucket[1] else (bucket[0], bucket[1] - step)
+        if min(bucket) < self.min_bucket_reso:
+            raise TooSmall(f"{width}x{height} is too small (or too narrow) for --bucket_no_upscale: its bucket would "
+                           f"be {bucket[0]}x{bucket[1]}, a side under --min_bucket_reso {self.min_bucket_reso}; "
+                           "allow upscaling or lower --min_bucket_reso")
+        return Placement(bucket, resized, _centre_crop(resized, bucket), bucket[0] / bucket[1] - aspect)
+
+    def _shrunk_size(self, target_w: float, target_h: float, aspect: float) -> Reso:
+        """sd-scripts' choice (library/train_util.py ``BucketManager.select_bucket``): make either the width or
+        the height a multiple of the step, whichever leaves the bucket's aspect ratio nearer the image's, and
+        size the other side to keep the image's aspect ratio."""
+        step = self.bucket_reso_steps
+
+        def to_step(x: float) -> int:
+            x = int(x + 0.5)
+            return x - x % step
+
+        w_rounded = to_step(target_w)
+        h_for_w = to_step(w_rounded / aspect)
+        h_rounded = to_step(target_h)
+        w_for_h = to_step(h_rounded * aspect)
+        error_w = abs(w_rounded / h_for_w - aspect) if h_for_w else math.inf
+        error_h = abs(w_for_h / h_rounded - aspect) if h_rounded else math.inf
+        if error_w < error_h:
+            return max(1, w_rounded), max(1, int(w_rounded / aspect + 0.5))
+        return max(1, int(h_rounded * aspect + 0.5)), max(1, h_rounded)
+
+    # ---------------------------------------------------------------------------------------------- assignment
+    def assign(self, key: str, width: int, height: int) -> Placement:
+        """``place`` the image and record ``key`` in its bucket."""
+        placement = self.place(width, height)
+        self._assigned[key] = placement.bucket
+        self._errors[key] = placement.aspect_error
+        return placement
+
+    def add(self, key: str, bucket: Reso) -> None:
+        """Record ``key`` in a known bucket (training: the ``train_resolution`` that ``prepare`` wrote)."""
+        self._assigned[key] = (int(bucket[0]), int(bucket[1]))
+
+    @classmethod
+    def from_assignments(cls, assignments: Mapping[str, Reso] | Iterable[tuple[str, Reso]], **limits) -> AspectBuckets:
+        buckets = cls(**limits)
+        items = assignments.items() if isinstance(assignments, Mapping) else assignments
+        for key, bucket in items:
+            buckets.add(key, bucket)
+        return buckets
+
+    def __len__(self) -> int:
+        return len(self._assigned)
+
+    def bucket_of(self, key: str) -> Reso:
+        return self._assigned[key]
+
+    def counts(self) -> dict[Reso, int]:
+        """Images per bucket, for every bucket in use, sorted by resolution."""
+        return dict(sorted(Counter(self._assigned.values()).items()))
+
+    def mean_aspect_error(self) -> float | None:
+        """Mean absolute aspect-ratio error of the images placed with ``assign`` (None when there are none)."""
+        return float(np.mean(np.abs(list(self._errors.values())))) if self._errors else None
+
+    def table(self) -> str:
+        return bucket_table(self.counts(), self.mean_aspect_error())
+
+    # ---------------------------------------------------------------------------------------------- batches
+    def epoch_plan(self, epoch: int, seed: int, batch_size: int, world_size: int = 1) -> EpochPlan:
+        """Every rank's batches for ``epoch``; the same on every rank for the same arguments.
+
+        Each bucket's images (sorted by key, so insertion order does not matter) are shuffled and cut into batches
+        of ``batch_size``; a bucket's last batch may be smaller (nothing is dropped). Then the list of all batches
+        is shuffled with the same generator, so that buckets are mixed, and dealt to ranks with a stride.
+        The generator is derived from ``(seed, epoch)``: no global random state is read or changed.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be at least 1, not {world_size}")
+        rng = np.random.default_rng([seed, epoch])
+        by_bucket: dict[Reso, list[str]] = {}
+        for key in sorted(self._assigned):
+            by_bucket.setdefault(self._assigned[key], []).append(key)
+        batches: list[tuple[str, ...]] = []
+        for bucket in sorted(by_bucket):
+            keys = by_bucket[bucket]
+            order = rng.permutation(len(keys))
+            shuffled = [keys[i] for i in order]
+            batches += [tuple(shuffled[i : i + batch_size]) for i in range(0, len(shuffled), batch_size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        padded = (-len(batches)) % world_size if batches else 0
+        return EpochPlan(tuple(batches), world_size, padded)
+
+    def batches(self, epoch: int, seed: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[list[str]]:
+        """This rank's batches (lists of image keys, all of one bucket) for ``epoch``; see ``epoch_plan``."""
+        return self.epoch_plan(epoch, seed, batch_size, world_size).for_rank(rank)
+
+
+def bucket_table(counts: Mapping[Reso, int], mean_aspect_error: float | None = None) -> str:
+    """A text table of buckets and their image counts (printed at the end of ``prepare``)."""
+    rows = [("bucket", "aspect", "images")]
+    rows += [(f"{w}x{h}", f"{w / h:.3f}", str(n)) for (w, h), n in counts.items()]
+    total = sum(counts.values())
+    widths = [max(len(r[i]) for r in rows + [("", "", str(total))]) for i in range(3)]
+    line = "  ".join("-" * w for w in widths)
+    out = [f"{rows[0][0]:<{widths[0]}}  {rows[0][1]:>{widths[1]}}  {rows[0][2]:>{widths[2]}}", line]
+    out += [f"{b:<{widths[0]}}  {a:>{widths[1]}}  {n:>{widths[2]}}" for b, a, n in rows[1:]]
+    out.append(line)
+    out.append(f"{f'{len(counts)} buckets':<{widths[0]}}  {'':>{widths[1]}}  {total:>{widths[2]}}")
+    if mean_aspect_error is not None:
+        out.append(f"mean aspect ratio error: {mean_aspect_error:.4f}")
+    return "\n".join(out)
