@@ -21,6 +21,7 @@ half grey: better skipped and reported than trained on).
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from pathlib import Path
@@ -69,21 +70,24 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     )
 
 
-def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+def _open_checked(path: Path, max_pixels: int, data: bytes | None = None) -> Image.Image:
     """``Image.open`` (header only) with our checks; the caller closes the returned image."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageError(path, "file does not exist") from None
-    except OSError as exc:
-        raise ImageError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if data is None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageError(path, "file does not exist") from None
+        except OSError as exc:
+            raise ImageError(path, f"cannot be read ({exc.strerror or exc})") from None
+    else:
+        size = len(data)
     if size == 0:
         raise ImageError(path, "empty file (0 bytes); delete it or copy the image again")
     try:
         with warnings.catch_warnings():
             # Our own limit below replaces PIL's warning; its hard error (twice its limit) is still caught.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(path if data is None else io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(path, "not an image file PIL can read (corrupt, or not an image despite its extension)") \
             from None
@@ -155,14 +159,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> Image.Image:
     """Open ``path`` as an 8-bit RGB image with EXIF orientation applied and transparency composited onto white.
 
     Raises ``ImageError`` (naming the file and the reason) for missing, empty, corrupt, truncated and non-image
-    files, and for images of more than ``max_pixels`` pixels (checked before decoding).
+    files, and for images of more than ``max_pixels`` pixels (checked before decoding). ``data``, when given, is
+    the file's content already read (``prepare`` hashes it too); ``path`` then only names the file in errors.
     """
     path = Path(path)
-    with _open_checked(path, max_pixels) as im:
+    with _open_checked(path, max_pixels, data) as im:
         try:
             im.load()
             orientation = _exif_orientation(im)
