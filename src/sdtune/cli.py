@@ -84,7 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sdtune: unknown command {args[0]!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    module = importlib.import_module(command.module)
+    try:
+        module = importlib.import_module(command.module)
+    except ModuleNotFoundError as exc:
+        if exc.name != command.module:
+            raise
+        print(f"sdtune {command.name}: not implemented yet", file=sys.stderr)
+        return 3
     options_cls = getattr(module, command.options)
     try:
         options = parse_options(options_cls, args[1:], prog=f"sdtune {command.name}", description=command.summary)
