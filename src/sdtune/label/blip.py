@@ -1,0 +1,258 @@
+"""``sdtune caption``: one BLIP caption per image, written to ``<image stem>.caption`` next to the image.
+
+Replaces sd-scripts' ``finetune/make_captions.py``. The model is any BLIP captioning model in the Hugging Face
+layout (``BlipForConditionalGeneration`` + a BERT tokenizer + ``preprocessor_config.json``), by repo id or local
+folder; the default is ``Salesforce/blip-image-captioning-large``, the model sd-scripts' ``model_large_caption.pth``
+was converted from.
+
+Decoding follows the original BLIP ``generate`` (salesforce/BLIP models/blip.py): nucleus sampling with
+``top_k`` disabled and a repetition penalty of 1.1 by default, or beam search with ``--beam_search``.
+Sampling is reproducible: each batch draws from its own generator state derived from ``--seed`` and the batch's
+index, so the same images, batch size, seed and device give the same captions.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from sdtune.atomic import write_text_atomic
+from sdtune.data.images import open_image
+from sdtune.label.common import (
+    LabelError,
+    LabelReport,
+    Stopwatch,
+    WorkItem,
+    hub_offline,
+    iter_batches,
+    normalize_extension,
+    plan_work,
+    resolve_workers,
+)
+from sdtune.options import opt
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-large"
+# BLIP's own sampling settings (salesforce/BLIP models/blip.py, BLIP_Decoder.generate).
+SAMPLING_REPETITION_PENALTY = 1.1
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class CaptionOptions:
+    train_data_dir: Path = opt(help="folder of images to caption", positional=True, metavar="TRAIN_DIR")
+    model: str = opt(DEFAULT_BLIP_MODEL, "BLIP captioning model: a Hugging Face repo id or a local folder in the "
+                     "same layout (config.json, model weights, tokenizer files, preprocessor_config.json)")
+    caption_extension: str = opt(".caption", "extension of the caption files written next to the images",
+                                 aliases=("--caption_extention",))
+    batch_size: int = opt(1, "images per model call")
+    max_data_loader_n_workers: int | None = opt(
+        None, "threads decoding images while the model runs (0: decode in the main thread; default: up to 4)")
+    beam_search: bool = opt(False, "beam search instead of nucleus sampling (deterministic)")
+    num_beams: int = opt(1, "beams for --beam_search (1 is greedy decoding)")
+    top_p: float = opt(0.9, "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p")
+    max_length: int = opt(75, "longest caption, in tokens")
+    min_length: int = opt(5, "shortest caption, in tokens")
+    seed: int | None = opt(42, "seed for sampling; the same seed, images, batch size and device repeat the captions")
+    recursive: bool = opt(False, "also caption images in sub-folders")
+    overwrite: bool = opt(False, "caption images that already have a caption file (default: skip them)")
+    device: str | None = opt(None, "torch device, e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+
+
+def _validate(options: CaptionOptions) -> str:
+    """Check every option before a model is loaded; returns the normalized caption extension."""
+    if options.batch_size < 1:
+        raise LabelError(f"--batch_size must be at least 1, got {options.batch_size}")
+    if options.num_beams < 1:
+        raise LabelError(f"--num_beams must be at least 1, got {options.num_beams}")
+    if not 0.0 < options.top_p <= 1.0:
+        raise LabelError(f"--top_p must be in (0, 1], got {options.top_p}")
+    if options.min_length < 0 or options.max_length < 1:
+        raise LabelError("--min_length must be 0 or more and --max_length at least 1")
+    if options.min_length > options.max_length:
+        raise LabelError(f"--min_length {options.min_length} is longer than --max_length {options.max_length}")
+    resolve_workers(options.max_data_loader_n_workers)
+    return normalize_extension(options.caption_extension, "--caption_extension")
+
+
+def _resolve_device(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise LabelError(f"--device {name!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LabelError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def _image_processor_class() -> Any:
+    """BLIP's image processor that needs only PIL and numpy.
+
+    transformers 5 defaults to a torchvision-backed processor and names the PIL one ``BlipImageProcessorPil``;
+    in transformers 4 ``BlipImageProcessor`` is the PIL/numpy one. torchvision is not a dependency of sdtune.
+    """
+    try:
+        from transformers import BlipImageProcessorPil as processor_class
+    except ImportError:  # transformers 4.x
+        from transformers import BlipImageProcessor as processor_class
+    return processor_class
+
+
+@dataclass
+class BlipModel:
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    device: Any
+
+
+def load_blip(name: str, device: Any) -> BlipModel:
+    """Load a BLIP captioning model, tokenizer and image processor from a local folder or the hub.
+
+    Raises ``LabelError`` with the fix when the folder does not exist, the hub cannot be reached (or is switched
+    off) and the model is not cached, or the files are not a BLIP captioning model.
+    """
+    from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+    local = Path(name).expanduser()
+    if local.is_dir():
+        source = str(local)
+        if not (local / "config.json").is_file():
+            raise LabelError(f"--model folder {local} has no config.json; it should hold a BLIP captioning model "
+                             f"as on https://huggingface.co/{DEFAULT_BLIP_MODEL} (config.json, model.safetensors, "
+                             "tokenizer files, preprocessor_config.json)")
+    elif _REPO_ID.match(name) and not local.exists():
+        source = name
+    else:
+        raise LabelError(f"--model {name}: no such folder, and not a Hugging Face repo id (owner/name)")
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = _image_processor_class().from_pretrained(source)
+    except OSError as exc:
+        # transformers raises OSError for every "cannot find/fetch the files" case; say what to do instead.
+        if source is name and not local.is_dir():
+            offline = " and the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if hub_offline() else ""
+            raise LabelError(
+                f"cannot load BLIP model {name}{offline}: {exc}\nDownload the model folder from "
+                f"https://huggingface.co/{name} (config.json, model.safetensors, preprocessor_config.json and the "
+                "tokenizer files) and pass it with --model FOLDER, or connect to the hub once to cache it"
+            ) from exc
+        raise LabelError(f"cannot load a BLIP captioning model from {local}: {exc}") from exc
+    return BlipModel(model=model.to(device).eval(), tokenizer=tokenizer, image_processor=image_processor,
+                     device=device)
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    # Independent, well-mixed streams per batch (a plain seed + index would make neighbouring runs overlap).
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def _forked_rng(device: Any) -> Any:
+    """A context restoring the CPU generator (and ``device``'s) afterwards: seeding for one batch must not change
+    anyone else's randomness."""
+    import torch
+
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    # torch.device("cuda") means the current GPU, which is where .to(device) put the model.
+    index = device.index if device.index is not None else getattr(torch, device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
+def _generate_kwargs(options: CaptionOptions) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_length": options.max_length, "min_length": options.min_length}
+    if options.beam_search:
+        kwargs.update(do_sample=False, num_beams=options.num_beams, repetition_penalty=1.0)
+    else:
+        # top_k=0 disables transformers' default top-k=50, so that the nucleus alone decides (as in BLIP).
+        kwargs.update(do_sample=True, num_beams=1, top_p=options.top_p, top_k=0,
+                      repetition_penalty=SAMPLING_REPETITION_PENALTY)
+    return kwargs
+
+
+def caption_batch(blip: BlipModel, pixel_values: np.ndarray, options: CaptionOptions, batch_index: int) -> list[str]:
+    """Captions for a batch of preprocessed images (N, 3, H, W)."""
+    import torch
+
+    pixels = torch.from_numpy(pixel_values).to(blip.device, dtype=blip.model.dtype)
+    kwargs = _generate_kwargs(options)
+    with torch.inference_mode():
+        if options.beam_search or options.seed is None:
+            ids = blip.model.generate(pixel_values=pixels, **kwargs)
+        else:
+            with _forked_rng(blip.device):
+                torch.manual_seed(_batch_seed(options.seed, batch_index))
+                ids = blip.model.generate(pixel_values=pixels, **kwargs)
+        ids = ids.cpu()
+    return [text.strip() for text in blip.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def run_captioning(options: CaptionOptions) -> LabelReport:
+    """Caption every image in ``options.train_data_dir`` that needs it; the report lists done/skipped/failed."""
+    extension = _validate(options)
+    workers = resolve_workers(options.max_data_loader_n_workers)
+    report = LabelReport()
+    items = plan_work(Path(options.train_data_dir), options.recursive, extension, options.overwrite, report)
+    if not items:
+        logger.info("every image already has a %s file; nothing to caption (--overwrite captions them again)",
+                    extension)
+        return report
+
+    device = _resolve_device(options.device)
+    started = time.perf_counter()
+    logger.info("loading BLIP model %s on %s", options.model, device)
+    blip = load_blip(options.model, device)
+    report.load_seconds = time.perf_counter() - started
+
+    def load(item: WorkItem) -> np.ndarray:
+        image = open_image(item.image)
+        return blip.image_processor(images=image, return_tensors="np")["pixel_values"][0]
+
+    model_time = Stopwatch()
+    started = time.perf_counter()
+    with logging_redirect_tqdm(), tqdm(total=len(items), unit="img", desc="caption") as progress:
+        for index, batch in enumerate(iter_batches(items, load, options.batch_size, workers)):
+            for item, error in batch.failed:
+                logger.warning("skipping %s", error)
+                report.failed.append((item.image, error.reason))
+            if batch.items:
+                with model_time:
+                    captions = caption_batch(blip, np.stack(batch.data), options, index)
+                for item, caption in zip(batch.items, captions):
+                    _write_caption(item, caption, report)
+            progress.update(len(batch.items) + len(batch.failed))
+    report.model_seconds = model_time.seconds
+    report.wall_seconds = time.perf_counter() - started
+    return report
+
+
+def _write_caption(item: WorkItem, caption: str, report: LabelReport) -> None:
+    logger.debug("%s: %s", item.image.name, caption)
+    try:
+        write_text_atomic(item.sidecar, caption + "\n")
+    except OSError as exc:
+        logger.warning("cannot write %s: %s", item.sidecar, exc)
+        report.failed.append((item.image, f"cannot write {item.sidecar.name}: {exc.strerror or exc}"))
+        return
+    report.done.append(item.image)
+
+
+def caption_images(options: CaptionOptions) -> int:
+    """``sdtune caption``: returns 1 when any image failed (after captioning all the others), else 0."""
+    report = run_captioning(options)
+    report.log_summary(logger, "captioned", "a caption file exists; --overwrite captions them again")
+    return report.exit_code
