@@ -1,0 +1,516 @@
+"""``sdtune prepare``: assign aspect-ratio buckets and cache every image's VAE latents next to it.
+
+For every image of the training folder: read its size from the header, place it in a bucket
+(``sdtune.data.buckets``), decode, resize to cover the bucket and centre-crop (PIL Lanczos, which also
+anti-aliases when shrinking), encode with the model's VAE, and write ``<image stem>.npz`` beside the image. The
+metadata JSON gets ``train_resolution`` ``[width, height]`` for every image that succeeded; an image that failed
+loses any ``train_resolution`` an earlier run wrote, so training cannot pair it with a stale cache.
+
+Decoding and resizing run in ``--max_data_loader_n_workers`` worker processes (a torch ``DataLoader``) while the
+VAE encodes the previous batch; 0 workers decodes in the main process.
+
+Latent file (``.npz``, format version 1; ``np.load(path)`` reads it, no pickle)::
+
+    latents            float32 [C, H/8, W/8]  C = the VAE's latent channels (4); W x H = train_resolution
+    latents_flipped    float32 [C, H/8, W/8]  the horizontally mirrored crop; only with --flip_aug
+    original_size      int64 [2]   (width, height) of the image, EXIF orientation applied
+    resized_size       int64 [2]   (width, height) it was resized to before cropping
+    crop_ltrb          int64 [4]   crop box (left, top, right, bottom) in resized pixels
+    train_resolution   int64 [2]   (width, height) of the bucket
+    vae_fingerprint    str         hash of the VAE's config and weights
+    cache_key          str         hash of everything the latents depend on (see ``cache_key``)
+    format_version     int64       1
+
+Choices, documented here because training relies on them:
+
+* **Unscaled**: the latents are the VAE's raw output; training multiplies them by ``vae.config.scaling_factor``
+  (0.18215 for SD 1.x/2.x), as sd-scripts does with its caches.
+* **The mean, not a sample**: ``latent_dist.mean`` rather than sd-scripts' ``latent_dist.sample()``. A cached
+  sample is one fixed draw, so it adds no augmentation; the mean makes the cache reproducible (and its validity
+  checkable), and for SD's VAE the posterior's standard deviation is tiny anyway.
+* **Pixels**: RGB in [-1, 1], shape [B, 3, H, W].
+* ``--skip_existing`` reuses a file only when its ``cache_key`` matches: a hash of the image file's bytes, the
+  bucket, resized size and crop, the flip flag, the VAE fingerprint, the precision and this format version. Any
+  other file (stale, damaged, from another VAE) is encoded again.
+* Images smaller than their bucket are enlarged to cover it. With ``--bucket_no_upscale`` they are never
+  enlarged; an image whose bucket would have a side under ``--min_bucket_reso`` is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from sdtune.atomic import atomic_path
+from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket_table
+from sdtune.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, open_image
+from sdtune.data.metadata import Images, KeyIndex, check_unique_keys, load_metadata, save_metadata
+from sdtune.errors import SdtuneError
+from sdtune.options import opt
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+LATENT_FORMAT_VERSION = 1
+PRECISIONS: dict[str, torch.dtype] = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------ the file
+def latent_path(image: Path) -> Path:
+    """Where ``image``'s latents are cached: beside it, ``<stem>.npz``."""
+    return image.with_suffix(".npz")
+
+
+@dataclass(frozen=True)
+class LatentCache:
+    """A latent file's contents (see the module docstring for the meaning of each field)."""
+
+    latents: np.ndarray
+    latents_flipped: np.ndarray | None
+    original_size: Reso
+    resized_size: Reso
+    crop_ltrb: tuple[int, int, int, int]
+    train_resolution: Reso
+    vae_fingerprint: str
+    cache_key: str
+    format_version: int
+
+
+class LatentFileError(SdtuneError):
+    """A latent file that is missing, damaged or of an unknown format."""
+
+
+def _pair(a: np.ndarray) -> tuple[int, int]:
+    return int(a[0]), int(a[1])
+
+
+def load_latent_file(path: str | Path) -> LatentCache:
+    """Read a latent file written by ``prepare``; raises ``LatentFileError`` naming the file when it cannot."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            version = int(z["format_version"])
+            if version != LATENT_FORMAT_VERSION:
+                raise LatentFileError(f"{path}: latent format version {version} is not supported (expected "
+                                      f"{LATENT_FORMAT_VERSION}); run sdtune prepare again")
+            crop = tuple(int(v) for v in z["crop_ltrb"])
+            return LatentCache(
+                latents=z["latents"],
+                latents_flipped=z["latents_flipped"] if "latents_flipped" in z.files else None,
+                original_size=_pair(z["original_size"]),
+                resized_size=_pair(z["resized_size"]),
+                crop_ltrb=(crop[0], crop[1], crop[2], crop[3]),
+                train_resolution=_pair(z["train_resolution"]),
+                vae_fingerprint=str(z["vae_fingerprint"]),
+                cache_key=str(z["cache_key"]),
+                format_version=version,
+            )
+    except FileNotFoundError:
+        raise LatentFileError(f"{path}: latent file does not exist; run sdtune prepare") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise LatentFileError(f"{path}: damaged latent file ({type(exc).__name__}: {exc}); delete it and run "
+                              "sdtune prepare again") from None
+
+
+def stored_cache_key(path: Path) -> str | None:
+    """The ``cache_key`` in an existing latent file, or None when there is no readable one."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["cache_key"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        # A damaged or foreign file is simply not a valid cache: it is encoded again and overwritten.
+        logger.debug("%s: unreadable latent file, will be replaced (%s)", path, exc)
+        return None
+
+
+def latent_files(train_data_dir: str | Path, images: Images, full_path: bool = False,
+                 recursive: bool = False) -> dict[str, Path]:
+    """For training: ``{metadata key: latent file}`` for every image in the folder whose entry has a
+    ``train_resolution`` (so ``prepare`` succeeded for it)."""
+    index = KeyIndex(images, full_path)
+    out: dict[str, Path] = {}
+    for image in list_images(train_data_dir, recursive):
+        key = index.key_for(image)
+        if "train_resolution" in images.get(key, {}):
+            out[key] = latent_path(image)
+    return out
+
+
+def write_latent_file(path: Path, cache: LatentCache) -> None:
+    """Write atomically: an interrupted run leaves the previous file or none, never half of one."""
+    arrays: dict[str, Any] = {
+        "latents": np.ascontiguousarray(cache.latents, dtype=np.float32),
+        "original_size": np.array(cache.original_size, dtype=np.int64),
+        "resized_size": np.array(cache.resized_size, dtype=np.int64),
+        "crop_ltrb": np.array(cache.crop_ltrb, dtype=np.int64),
+        "train_resolution": np.array(cache.train_resolution, dtype=np.int64),
+        "vae_fingerprint": np.array(cache.vae_fingerprint),
+        "cache_key": np.array(cache.cache_key),
+        "format_version": np.array(cache.format_version, dtype=np.int64),
+    }
+    if cache.latents_flipped is not None:
+        arrays["latents_flipped"] = np.ascontiguousarray(cache.latents_flipped, dtype=np.float32)
+    with atomic_path(path) as tmp:  # keeps the .npz suffix, so numpy does not append another
+        np.savez(tmp, **arrays)
+
+
+# ------------------------------------------------------------------------------------------------ cache keys
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """A hash of the VAE's config and every weight (about 0.3 s for SD's 84M-parameter VAE on a CPU)."""
+    h = hashlib.blake2b(digest_size=16)
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def cache_key(image_hash: str, placement: Placement, flip_aug: bool, vae_print: str, precision: str) -> str:
+    """Everything a latent file's contents depend on, hashed."""
+    parts = {
+        "format": LATENT_FORMAT_VERSION, "image": image_hash, "bucket": list(placement.bucket),
+        "resized": list(placement.resized), "crop": list(placement.crop_ltrb), "flip": flip_aug,
+        "vae": vae_print, "precision": precision, "latent": "mean",
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+def resize_and_crop(image: Image.Image, placement: Placement) -> np.ndarray:
+    """The bucket-sized crop of ``image`` as uint8 [H, W, 3]."""
+    if image.size != placement.resized:
+        image = image.resize(placement.resized, Image.Resampling.LANCZOS)
+    return np.asarray(image.crop(placement.crop_ltrb), dtype=np.uint8)
+
+
+def to_pixels(crops: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1], what the VAE encoder takes."""
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@torch.inference_mode()
+def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """The posterior mean for ``pixels`` (float [B, 3, H, W] in [-1, 1]), float32 on the CPU, unscaled."""
+    param = next(vae.parameters())
+    latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean
+    return latents.float().cpu()
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    path: Path
+    key: str
+    original_size: Reso
+    placement: Placement
+
+
+@dataclass
+class Loaded:
+    """What a worker hands back for one image: pixels to encode, a valid cache to reuse, or an error."""
+
+    index: int
+    cache_key: str = ""
+    pixels: np.ndarray | None = None
+    reused: bool = False
+    error: str = ""
+
+
+class ImageJobs(torch.utils.data.Dataset):
+    """Reads, hashes, decodes, resizes and crops one image per item (in DataLoader workers).
+
+    Never raises for a bad image: an exception in a worker would end the whole run, so failures come back as
+    ``Loaded.error`` and are reported at the end.
+    """
+
+    def __init__(self, jobs: list[Job], flip_aug: bool, vae_print: str, precision: str, skip_existing: bool,
+                 max_pixels: int) -> None:
+        self.jobs = jobs
+        self.flip_aug = flip_aug
+        self.vae_print = vae_print
+        self.precision = precision
+        self.skip_existing = skip_existing
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> Loaded:
+        job = self.jobs[i]
+        try:
+            data = job.path.read_bytes()
+        except OSError as exc:
+            return Loaded(i, error=f"{job.path}: cannot be read ({exc.strerror or exc})")
+        key = cache_key(content_hash(data), job.placement, self.flip_aug, self.vae_print, self.precision)
+        if self.skip_existing and stored_cache_key(latent_path(job.path)) == key:
+            return Loaded(i, key, reused=True)
+        try:
+            image = open_image(job.path, self.max_pixels, data=data)
+        except ImageError as exc:
+            return Loaded(i, error=str(exc))
+        if image.size != job.original_size:
+            return Loaded(i, error=f"{job.path}: changed while preparing ({job.original_size} -> {image.size}); run "
+                                   "prepare again")
+        return Loaded(i, key, pixels=resize_and_crop(image, job.placement))
+
+
+def _as_list(batch: list[Loaded]) -> list[Loaded]:
+    """DataLoader collate: keep the items as they are (a batch may mix encodable and failed images)."""
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclass
+class PrepareOptions:
+    train_data_dir: Path = opt(help="folder of training images", positional=True)
+    in_json: Path = opt(help="metadata JSON to read (from merge-captions / merge-tags / clean)", positional=True)
+    out_json: Path = opt(help="metadata JSON to write, with train_resolution per image", positional=True)
+    model_name_or_path: str = opt(help="model whose VAE encodes: diffusers folder, .safetensors/.ckpt checkpoint "
+                                       "or standalone VAE file", positional=True, metavar="MODEL")
+    batch_size: int = opt(1, "images encoded at once")
+    max_data_loader_n_workers: int = opt(2, "worker processes decoding images (0: in the main process)")
+    max_resolution: str = opt("512,512", "WIDTH,HEIGHT whose area bounds every bucket")
+    min_bucket_reso: int = opt(256, "smallest bucket side")
+    max_bucket_reso: int = opt(1024, "largest bucket side")
+    bucket_reso_steps: int = opt(64, "bucket sides are multiples of this")
+    bucket_no_upscale: bool = opt(False, "never enlarge images: each gets a bucket of its own size (floored to the "
+                                         "step); images too small for --min_bucket_reso are skipped")
+    mixed_precision: str = opt("no", "precision the VAE runs in", choices=("no", "fp16", "bf16"))
+    full_path: bool = opt(False, "metadata keys are absolute image paths (as written by merge --full_path)")
+    flip_aug: bool = opt(False, "also cache the latents of the horizontally mirrored image")
+    skip_existing: bool = opt(False, "reuse latent files still valid for this image, bucket and VAE")
+    recursive: bool = opt(False, "also prepare images in sub-folders")
+    max_image_pixels: int = opt(DEFAULT_MAX_PIXELS, "images with more pixels are skipped as possible "
+                                                    "decompression bombs")
+    device: str = opt("auto", "device the VAE runs on (auto: cuda when available, else cpu)")
+
+
+def parse_resolution(text: str) -> Reso:
+    try:
+        parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise SdtuneError(f"--max_resolution {text!r}: expected WIDTH,HEIGHT such as 512,512")
+    return parts[0], parts[1]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise SdtuneError(f"--device {name!r}: {exc}") from None
+
+
+def make_buckets(options: PrepareOptions) -> AspectBuckets:
+    return AspectBuckets(parse_resolution(options.max_resolution), options.min_bucket_reso, options.max_bucket_reso,
+                         options.bucket_reso_steps, options.bucket_no_upscale)
+
+
+def validate(options: PrepareOptions) -> AspectBuckets:
+    """Check the options before anything is read or loaded; returns the (empty) buckets."""
+    buckets = make_buckets(options)
+    if options.batch_size < 1:
+        raise SdtuneError(f"--batch_size must be at least 1, not {options.batch_size}")
+    if options.max_data_loader_n_workers < 0:
+        raise SdtuneError("--max_data_loader_n_workers must be 0 or more")
+    if options.max_image_pixels < 1:
+        raise SdtuneError("--max_image_pixels must be positive")
+    if options.mixed_precision not in PRECISIONS:
+        raise SdtuneError(f"--mixed_precision must be one of {', '.join(PRECISIONS)}")
+    _device(options.device)
+    if not Path(options.in_json).is_file():
+        raise SdtuneError(f"{options.in_json}: metadata file does not exist; create it with sdtune merge-captions "
+                          "or merge-tags")
+    return buckets
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+@dataclass
+class PrepareSummary:
+    found: int = 0
+    encoded: int = 0
+    reused: int = 0
+    enlarged: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    bucket_counts: dict[Reso, int] = field(default_factory=dict)
+    mean_aspect_error: float | None = None
+    seconds: float = 0.0
+    encode_seconds: float = 0.0  # time the VAE was busy (including copies to and from its device)
+
+    @property
+    def prepared(self) -> int:
+        return self.encoded + self.reused
+
+    def log(self, log: logging.Logger = logger) -> None:
+        log.info("buckets:\n%s", bucket_table(self.bucket_counts, self.mean_aspect_error))
+        log.info("%d images found: %d encoded, %d reused from valid caches, %d skipped (%.1f s, VAE busy %.1f s)",
+                 self.found, self.encoded, self.reused, len(self.skipped), self.seconds, self.encode_seconds)
+        if self.enlarged:
+            log.info("%d images were smaller than their bucket and were enlarged (--bucket_no_upscale prevents it)",
+                     self.enlarged)
+        if self.skipped:
+            log.warning("%d images were skipped:\n%s", len(self.skipped),
+                        "\n".join(f"  {reason}" for _path, reason in self.skipped))
+
+
+def _load_vae(model: str) -> AutoencoderKL:
+    from sdtune.models.io import load_vae  # heavy imports only when the stage runs
+
+    return load_vae(model, torch.float32)
+
+
+def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -> PrepareSummary:
+    """The ``prepare`` stage. ``vae`` replaces loading ``options.model_name_or_path`` (tests, benchmarks, or a
+    caller that has the model already); it is used in float32 unless ``--mixed_precision`` says otherwise."""
+    start = time.perf_counter()
+    buckets = validate(options)
+    device = _device(options.device)
+    dtype = PRECISIONS[options.mixed_precision]
+    images = load_metadata(options.in_json)
+    paths = list_images(options.train_data_dir, options.recursive)
+    check_unique_keys(paths, options.full_path)
+    index = KeyIndex(images, options.full_path)
+    summary = PrepareSummary(found=len(paths))
+    logger.info("found %d images in %s", len(paths), options.train_data_dir)
+
+    jobs: list[Job] = []
+    failed_keys: list[str] = []
+    for path in tqdm(paths, desc="reading sizes", unit="img", leave=False, disable=None):
+        key = index.key_for(path)
+        try:
+            size = image_size(path, options.max_image_pixels)
+            placement = buckets.place(*size)
+        except (ImageError, TooSmall) as exc:
+            reason = str(exc) if isinstance(exc, ImageError) else f"{path}: {exc}"
+            summary.skipped.append((path, reason))
+            failed_keys.append(key)
+            continue
+        jobs.append(Job(len(jobs), path, key, size, placement))
+
+    if vae is None:
+        vae = _load_vae(options.model_name_or_path)
+    fingerprint = vae_fingerprint(vae)  # of the float32 weights: the same VAE in any precision prints the same
+    param = next(vae.parameters())
+    if param.device != device or param.dtype != dtype:  # diffusers warns on every .to(), needed or not
+        vae = vae.to(device, dtype)
+    vae.eval().requires_grad_(False)
+
+    # Batches hold one bucket each (the VAE needs equal sizes); buckets in turn, images in folder order.
+    order = sorted(jobs, key=lambda j: (j.placement.bucket, j.index))
+    batches = _split_by_bucket(order, options.batch_size)
+    dataset = ImageJobs(jobs, options.flip_aug, fingerprint, options.mixed_precision, options.skip_existing,
+                        options.max_image_pixels)
+    workers = options.max_data_loader_n_workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=_as_list,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    succeeded: dict[str, Placement] = {}
+    with tqdm(total=len(jobs), desc="encoding latents", unit="img", disable=None) as bar:
+        for batch in loader:
+            todo = []
+            for item in batch:
+                job = jobs[item.index]
+                if item.error:
+                    summary.skipped.append((job.path, item.error))
+                    failed_keys.append(job.key)
+                elif item.reused:
+                    summary.reused += 1
+                    succeeded[job.key] = job.placement
+                else:
+                    todo.append(item)
+            if todo:
+                t0 = time.perf_counter()
+                pixels = to_pixels(np.stack([item.pixels for item in todo]))
+                if options.flip_aug:
+                    pixels = torch.cat([pixels, pixels.flip(-1)])
+                latents = encode_pixels(vae, pixels).numpy()
+                summary.encode_seconds += time.perf_counter() - t0
+                for i, item in enumerate(todo):
+                    job = jobs[item.index]
+                    write_latent_file(latent_path(job.path), LatentCache(
+                        latents=latents[i],
+                        latents_flipped=latents[len(todo) + i] if options.flip_aug else None,
+                        original_size=job.original_size, resized_size=job.placement.resized,
+                        crop_ltrb=job.placement.crop_ltrb, train_resolution=job.placement.bucket,
+                        vae_fingerprint=fingerprint, cache_key=item.cache_key, format_version=LATENT_FORMAT_VERSION,
+                    ))
+                    succeeded[job.key] = job.placement
+                    summary.encoded += 1
+                    summary.enlarged += job.placement.resized[0] > job.original_size[0]
+            bar.update(len(batch))
+
+    for key, placement in succeeded.items():
+        images.setdefault(key, {})["train_resolution"] = list(placement.bucket)
+    for key in failed_keys:
+        if key in images:
+            images[key].pop("train_resolution", None)
+    save_metadata(options.out_json, images)
+
+    summary.bucket_counts = dict(sorted(Counter(p.bucket for p in succeeded.values()).items()))
+    if succeeded:
+        summary.mean_aspect_error = float(np.mean([abs(p.aspect_error) for p in succeeded.values()]))
+    summary.seconds = time.perf_counter() - start
+    unlabelled = [k for k in succeeded if not ({"caption", "tags"} & set(images[k]))]
+    if unlabelled:
+        logger.warning("%d prepared images have neither caption nor tags in %s (e.g. %s)", len(unlabelled),
+                       options.in_json, ", ".join(unlabelled[:5]))
+    return summary
+
+
+def _split_by_bucket(order: list[Job], batch_size: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` of at most ``batch_size`` jobs, never mixing buckets."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    bucket: Reso | None = None
+    for job in order:
+        if current and (job.placement.bucket != bucket or len(current) == batch_size):
+            batches.append(current)
+            current = []
+        current.append(job.index)
+        bucket = job.placement.bucket
+    if current:
+        batches.append(current)
+    return batches
+
+
+def prepare_command(options: PrepareOptions) -> int:
+    summary = prepare_latents(options)
+    summary.log()
+    logger.info("wrote %s", options.out_json)
+    return 0
+
+
+__all__ = [
+    "LATENT_FORMAT_VERSION", "LatentCache", "LatentFileError", "PrepareOptions", "PrepareSummary", "cache_key",
+    "encode_pixels", "latent_files", "latent_path", "load_latent_file", "prepare_command", "prepare_latents",
+    "resize_and_crop", "to_pixels", "vae_fingerprint", "write_latent_file",
+]
+
