@@ -96,7 +96,7 @@ def _open_checked(path: Path, max_pixels: int, data: bytes | None = None) -> Ima
     except PermissionError:
         raise ImageError(path, "permission denied; check the file's permissions") from None
     except _DECODE_ERRORS as exc:
-        raise ImageError(path, f"cannot be opened as an image ({type(exc).__name__}: {exc})") from None
+        raise ImageError(path, _decode_reason(exc)) from None
     width, height = im.size
     if width * height > max_pixels:
         im.close()
@@ -106,6 +106,13 @@ def _open_checked(path: Path, max_pixels: int, data: bytes | None = None) -> Ima
         im.close()
         raise ImageError(path, f"image has no pixels ({width}x{height})")
     return im
+
+
+def _decode_reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if "truncated" in text.lower():
+        return f"truncated file ({text}); copy the image again"
+    return f"corrupt image data ({type(exc).__name__}: {text})"
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -176,9 +183,4 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: byt
             # Detach from the file: `_to_rgb` may return the opened image itself, which `with` closes.
             return rgb.copy() if rgb is im else rgb
         except _DECODE_ERRORS as exc:
-            reason = str(exc) or type(exc).__name__
-            if "truncated" in reason:
-                reason = f"truncated file ({reason}); copy the image again"
-            else:
-                reason = f"corrupt image data ({type(exc).__name__}: {reason})"
-            raise ImageError(path, reason) from None
+            raise ImageError(path, _decode_reason(exc)) from None
