@@ -62,6 +62,7 @@ class Replacement:
 
 @dataclass(frozen=True)
 class CleanRules:
+    underscores_to_spaces: bool = False
     keep_underscores: tuple[str, ...] = ()
     remove: frozenset[str] = frozenset()
     multi_markers: tuple[re.Pattern[str], ...] = ()
@@ -76,7 +77,7 @@ class CleanRules:
 # ------------------------------------------------------------------------------------------------ rules file
 _SCHEMA: dict[str, set[str]] = {
     "": {"version", "tags", "caption"},
-    "tags": {"keep_underscores", "remove", "multiple_people", "redundant"},
+    "tags": {"underscores_to_spaces", "keep_underscores", "remove", "multiple_people", "redundant"},
     "tags.multiple_people": {"markers", "groups"},
     "tags.multiple_people.groups": {"name", "match", "exclude"},
     "tags.redundant": {"one_word_tags", "also"},
@@ -145,8 +146,10 @@ def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
                                _compile(raw["exclude"], f"{where}.exclude", source) if "exclude" in raw else None))
 
     one_word = redundant.get("one_word_tags", False)
-    if not isinstance(one_word, bool):
-        raise RulesError(f"{source}: tags.redundant.one_word_tags must be true or false")
+    underscores = tags.get("underscores_to_spaces", False)
+    for name, value in (("tags.redundant.one_word_tags", one_word), ("tags.underscores_to_spaces", underscores)):
+        if not isinstance(value, bool):
+            raise RulesError(f"{source}: {name} must be true or false")
 
     replacements = []
     raw_replace = caption.get("replace", [])
@@ -166,6 +169,7 @@ def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
     keep = tuple(_strings(tags.get("keep_underscores", []), "tags.keep_underscores", source))
     keep_pattern = re.compile("|".join(re.escape(k) for k in sorted(keep, key=len, reverse=True))) if keep else None
     return CleanRules(
+        underscores_to_spaces=underscores,
         keep_underscores=keep,
         remove=frozenset(_strings(tags.get("remove", []), "tags.remove", source)),
         multi_markers=tuple(_compile(p, "tags.multiple_people.markers", source)
@@ -216,7 +220,8 @@ def _underscores_to_spaces(tag: str, rules: CleanRules) -> str:
 def clean_tag_list(tags: list[str], rules: CleanRules) -> list[str]:
     """Apply the tag rules to a list of tags, in the seed's order: underscores, removals, several people,
     redundant tags."""
-    tags = [_underscores_to_spaces(t, rules) for t in tags]
+    if rules.underscores_to_spaces:
+        tags = [_underscores_to_spaces(t, rules) for t in tags]
     tags = [t for t in tags if t not in rules.remove]
 
     if any(m.fullmatch(t) for m in rules.multi_markers for t in tags):
