@@ -1,0 +1,189 @@
+"""Training examples: cached latents + captions, batched by bucket, deterministic per (seed, epoch, item).
+
+Each batch holds images of one bucket (so the latents stack). The epoch's batches come from
+:meth:`sdtune.data.buckets.AspectBuckets.epoch_plan`, which every rank computes identically; a rank takes its share
+by stride. Every random choice (caption shuffle, picking the flipped latent) draws from a generator seeded by
+``(seed, epoch, item key, repeat)``, so a resumed run sees exactly the batches and captions an uninterrupted one
+would, whatever the number of data-loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sdtune.data.buckets import AspectBuckets, Reso
+from sdtune.data.images import list_images, open_image
+from sdtune.data.latents import (
+    LatentFileError, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels)
+from sdtune.data.metadata import Images, KeyIndex
+from sdtune.errors import SdtuneError
+
+logger = logging.getLogger(__name__)
+
+_REPEAT_SEP = "\x00"  # joins an image key and its repeat index in bucket keys (never part of a file name)
+
+
+def build_caption(entry: dict[str, Any]) -> str:
+    """caption + ", " + tags, as sd-scripts' fine_tune combines them (either alone when the other is missing)."""
+    parts = [entry.get("caption", "").strip(), entry.get("tags", "").strip()]
+    return ", ".join(p for p in parts if p)
+
+
+def shuffle_caption(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
+    """Shuffle the comma-separated parts, keeping the first ``keep_tokens`` parts in place."""
+    parts = [p.strip() for p in caption.split(",") if p.strip()]
+    fixed, rest = parts[:keep_tokens], parts[keep_tokens:]
+    order = rng.permutation(len(rest))
+    return ", ".join(fixed + [rest[i] for i in order])
+
+
+def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The generator for one item of one epoch (derived, never global)."""
+    digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, epoch, digest])
+
+
+def cover_and_crop(width: int, height: int, bucket: Reso):
+    """The placement of a (width x height) image in ``bucket``: resize to cover, centre-crop."""
+    from sdtune.data.buckets import Placement
+
+    scale = max(bucket[0] / width, bucket[1] / height)
+    resized = (max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale)))
+    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
+    return Placement(bucket=bucket, resized=resized, crop_ltrb=(left, top, left + bucket[0], top + bucket[1]),
+                     aspect_error=bucket[0] / bucket[1] - width / height)
+
+
+@dataclass
+class Example:
+    key: str
+    image: Path
+    latents: Path
+    caption: str
+    bucket: Reso
+
+
+@dataclass
+class FineTuneData:
+    """The images to train on, their captions and buckets. Build with :meth:`from_metadata`."""
+
+    examples: dict[str, Example]
+    buckets: AspectBuckets
+    repeats: int = 1
+    # latents encoded at start-up for images whose cache file is missing (key -> [C, h, w])
+    in_memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_metadata(cls, images: Images, train_data_dir: str | Path, repeats: int = 1, full_path: bool = False,
+                      recursive: bool = False) -> "FineTuneData":
+        if repeats < 1:
+            raise SdtuneError(f"--dataset_repeats must be at least 1 (got {repeats})")
+        index = KeyIndex(images, full_path)
+        examples: dict[str, Example] = {}
+        for image in list_images(train_data_dir, recursive):
+            key = index.key_for(image)
+            entry = images.get(key)
+            if entry is None or "train_resolution" not in entry:
+                continue
+            w, h = entry["train_resolution"]
+            examples[key] = Example(key, image, latent_path(image), build_caption(entry), (int(w), int(h)))
+        skipped = sorted(k for k, e in images.items() if "train_resolution" not in e)
+        if not examples:
+            raise SdtuneError(
+                f"no trainable images: none of the images in {train_data_dir} has an entry with train_resolution "
+                "in the metadata. Run sdtune prepare first (and check --train_data_dir / --in_json / --full_path)."
+            )
+        buckets = AspectBuckets.from_assignments(
+            (f"{key}{_REPEAT_SEP}{r}", ex.bucket) for key, ex in examples.items() for r in range(repeats)
+        )
+        return cls(examples, buckets, repeats, skipped=skipped)
+
+    def encode_missing(self, vae, batch_size: int = 4) -> int:
+        """Encode (in memory) the images whose latent file is missing or unreadable; returns how many."""
+        missing = []
+        for key, ex in self.examples.items():
+            if not ex.latents.is_file():
+                missing.append(key)
+                continue
+            try:
+                cached = load_latent_file(ex.latents)
+            except LatentFileError as exc:
+                logger.warning("%s", exc)
+                missing.append(key)
+                continue
+            if tuple(cached.train_resolution) != ex.bucket:
+                logger.warning("%s: cached for bucket %s but the metadata says %s; encoding it again",
+                               ex.latents, cached.train_resolution, ex.bucket)
+                missing.append(key)
+        for start in range(0, len(missing), batch_size):
+            keys = missing[start:start + batch_size]
+            by_bucket: dict[Reso, list[str]] = {}
+            for key in keys:
+                by_bucket.setdefault(self.examples[key].bucket, []).append(key)
+            for bucket, group in by_bucket.items():
+                crops = []
+                for key in group:
+                    im = open_image(self.examples[key].image)
+                    crops.append(resize_and_crop(im, cover_and_crop(im.width, im.height, bucket)))
+                latents = encode_pixels(vae, to_pixels(np.stack(crops)))
+                for key, lat in zip(group, latents):
+                    self.in_memory[key] = lat
+        return len(missing)
+
+    def summary(self) -> dict[str, Any]:
+        return {"images": len(self.examples), "repeats": self.repeats, "buckets": self.buckets.counts()}
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, world_size: int, rank: int) -> list[list[str]]:
+        return self.buckets.batches(epoch, seed, batch_size, world_size, rank)
+
+    def load_batch(self, bucket_keys: Sequence[str], epoch: int, seed: int, shuffle: bool, keep_tokens: int
+                   ) -> dict[str, Any]:
+        latents, captions, keys = [], [], []
+        for bucket_key in bucket_keys:
+            key = bucket_key.split(_REPEAT_SEP)[0]
+            ex = self.examples[key]
+            rng = item_rng(seed, epoch, bucket_key)
+            if key in self.in_memory:
+                lat = self.in_memory[key]
+            else:
+                cached = load_latent_file(ex.latents)
+                use_flip = cached.latents_flipped is not None and rng.random() < 0.5
+                lat = torch.from_numpy(cached.latents_flipped if use_flip else cached.latents)
+            caption = shuffle_caption(ex.caption, keep_tokens, rng) if shuffle else ex.caption
+            latents.append(lat)
+            captions.append(caption)
+            keys.append(key)
+        return {"latents": torch.stack(latents), "captions": captions, "keys": keys}
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """One epoch's batches for this rank, from position ``start``; each item is a whole batch."""
+
+    def __init__(self, data: FineTuneData, batches: list[list[str]], epoch: int, seed: int, shuffle: bool,
+                 keep_tokens: int, start: int = 0) -> None:
+        self.data, self.batches, self.epoch, self.seed = data, batches[start:], epoch, seed
+        self.shuffle, self.keep_tokens = shuffle, keep_tokens
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.data.load_batch(self.batches[index], self.epoch, self.seed, self.shuffle, self.keep_tokens)
+
+
+def _whole_batch(items: list[Any]) -> Any:
+    return items[0]  # each dataset item is a whole batch already
+
+
+def epoch_loader(dataset: EpochBatches, workers: int) -> torch.utils.data.DataLoader:
+    """Batches loaded in ``workers`` processes ahead of the training step (0: in the main process)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers,
+                                       collate_fn=_whole_batch)

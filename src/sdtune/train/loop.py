@@ -1,0 +1,541 @@
+"""``sdtune train``: fine-tune the U-Net (and optionally the text encoder) from the metadata JSON and cached latents.
+
+The step body: batch -> text conditioning -> noise and timesteps -> prediction -> loss -> backward -> step. All
+randomness is derived from ``(seed, rank, step)`` or ``(seed, epoch, item)``, so ``--resume`` continues
+bit-exactly. Under ``accelerate launch`` / ``torchrun`` each rank trains on its own share of every epoch's
+batches; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sdtune.data.dataset import EpochBatches, FineTuneData, epoch_loader
+from sdtune.data.metadata import load_metadata
+from sdtune.errors import SdtuneError
+from sdtune.models.attention import set_attention
+from sdtune.models.io import SAVE_FORMATS, load_model, model_summary, save_model
+from sdtune.models.text import check_max_token_length, encode, tokenize
+from sdtune.options import opt
+from sdtune.train import noise as noise_lib
+from sdtune.train.optim import (
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    LossScaler,
+    build_lr_scheduler,
+    build_optimizer,
+    parse_optimizer_args,
+)
+from sdtune.train.state import Progress, load_module_weights, load_optimizer_and_scheduler, read_progress, save_state
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(SdtuneError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainOptions:
+    # model
+    pretrained_model_name_or_path: str = opt(None, "base model: diffusers folder, .safetensors/.ckpt or hub repo id")
+    v2: Optional[bool] = opt(None, "the model is SD 2.x (normally detected from the weights)")
+    v_parameterization: Optional[bool] = opt(None, "train with the velocity target (SD 2.x 768-v); default: detected")
+    vae: Optional[str] = opt(None, "use this VAE to encode images whose latent cache is missing")
+    tokenizer: Optional[str] = opt(None, "CLIP tokenizer folder for single-file models (default: packaged vocabulary)")
+    # data
+    in_json: str = opt(None, "metadata JSON written by sdtune prepare")
+    train_data_dir: str = opt(None, "folder with the images and their .npz latent caches")
+    full_path: bool = opt(False, "the metadata keys are full image paths (merge --full_path)")
+    recursive: bool = opt(False, "look for images in sub-folders too")
+    dataset_repeats: int = opt(1, "how many times each image appears per epoch")
+    shuffle_caption: bool = opt(False, "shuffle the comma-separated parts of each caption every time it is used")
+    keep_tokens: int = opt(0, "with --shuffle_caption: keep the first N comma-separated parts in place")
+    max_token_length: int = opt(75, "prompt length in tokens (150/225 encode 75-token chunks and join them)",
+                                choices=(75, 150, 225))
+    clip_skip: Optional[int] = opt(None, "use the hidden state N layers from the end of the text encoder "
+                                   "(2 = penultimate; default 1; SD 2.x already uses its penultimate layer)")
+    max_data_loader_n_workers: int = opt(2, "processes that read latent files ahead of the step (0: main process)")
+    # training
+    train_batch_size: int = opt(1, "images per batch (per process)")
+    learning_rate: float = opt(2e-6, "learning rate of the U-Net")
+    learning_rate_te: Optional[float] = opt(None, "learning rate of the text encoder (default: --learning_rate)")
+    train_text_encoder: bool = opt(False, "train the text encoder too (more memory: its weights, gradients and "
+                                   "optimizer state)")
+    max_train_steps: int = opt(1600, "optimizer steps to train (ignored when --max_train_epochs is given)")
+    max_train_epochs: Optional[int] = opt(None, "epochs to train (overrides --max_train_steps)")
+    gradient_accumulation_steps: int = opt(1, "batches per optimizer step (a larger effective batch at no memory)")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: Optional[int] = opt(None, "random seed (default: drawn at random and printed; saved with the state)")
+    optimizer_type: str = opt("AdamW", "optimizer", choices=OPTIMIZERS)
+    use_8bit_adam: bool = opt(False, "same as --optimizer_type AdamW8bit (bitsandbytes): optimizer state in "
+                              "8 bits, saving about 75 % of its memory (5 GB for SD's U-Net)")
+    optimizer_args: list[str] = opt(help="extra optimizer arguments, e.g. weight_decay=0.01 betas=0.9,0.99",
+                                    default_factory=list)
+    lr_scheduler: str = opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = opt(0, "steps of linear warm-up")
+    lr_scheduler_num_cycles: int = opt(1, "restarts for cosine_with_restarts")
+    lr_scheduler_power: float = opt(1.0, "power for the polynomial schedule")
+    # speed and memory
+    sdpa: bool = opt(False, "PyTorch scaled-dot-product attention (the default)")
+    xformers: bool = opt(False, "xformers attention (needs pip install xformers; GPU)")
+    diffusers_xformers: bool = opt(False, "same as --xformers")
+    mem_eff_attn: bool = opt(False, "sliced attention: less memory at high resolutions, slightly slower; no "
+                             "extra package")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less activation memory "
+                                       "(several GB at 512 px, batch 4) for about 20-30 % more time per step")
+    mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 halve activation memory and speed up "
+                               "GPUs (weights stay fp32)", choices=("no", "fp16", "bf16"))
+    full_fp16: bool = opt(False, "fp16 weights and gradients too (needs --mixed_precision fp16): halves weight "
+                          "and gradient memory; uses dynamic loss scaling; less precise updates")
+    full_bf16: bool = opt(False, "bf16 weights and gradients (needs --mixed_precision bf16): like --full_fp16 "
+                          "without loss scaling")
+    # output
+    output_dir: str = opt(None, "where checkpoints, state and samples go")
+    output_name: Optional[str] = opt(None, "base name of the saved model files (default: last / epoch-N / step-N)")
+    save_model_as: Optional[str] = opt(None, "format of saved models (default safetensors)", choices=SAVE_FORMATS)
+    use_safetensors: bool = opt(False, "save .safetensors (or diffusers with safetensors weights)")
+    save_precision: Optional[str] = opt(None, "precision of saved models (default float)", choices=("float", "fp16", "bf16"))
+    save_every_n_epochs: Optional[int] = opt(None, "also save a model every N epochs")
+    save_every_n_steps: Optional[int] = opt(None, "also save a model every N steps")
+    save_last_n_epochs: Optional[int] = opt(None, "keep only the last N epoch saves (older ones are removed)")
+    save_state: bool = opt(False, "save the training state (optimizer, scheduler, progress) with each model save "
+                           "and on Ctrl-C, for --resume")
+    resume: Optional[str] = opt(None, "continue from a state folder written by --save_state")
+    logging_dir: Optional[str] = opt(None, "write TensorBoard logs under this folder")
+    log_prefix: str = opt("", "prefix of the TensorBoard run folder name")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@dataclass
+class Plan:
+    """Numbers derived from the options and the data, shown at the start."""
+
+    images: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    effective_batch: int
+
+
+def validate(opts: TrainOptions) -> None:
+    """Option errors, before any model is loaded."""
+    for name in ("pretrained_model_name_or_path", "in_json", "train_data_dir", "output_dir"):
+        if not getattr(opts, name):
+            raise SdtuneError(f"--{name} is required")
+    check_max_token_length(opts.max_token_length)
+    if opts.train_batch_size < 1 or opts.gradient_accumulation_steps < 1:
+        raise SdtuneError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+    if opts.full_fp16 and opts.mixed_precision != "fp16":
+        raise SdtuneError("--full_fp16 needs --mixed_precision fp16")
+    if opts.full_bf16 and opts.mixed_precision != "bf16":
+        raise SdtuneError("--full_bf16 needs --mixed_precision bf16")
+    if opts.clip_skip is not None and opts.clip_skip < 1:
+        raise SdtuneError("--clip_skip must be 1 or more")
+    if sum([opts.xformers or opts.diffusers_xformers, opts.mem_eff_attn, opts.sdpa]) > 1:
+        raise SdtuneError("choose one attention: --sdpa, --xformers or --mem_eff_attn")
+    if opts.resume and not (Path(opts.resume) / "progress.json").is_file():
+        raise SdtuneError(f"--resume {opts.resume}: not a state folder written by --save_state (no progress.json)")
+    if not Path(opts.in_json).is_file():
+        raise SdtuneError(f"--in_json {opts.in_json}: no such file; run sdtune prepare to write it")
+    if not Path(opts.train_data_dir).is_dir():
+        raise SdtuneError(f"--train_data_dir {opts.train_data_dir}: no such folder")
+
+
+def attention_kind(opts: TrainOptions) -> str:
+    if opts.xformers or opts.diffusers_xformers:
+        return "xformers"
+    return "mem_eff" if opts.mem_eff_attn else "sdpa"
+
+
+def optimizer_name(opts: TrainOptions) -> str:
+    return "AdamW8bit" if opts.use_8bit_adam else opts.optimizer_type
+
+
+def save_format(opts: TrainOptions) -> str:
+    if opts.save_model_as:
+        return opts.save_model_as
+    return "safetensors"
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """The generator for one micro-batch: derived from (seed, rank, step, micro), never global."""
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+class Trainer:
+    """Holds the pieces of one run; :meth:`run` is the loop."""
+
+    def __init__(self, opts: TrainOptions) -> None:
+        from accelerate import Accelerator
+
+        validate(opts)
+        self.opts = opts
+        self.accelerator = Accelerator(mixed_precision=opts.mixed_precision)
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        self.output_dir = Path(opts.output_dir)
+        self.progress = Progress(train_batch_size=opts.train_batch_size, world_size=self.world,
+                                 gradient_accumulation_steps=opts.gradient_accumulation_steps)
+        if opts.resume:
+            self.progress = read_progress(Path(opts.resume))
+            self._check_resume_compatible()
+        else:
+            self.progress.seed = opts.seed if opts.seed is not None else random.randint(0, 2**31 - 1)
+        self.seed = self.progress.seed
+        self.encodes_on_the_fly = 0
+        self.writer = None
+        self.saved: list[Path] = []
+
+    def _check_resume_compatible(self) -> None:
+        p, o = self.progress, self.opts
+        if (p.world_size, p.train_batch_size, p.gradient_accumulation_steps) != (
+                self.world, o.train_batch_size, o.gradient_accumulation_steps):
+            raise SdtuneError(
+                f"--resume {o.resume}: that run used {p.world_size} process(es), batch size {p.train_batch_size} and "
+                f"gradient accumulation {p.gradient_accumulation_steps}; resume with the same values so the epoch "
+                "continues where it stopped"
+            )
+        if o.seed is not None and o.seed != p.seed:
+            logger.warning("--seed %d ignored: resuming with the saved seed %d", o.seed, p.seed)
+
+    # -------------------------------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        opts = self.opts
+        weight_dtype = torch.float16 if opts.full_fp16 else torch.bfloat16 if opts.full_bf16 else torch.float32
+        with self.accelerator.main_process_first():
+            self.model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2,
+                                    v_parameterization=opts.v_parameterization, vae=opts.vae,
+                                    tokenizer=opts.tokenizer)
+        model = self.model
+        if self.is_main:
+            logger.info("model: %s", model_summary(model))
+        self.clip_skip = opts.clip_skip if opts.clip_skip is not None else model.family.default_clip_skip
+        if model.family.is_v2 and self.clip_skip > 1:
+            logger.warning("SD 2.x already conditions on OpenCLIP's penultimate layer; --clip_skip %d goes %d "
+                           "layer(s) further", self.clip_skip, self.clip_skip - 1)
+        self.data = FineTuneData.from_metadata(load_metadata(opts.in_json), opts.train_data_dir,
+                                               opts.dataset_repeats, opts.full_path, opts.recursive)
+        model.vae.to(self.device)
+        self.encodes_on_the_fly = self.data.encode_missing(model.vae)
+        if self.encodes_on_the_fly:
+            logger.info("encoded %d image(s) whose latent cache was missing or stale (run sdtune prepare to cache "
+                        "them)", self.encodes_on_the_fly)
+        self.scaling_factor = float(model.vae.config.scaling_factor)
+        model.vae.to("cpu")  # not needed any more: free the GPU memory
+        self.noise_scheduler = model.noise_scheduler()
+
+        set_attention(model.unet, attention_kind(opts))
+        if opts.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            if opts.train_text_encoder:
+                model.text_encoder.gradient_checkpointing_enable()
+        model.unet.to(self.device, weight_dtype).train()
+        model.unet.requires_grad_(True)
+        model.text_encoder.requires_grad_(opts.train_text_encoder)
+        te_dtype = weight_dtype if opts.train_text_encoder else (
+            torch.float32 if opts.mixed_precision == "no" else
+            torch.float16 if opts.mixed_precision == "fp16" else torch.bfloat16)
+        model.text_encoder.to(self.device, te_dtype)
+        model.text_encoder.train(opts.train_text_encoder)
+        if opts.resume:
+            load_module_weights(Path(opts.resume), "unet", model.unet)
+            if opts.train_text_encoder:
+                load_module_weights(Path(opts.resume), "text_encoder", model.text_encoder)
+
+        groups = [{"params": list(model.unet.parameters()), "lr": opts.learning_rate}]
+        if opts.train_text_encoder:
+            groups.append({"params": list(model.text_encoder.parameters()),
+                           "lr": opts.learning_rate_te if opts.learning_rate_te is not None else opts.learning_rate})
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(optimizer_name(opts), groups, opts.learning_rate,
+                                         parse_optimizer_args(opts.optimizer_args))
+        self.plan = self._plan()
+        self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
+                                               self.plan.total_steps, opts.lr_scheduler_num_cycles,
+                                               opts.lr_scheduler_power)
+        self.scaler = LossScaler() if opts.full_fp16 else None
+        if opts.resume:
+            scaler_state = load_optimizer_and_scheduler(Path(opts.resume), self.optimizer, self.lr_scheduler)
+            if self.scaler is not None and scaler_state:
+                self.scaler.load_state_dict(scaler_state)
+        # DDP wrapping (a no-op for one process). The optimizer is not prepared: accumulation and loss scaling
+        # are done here, explicitly.
+        if opts.train_text_encoder:
+            self.unet, self.text_encoder = self.accelerator.prepare(model.unet, model.text_encoder)
+        else:
+            self.unet, self.text_encoder = self.accelerator.prepare(model.unet), model.text_encoder
+
+    def _plan(self) -> Plan:
+        opts = self.opts
+        batches = len(self.data.epoch_batches(0, self.seed, opts.train_batch_size, self.world, self.rank))
+        steps_per_epoch = math.ceil(batches / opts.gradient_accumulation_steps)
+        if opts.max_train_epochs is not None:
+            total = steps_per_epoch * opts.max_train_epochs
+        else:
+            total = opts.max_train_steps
+        epochs = math.ceil(total / steps_per_epoch)
+        return Plan(len(self.data.examples), batches, steps_per_epoch, total, epochs,
+                    opts.train_batch_size * opts.gradient_accumulation_steps * self.world)
+
+    # -------------------------------------------------------------------------------------------- the step
+    def conditioning(self, captions: list[str]) -> torch.Tensor:
+        tok = self.model.tokenizer
+        ids = tokenize(tok, captions, self.opts.max_token_length).to(self.device)
+        with torch.set_grad_enabled(self.opts.train_text_encoder), self.accelerator.autocast():
+            return encode(self.text_encoder, ids, self.clip_skip, tok.eos_token_id, tok.pad_token_id)
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        latents = batch["latents"].to(self.device, torch.float32) * self.scaling_factor
+        noise, timesteps = noise_lib.sample_noise_and_timesteps(
+            latents, self.noise_scheduler.config.num_train_timesteps, generator)
+        noisy = noise_lib.add_noise(self.noise_scheduler, latents, noise, timesteps)
+        target = noise_lib.target(self.model.prediction_type, self.noise_scheduler, latents, noise, timesteps)
+        states = self.conditioning(batch["captions"])
+        unet_dtype = next(self.model.unet.parameters()).dtype
+        with self.accelerator.autocast():
+            pred = self.unet(noisy.to(unet_dtype), timesteps, states.to(unet_dtype)).sample
+        return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+
+    def optimizer_step(self, group: list[dict[str, Any]]) -> float:
+        """One optimizer step over a group of micro-batches (gradient accumulation); returns the mean loss."""
+        total = 0.0
+        step = self.progress.global_step
+        for i, batch in enumerate(group):
+            last = i == len(group) - 1
+            context = self.accelerator.no_sync(self.unet) if not last and self.world > 1 else contextlib.nullcontext()
+            with context:
+                loss = self.loss(batch, step_generator(self.seed, self.rank, step, i))
+                self._check_finite(loss)
+                scaled = loss / len(group)
+                if self.scaler is not None:
+                    scaled = scaled * self.scaler.scale
+                scaled.backward()
+            total += float(loss.detach())
+        finite = True
+        if self.scaler is not None:
+            finite = self.scaler.unscale_and_check(self.trainable)
+            self.scaler.update(finite)
+        if finite:
+            if self.opts.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.opts.max_grad_norm)
+            self.optimizer.step()
+        else:
+            logger.info("step %d: gradients overflowed in fp16; skipped, loss scale now %g", step + 1,
+                        self.scaler.scale)
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(group)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).item() else 1.0, device=self.device)
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            raise TrainingDiverged(
+                f"the loss became {float(loss.detach())} at step {self.progress.global_step + 1}; training stopped. "
+                "The last saved checkpoint is intact. Try a lower --learning_rate, --mixed_precision bf16, or "
+                "no --full_fp16."
+            )
+
+    # -------------------------------------------------------------------------------------------- saving
+    def _name(self, kind: str, number: int | None = None) -> str:
+        base = self.opts.output_name
+        if kind == "last":
+            return base or "last"
+        if kind == "epoch":
+            return f"{base}-{number:06d}" if base else f"epoch-{number:06d}"
+        return f"{base}-step{number:08d}" if base else f"step-{number:08d}"
+
+    def _model_path(self, name: str) -> Path:
+        fmt = save_format(self.opts)
+        suffix = {"ckpt": ".ckpt", "safetensors": ".safetensors"}.get(fmt, "")
+        return self.output_dir / f"{name}{suffix}"
+
+    def save(self, name: str) -> Path:
+        """Save the model (and the state with --save_state) as ``name``; rank 0 only."""
+        self.accelerator.wait_for_everyone()
+        path = self._model_path(name)
+        if self.is_main:
+            model = self.model
+            model.unet = self.accelerator.unwrap_model(self.unet)
+            model.text_encoder = self.accelerator.unwrap_model(self.text_encoder)
+            save_model(model, path, save_format(self.opts), self.opts.save_precision or "float",
+                       epoch=self.progress.epoch, global_step=self.progress.global_step)
+            self.saved.append(path)
+            if self.opts.save_state:
+                self.save_training_state(self.output_dir / f"{name}-state")
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_training_state(self, folder: Path) -> None:
+        modules = {"unet": self.accelerator.unwrap_model(self.unet)}
+        if self.opts.train_text_encoder:
+            modules["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
+        save_state(folder, self.progress, modules, self.optimizer, self.lr_scheduler,
+                   self.scaler.state_dict() if self.scaler else None)
+        logger.info("saved training state to %s", folder)
+
+    def remove_old_epoch_saves(self, epoch: int) -> None:
+        keep = self.opts.save_last_n_epochs
+        every = self.opts.save_every_n_epochs
+        if not keep or not every or not self.is_main:
+            return
+        old = epoch - keep * every
+        if old >= 1:
+            for path in (self._model_path(self._name("epoch", old)), self.output_dir / f"{self._name('epoch', old)}-state"):
+                if path.is_dir():
+                    import shutil
+
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+
+    # -------------------------------------------------------------------------------------------- logging
+    def open_logs(self) -> None:
+        if self.opts.logging_dir and self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run = Path(self.opts.logging_dir) / f"{self.opts.log_prefix}{time.strftime('%Y%m%d%H%M%S')}"
+            self.writer = SummaryWriter(str(run))
+            self.log_dir = run
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def announce(self) -> None:
+        p, o = self.plan, self.opts
+        if not self.is_main:
+            return
+        lines = [
+            f"images: {p.images} (x{o.dataset_repeats} repeats), in {len(self.data.buckets.counts())} bucket(s)",
+            f"batches per epoch (per process): {p.batches_per_epoch}; optimizer steps per epoch: {p.steps_per_epoch}",
+            f"steps: {p.total_steps} over {p.epochs} epoch(s); effective batch {p.effective_batch} "
+            f"({o.train_batch_size} x {o.gradient_accumulation_steps} accumulation x {self.world} process(es))",
+            f"prediction: {self.model.prediction_type}; clip skip {self.clip_skip}; max tokens {o.max_token_length}; "
+            f"seed {self.seed}",
+        ]
+        if self.data.skipped:
+            lines.append(f"not trained (no train_resolution in the metadata): {len(self.data.skipped)} image(s)")
+        if self.progress.global_step:
+            lines.append(f"resuming at step {self.progress.global_step}, epoch {self.progress.epoch + 1}, "
+                         f"batch {self.progress.batch_in_epoch}")
+        for line in lines:
+            logger.info(line)
+
+    # -------------------------------------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        self.announce()
+        self.open_logs()
+        opts, progress, plan = self.opts, self.progress, self.plan
+        bar = tqdm(total=plan.total_steps, initial=progress.global_step, desc="train", unit="step",
+                   disable=not self.is_main, dynamic_ncols=True)
+        first_loss: float | None = None
+        last_loss: float | None = None
+        started = time.perf_counter()
+        steps_this_run = 0
+        try:
+            while progress.global_step < plan.total_steps:
+                epoch = progress.epoch
+                batches = self.data.epoch_batches(epoch, self.seed, opts.train_batch_size, self.world, self.rank)
+                loader = epoch_loader(EpochBatches(self.data, batches, epoch, self.seed, opts.shuffle_caption,
+                                                   opts.keep_tokens, start=progress.batch_in_epoch),
+                                      opts.max_data_loader_n_workers)
+                epoch_losses: list[float] = []
+                group: list[dict[str, Any]] = []
+                accum = opts.gradient_accumulation_steps
+                remaining = len(batches) - progress.batch_in_epoch
+                for index, batch in enumerate(loader):
+                    group.append(batch)
+                    if len(group) < accum and index < remaining - 1:
+                        continue
+                    loss = self.optimizer_step(group)
+                    progress.global_step += 1
+                    progress.batch_in_epoch += len(group)
+                    group = []
+                    steps_this_run += 1
+                    first_loss = loss if first_loss is None else first_loss
+                    last_loss = loss
+                    epoch_losses.append(loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}", epoch=epoch + 1)
+                    self.log({"loss/step": loss, "lr/unet": self.lr_scheduler.get_last_lr()[0]}, progress.global_step)
+                    if opts.train_text_encoder:
+                        self.log({"lr/text_encoder": self.lr_scheduler.get_last_lr()[-1]}, progress.global_step)
+                    if opts.save_every_n_steps and progress.global_step % opts.save_every_n_steps == 0 \
+                            and progress.global_step < plan.total_steps:
+                        self.save(self._name("step", progress.global_step))
+                    self.after_step()
+                    if progress.global_step >= plan.total_steps:
+                        break
+                epoch_done = progress.batch_in_epoch >= len(batches)
+                if epoch_losses:
+                    self.log({"loss/epoch": float(np.mean(epoch_losses))}, epoch + 1)
+                if epoch_done:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                    if opts.save_every_n_epochs and progress.epoch % opts.save_every_n_epochs == 0 \
+                            and progress.global_step < plan.total_steps:
+                        self.save(self._name("epoch", progress.epoch))
+                        self.remove_old_epoch_saves(progress.epoch)
+                    self.after_epoch()
+        except KeyboardInterrupt:
+            bar.close()
+            if opts.save_state and self.is_main:
+                self.save_training_state(self.output_dir / "interrupted-state")
+                logger.info("interrupted: resume with --resume %s", self.output_dir / "interrupted-state")
+            raise
+        bar.close()
+        final = self.save(self._name("last"))
+        elapsed = time.perf_counter() - started
+        if self.writer is not None:
+            self.writer.close()
+        result = {
+            "model": final, "saved": list(self.saved), "global_step": progress.global_step,
+            "epoch": progress.epoch, "first_loss": first_loss, "last_loss": last_loss,
+            "steps_per_second": steps_this_run / elapsed if elapsed > 0 else 0.0,
+            "encoded_on_the_fly": self.encodes_on_the_fly,
+        }
+        if self.is_main:
+            logger.info("done: %d steps (%.2f steps/s); model saved to %s", progress.global_step,
+                        result["steps_per_second"], final)
+            if opts.save_state:
+                logger.info("training state: %s", self.output_dir / f"{self._name('last')}-state")
+            if self.writer is not None:
+                logger.info("TensorBoard logs: %s (tensorboard --logdir %s)", self.log_dir, opts.logging_dir)
+        return result
+
+    # hooks for samples (sdtune.generate) and other per-step work
+    def after_step(self) -> None:
+        pass
+
+    def after_epoch(self) -> None:
+        pass
+
+
+def train(opts: TrainOptions) -> dict[str, Any]:
+    return Trainer(opts).run()
+
+
+def train_command(opts: TrainOptions) -> int:
+    train(opts)
+    return 0
