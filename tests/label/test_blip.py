@@ -117,3 +117,22 @@ def test_decoding_settings() -> None:
     beams = _generate_kwargs(CaptionOptions(train_data_dir=Path("."), beam_search=True, num_beams=4))
     assert not beams["do_sample"] and beams["num_beams"] == 4
     assert beams["max_length"] == 75 and beams["min_length"] == 5
+
+
+def test_damaged_or_foreign_model_folder(images: Path, tmp_path: Path, tiny_blip_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_blip_dir, damaged)
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[:1000])
+    assert main(["caption", str(images), "--model", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert str(damaged) in err and "Traceback" not in err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "bert"}', encoding="utf-8")
+    assert main(["caption", str(images), "--model", str(foreign)]) == 2
+    assert "'bert' model, not BLIP" in capsys.readouterr().err
+    assert not captions(images)

@@ -176,6 +176,7 @@ def test_offline_without_model_says_how_to_get_it(images: Path, tmp_path: Path,
     assert str(tmp_path / "models" / REPO_FOLDER) in err
     assert "Traceback" not in err
     assert not list(images.glob("*.txt"))
+    assert not (tmp_path / "models").exists()  # no empty model folder left behind
 
 
 class FakeHub:

@@ -56,7 +56,7 @@ class CaptionOptions:
                                  aliases=("--caption_extention",))
     batch_size: int = opt(1, "images per model call")
     max_data_loader_n_workers: int | None = opt(
-        None, "threads decoding images while the model runs (0: decode in the main thread; default: up to 4)")
+        None, "threads decoding images while the model runs; 0 decodes in the main thread, unset means up to 4")
     beam_search: bool = opt(False, "beam search instead of nucleus sampling (deterministic)")
     num_beams: int = opt(1, "beams for --beam_search (1 is greedy decoding)")
     top_p: float = opt(0.9, "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p")
@@ -64,8 +64,8 @@ class CaptionOptions:
     min_length: int = opt(5, "shortest caption, in tokens")
     seed: int | None = opt(42, "seed for sampling; the same seed, images, batch size and device repeat the captions")
     recursive: bool = opt(False, "also caption images in sub-folders")
-    overwrite: bool = opt(False, "caption images that already have a caption file (default: skip them)")
-    device: str | None = opt(None, "torch device, e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+    overwrite: bool = opt(False, "caption images that already have a caption file, replacing it (without it they are skipped)")
+    device: str | None = opt(None, "torch device, e.g. cuda, cuda:1, cpu; unset means cuda if available, else cpu")
 
 
 def _validate(options: CaptionOptions) -> str:
@@ -123,35 +123,47 @@ def load_blip(name: str, device: Any) -> BlipModel:
     """Load a BLIP captioning model, tokenizer and image processor from a local folder or the hub.
 
     Raises ``LabelError`` with the fix when the folder does not exist, the hub cannot be reached (or is switched
-    off) and the model is not cached, or the files are not a BLIP captioning model.
+    off) and the model is not cached, or the files are not a readable BLIP captioning model.
     """
-    from transformers import AutoTokenizer, BlipForConditionalGeneration
+    from transformers import AutoConfig, AutoTokenizer, BlipForConditionalGeneration
 
     local = Path(name).expanduser()
+    layout = (f"as on https://huggingface.co/{DEFAULT_BLIP_MODEL} (config.json, model.safetensors, "
+              "preprocessor_config.json and the tokenizer files)")
     if local.is_dir():
-        source = str(local)
+        from_hub, source, where = False, str(local), f"folder {local}"
         if not (local / "config.json").is_file():
             raise LabelError(f"--model folder {local} has no config.json; it should hold a BLIP captioning model "
-                             f"as on https://huggingface.co/{DEFAULT_BLIP_MODEL} (config.json, model.safetensors, "
-                             "tokenizer files, preprocessor_config.json)")
+                             f"{layout}")
     elif _REPO_ID.match(name) and not local.exists():
-        source = name
+        from_hub, source, where = True, name, f"https://huggingface.co/{name}"
     else:
         raise LabelError(f"--model {name}: no such folder, and not a Hugging Face repo id (owner/name)")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        # transformers raises OSError for every "cannot find/fetch the files" case; say what to do instead.
+        if from_hub:
+            offline = " and the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if hub_offline() else ""
+            raise LabelError(
+                f"cannot load BLIP model {name}{offline}: {exc}\nDownload the model folder from {where} "
+                "(config.json, model.safetensors, preprocessor_config.json and the tokenizer files) and pass it "
+                "with --model FOLDER, or connect to the hub once to cache it"
+            ) from exc
+        raise LabelError(f"cannot read the config of the BLIP model in {where}: {exc}") from exc
+    except ValueError as exc:  # unknown or malformed model_type
+        raise LabelError(f"{where} is not a BLIP captioning model ({exc})") from exc
+    if config.model_type != "blip":
+        # Loading another architecture into BLIP would "work" with random weights and write nonsense captions.
+        raise LabelError(f"{where} holds a {config.model_type!r} model, not BLIP; pass a BLIP captioning model "
+                         f"{layout}")
     try:
         model = BlipForConditionalGeneration.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = _image_processor_class().from_pretrained(source)
-    except OSError as exc:
-        # transformers raises OSError for every "cannot find/fetch the files" case; say what to do instead.
-        if source is name and not local.is_dir():
-            offline = " and the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if hub_offline() else ""
-            raise LabelError(
-                f"cannot load BLIP model {name}{offline}: {exc}\nDownload the model folder from "
-                f"https://huggingface.co/{name} (config.json, model.safetensors, preprocessor_config.json and the "
-                "tokenizer files) and pass it with --model FOLDER, or connect to the hub once to cache it"
-            ) from exc
-        raise LabelError(f"cannot load a BLIP captioning model from {local}: {exc}") from exc
+    except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError...: all mean unusable files
+        hint = " (a damaged download? delete it from the Hugging Face cache to fetch it again)" if from_hub else ""
+        raise LabelError(f"cannot load the BLIP model in {where}{hint}: {type(exc).__name__}: {exc}") from exc
     return BlipModel(model=model.to(device).eval(), tokenizer=tokenizer, image_processor=image_processor,
                      device=device)
 

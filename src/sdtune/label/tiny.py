@@ -23,8 +23,12 @@ BLIP_WORDS = ("a the red green blue cat dog sitting on table picture of with and
 BLIP_VOCAB = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BLIP_WORDS, "[DEC]", "[ENC]")
 
 
-def build_tiny_blip(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
-    """Save a random tiny BLIP captioning model (same seed, same weights) into ``folder``; returns ``folder``."""
+def build_tiny_blip(folder: str | Path, image_size: int = 32, seed: int = 0, patch_size: int = 8) -> Path:
+    """Save a random tiny BLIP captioning model (same seed, same weights) into ``folder``; returns ``folder``.
+
+    ``image_size`` is the processor's and the vision model's input side; ``image_size / patch_size`` squared is
+    the number of image tokens the text decoder attends to (576 in BLIP-large).
+    """
     import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
@@ -50,7 +54,7 @@ def build_tiny_blip(folder: str | Path, image_size: int = 32, seed: int = 0) -> 
             "eos_token_id": BLIP_VOCAB.index("[SEP]"), "pad_token_id": BLIP_VOCAB.index("[PAD]"),
         },
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": image_size, "patch_size": 8},
+                       "image_size": image_size, "patch_size": patch_size},
         projection_dim=32,
     )
     with torch.random.fork_rng(devices=[]):

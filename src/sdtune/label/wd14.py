@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -73,10 +74,10 @@ class TagOptions:
     force_download: bool = opt(False, "download the model files again, replacing the ones in the model folder")
     batch_size: int = opt(1, "images per model call (a model exported with a fixed batch of 1 is run image by image)")
     max_data_loader_n_workers: int | None = opt(
-        None, "threads decoding images while the model runs (0: decode in the main thread; default: up to 4)")
+        None, "threads decoding images while the model runs; 0 decodes in the main thread, unset means up to 4")
     thresh: float = opt(0.35, "score a tag needs to be written")
-    general_threshold: float | None = opt(None, "threshold for general tags (default: --thresh)")
-    character_threshold: float | None = opt(None, "threshold for character tags (default: --thresh)")
+    general_threshold: float | None = opt(None, "threshold for general tags; unset means --thresh")
+    character_threshold: float | None = opt(None, "threshold for character tags; unset means --thresh")
     caption_extension: str = opt(".txt", "extension of the tag files written next to the images",
                                  aliases=("--caption_extention",))
     caption_separator: str = opt(", ", "separator between tags in the tag files")
@@ -88,8 +89,8 @@ class TagOptions:
     overwrite: bool = opt(False, "tag images that already have a tag file, replacing it")
     frequency_tags: bool = opt(False, "log how often each tag was written, at the end")
     recursive: bool = opt(False, "also tag images in sub-folders")
-    onnx_providers: str = opt("", "comma-separated onnxruntime execution providers (default: CUDA if available, "
-                              "then CPU)")
+    onnx_providers: str = opt("", "comma-separated onnxruntime execution providers; empty means CUDA if available, "
+                              "then CPU")
 
 
 @dataclass(frozen=True)
@@ -204,12 +205,17 @@ def ensure_model_files(model_dir: Path, repo_id: str, force_download: bool) -> P
     folder = model_folder(model_dir, repo_id)
     missing_before = [name for name in MODEL_FILES if not (folder / name).is_file()]
     wanted = list(MODEL_FILES) if force_download else missing_before
+    # The top-most folder this call creates: removed again when the download fails, so that a failed first run
+    # leaves no empty model folder (with the hub's lock files) behind to puzzle the user.
+    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
     for name in wanted:
         logger.info("downloading %s from https://huggingface.co/%s into %s", name, repo_id, folder)
         try:
             # local_dir: plain files in our folder (not the HF cache), so users can see and replace them.
             hf_hub_download(repo_id=repo_id, filename=name, local_dir=folder, force_download=force_download)
         except Exception as exc:  # the hub raises many types (offline, HTTP, DNS, missing repo); all mean the same
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)  # best effort: the error below is what matters
             missing = ", ".join(missing_before)
             how = (f"download {' and '.join(MODEL_FILES)} from https://huggingface.co/{repo_id}/tree/main into "
                    f"{folder}, or pass --model_dir FOLDER holding them")
