@@ -1,6 +1,7 @@
 """Throughput of ``sdtune caption`` and ``sdtune tag`` with the tiny models, run by hand:
 
     .venv/bin/python bench/bench_label.py [--images 64] [--size 512] [--batch_size 8] [--workers 0 4]
+                                          [--torch_threads 1]
 
 For each command and loader thread count it reports images/s over the labeling loop (model loading excluded) and
 how busy the model was (seconds inside generate / session.run over the loop's wall time). With the tiny models the
@@ -53,8 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tagger_size", type=int, default=448, help="tiny tagger input side (the real ones: 448)")
     parser.add_argument("--blip_size", type=int, default=384, help="tiny BLIP input side (the real one: 384)")
     parser.add_argument("--max_length", type=int, default=20, help="caption length in tokens")
+    parser.add_argument("--torch_threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); 1 keeps tiny-model figures steady "
+                        "on a busy machine, where every tiny op otherwise waits for a descheduled thread")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
 
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-label-") as tmp:
         root = Path(tmp)
