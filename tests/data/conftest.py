@@ -46,3 +46,15 @@ def tiny_vae(tiny_model_dir):
     from sdtune.models.io import load_vae
 
     return load_vae(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine (DataLoader workers, parallel test
+    runs) OpenMP's spinning threads make a 20 ms encode take over a second. Restored after each test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -207,7 +207,11 @@ def resize_and_crop(image: Image.Image, placement: Placement) -> np.ndarray:
 
 def to_pixels(crops: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1], what the VAE encoder takes."""
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    if not crops.flags.writeable:  # torch warns about read-only arrays (PIL's np.asarray gives them)
+        crops = crops.copy()
+    # contiguous NCHW: a permuted (channels-last) view makes the CPU convolutions take another path, whose results
+    # differ in the 4th digit, so the same image would not always give the same latents.
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().float().div(127.5).sub(1.0)
 
 
 @torch.inference_mode()

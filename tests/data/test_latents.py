@@ -1,0 +1,325 @@
+"""sdtune prepare: buckets in the metadata, latent files that hold the right pixels, cache validity, bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.cli import main
+from sdtune.data.latents import (
+    LATENT_FORMAT_VERSION, LatentFileError, PrepareOptions, latent_files, latent_path, load_latent_file,
+    prepare_latents, vae_fingerprint,
+)
+from sdtune.data.metadata import load_metadata, save_metadata
+from sdtune.errors import SdtuneError
+
+# Small buckets so that tests run in milliseconds: area 96x96, sides 32..160 in steps of 32 give
+# (32,160) (64,128) (96,96) (128,64) (160,32).
+BUCKET_ARGS = dict(max_resolution="96,96", min_bucket_reso=32, max_bucket_reso=160, bucket_reso_steps=32)
+CLI_BUCKET_ARGS = ["--max_resolution", "96,96", "--min_bucket_reso", "32", "--max_bucket_reso", "160",
+                   "--bucket_reso_steps", "32"]
+
+# image size -> (bucket, resized size, crop box), worked by hand:
+# 130x70 (aspect 1.86) -> 128x64 (2.0); scale max(128/130, 64/70) = 0.985 -> 128x69, crop rows 2..66
+# 50x40 (1.25) -> 96x96 (1.0); scale max(96/50, 96/40) = 2.4 -> 120x96, crop columns 12..108
+# 40x90 (0.44) -> 64x128 (0.5); scale max(64/40, 128/90) = 1.6 -> 64x144, crop rows 8..136
+EXPECTED = {
+    "wide": ((130, 70), (128, 64), (128, 69), (0, 2, 128, 66)),
+    "small": ((50, 40), (96, 96), (120, 96), (12, 0, 108, 96)),
+    "tall": ((40, 90), (64, 128), (64, 144), (0, 8, 64, 136)),
+}
+
+
+@pytest.fixture()
+def dataset(tmp_path, make_image) -> tuple[Path, Path]:
+    train = tmp_path / "train"
+    for i, (name, (size, *_)) in enumerate(EXPECTED.items()):
+        make_image(train / f"{name}.png", *size, seed=i)
+        (train / f"{name}.caption").write_text(f"a picture of {name}")
+    meta = tmp_path / "meta.json"
+    assert main(["merge-captions", str(train), str(meta)]) == 0
+    return train, meta
+
+
+def options(train: Path, meta: Path, model: Path | str = "unused", **kw) -> PrepareOptions:
+    values = dict(BUCKET_ARGS, max_data_loader_n_workers=0)
+    values.update(kw)
+    return PrepareOptions(train, meta, meta.with_name("meta_lat.json"), str(model), **values)
+
+
+def expected_crop(path: Path, resized, crop) -> np.ndarray:
+    """Resize and crop as the test reads the spec, independently of sdtune's bucket code."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize(resized, Image.Resampling.LANCZOS).crop(crop))
+
+
+def encode(vae, crop: np.ndarray) -> np.ndarray:
+    x = torch.tensor(crop.transpose(2, 0, 1).copy(), dtype=torch.float32)[None] / 127.5 - 1.0
+    with torch.no_grad():
+        return vae.encode(x).latent_dist.mean[0].numpy()
+
+
+def test_latents_hold_the_resized_and_cropped_image_and_its_mirror(dataset, tiny_vae):
+    train, meta = dataset
+    summary = prepare_latents(options(train, meta, flip_aug=True, batch_size=2), vae=tiny_vae)
+    assert (summary.encoded, summary.reused, summary.skipped) == (3, 0, [])
+    images = load_metadata(meta.with_name("meta_lat.json"))
+    for name, (size, bucket, resized, crop) in EXPECTED.items():
+        assert images[name] == {"caption": f"a picture of {name}", "train_resolution": list(bucket)}
+        cache = load_latent_file(train / f"{name}.npz")
+        assert cache.latents.dtype == np.float32 and cache.latents.shape == (4, bucket[1] // 8, bucket[0] // 8)
+        assert (cache.original_size, cache.train_resolution, cache.resized_size, cache.crop_ltrb) == \
+            (size, bucket, resized, crop)
+        assert cache.format_version == LATENT_FORMAT_VERSION and cache.vae_fingerprint == vae_fingerprint(tiny_vae)
+        pixels = expected_crop(train / f"{name}.png", resized, crop)
+        np.testing.assert_allclose(cache.latents, encode(tiny_vae, pixels), atol=2e-5, rtol=0)
+        np.testing.assert_allclose(cache.latents_flipped, encode(tiny_vae, pixels[:, ::-1]), atol=2e-5, rtol=0)
+        # the checks above can fail: a crop one pixel off, or an unflipped mirror, gives other latents
+        shifted = expected_crop(train / f"{name}.png", (resized[0] + 2, resized[1] + 2), crop)
+        assert np.abs(encode(tiny_vae, shifted) - cache.latents).max() > 1e-3
+        assert np.abs(cache.latents_flipped - cache.latents).max() > 1e-3
+    assert summary.bucket_counts == {(64, 128): 1, (96, 96): 1, (128, 64): 1}
+    assert summary.enlarged == 2  # small and tall were enlarged to cover their buckets
+
+
+def test_npz_keys_are_the_documented_ones(dataset, tiny_vae):
+    train, meta = dataset
+    prepare_latents(options(train, meta), vae=tiny_vae)
+    with np.load(train / "wide.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == sorted(["latents", "original_size", "resized_size", "crop_ltrb", "train_resolution",
+                                          "vae_fingerprint", "cache_key", "format_version"])  # no flip: no mirror
+    assert load_latent_file(train / "wide.npz").latents_flipped is None
+
+
+def test_workers_give_the_same_latents_as_the_main_process(dataset, tiny_vae):
+    train, meta = dataset
+    prepare_latents(options(train, meta, max_data_loader_n_workers=0), vae=tiny_vae)
+    first = {n: load_latent_file(train / f"{n}.npz").latents for n in EXPECTED}
+    summary = prepare_latents(options(train, meta, max_data_loader_n_workers=2, batch_size=3), vae=tiny_vae)
+    assert summary.encoded == 3
+    for name, latents in first.items():
+        np.testing.assert_allclose(load_latent_file(train / f"{name}.npz").latents, latents, atol=2e-5)
+
+
+def test_skip_existing_reencodes_only_what_changed(dataset, tiny_vae, make_image):
+    train, meta = dataset
+    opts = options(train, meta, skip_existing=True)
+    assert prepare_latents(opts, vae=tiny_vae).encoded == 3
+    stamps = {n: (train / f"{n}.npz").stat().st_mtime_ns for n in EXPECTED}
+
+    again = prepare_latents(opts, vae=tiny_vae)  # nothing changed: nothing encoded, no file rewritten
+    assert (again.encoded, again.reused) == (0, 3)
+    assert {n: (train / f"{n}.npz").stat().st_mtime_ns for n in EXPECTED} == stamps
+    assert load_metadata(opts.out_json)["wide"]["train_resolution"] == [128, 64]
+
+    make_image(train / "wide.png", 130, 70, seed=99)  # same size and bucket, other pixels
+    changed = prepare_latents(opts, vae=tiny_vae)
+    assert (changed.encoded, changed.reused) == (1, 2)
+
+    # another bucket for "small" only: the area 128x64 adds 64x64 and 96x64 buckets, and 50x40 (1.25) now goes
+    # to 64x64 (a tie with 96x64, broken by order); "wide" and "tall" keep their buckets, resizes and crops
+    moved = prepare_latents(replace(opts, max_resolution="128,64"), vae=tiny_vae)
+    assert (moved.encoded, moved.reused) == (1, 2)
+    assert load_latent_file(train / "small.npz").train_resolution == (64, 64)
+    back = prepare_latents(opts, vae=tiny_vae)  # back to the first buckets: that file was overwritten
+    assert (back.encoded, back.reused) == (1, 2)
+
+    assert prepare_latents(replace(opts, flip_aug=True), vae=tiny_vae).encoded == 3  # flip changes the contents
+    assert prepare_latents(replace(opts, flip_aug=True), vae=tiny_vae).encoded == 0
+
+    (train / "tall.npz").write_bytes(b"damaged")
+    assert prepare_latents(replace(opts, flip_aug=True), vae=tiny_vae).encoded == 1
+
+    from sdtune.models.tiny import build_tiny
+
+    other_vae = build_tiny("sd1", seed=1).vae
+    assert prepare_latents(replace(opts, flip_aug=True), vae=other_vae).encoded == 3
+    # without --skip_existing everything is encoded again
+    assert prepare_latents(replace(opts, flip_aug=True, skip_existing=False), vae=other_vae).encoded == 3
+
+
+def test_bucket_change_alone_triggers_reencoding(dataset, tiny_vae):
+    train, meta = dataset
+    opts = options(train, meta, skip_existing=True)
+    prepare_latents(opts, vae=tiny_vae)
+    # --bucket_no_upscale changes the placement of every enlarged image (small, tall) and keeps "wide"'s bucket
+    # but not its resize (130x70 fits the area, so it is no longer shrunk): all three are re-encoded
+    summary = prepare_latents(replace(opts, bucket_no_upscale=True), vae=tiny_vae)
+    assert summary.encoded == 3
+    assert load_latent_file(train / "small.npz").train_resolution == (32, 32)
+    assert prepare_latents(replace(opts, bucket_no_upscale=True), vae=tiny_vae).encoded == 0
+
+
+def test_no_upscale_never_enlarges(dataset, tiny_vae):
+    train, meta = dataset
+    summary = prepare_latents(options(train, meta, bucket_no_upscale=True), vae=tiny_vae)
+    assert summary.enlarged == 0
+    for name, (size, *_rest) in EXPECTED.items():
+        cache = load_latent_file(train / f"{name}.npz")
+        assert cache.resized_size == size
+        assert cache.train_resolution == (size[0] - size[0] % 32, size[1] - size[1] % 32)
+
+
+def test_an_interrupted_write_leaves_no_half_files(dataset, tiny_vae, monkeypatch):
+    train, meta = dataset
+    calls = []
+
+    def savez_then_interrupt(path, **arrays):
+        calls.append(path)
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sdtune.data.latents.np.savez", savez_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_latents(options(train, meta), vae=tiny_vae)
+    assert calls and not list(train.glob("*.npz")) and not list(train.glob(".*"))
+    assert not meta.with_name("meta_lat.json").exists()
+
+
+def test_failed_image_loses_a_stale_train_resolution(dataset, tiny_vae):
+    train, meta = dataset
+    images = load_metadata(meta)
+    images["wide"]["train_resolution"] = [96, 96]
+    images["elsewhere"] = {"caption": "an image of another folder", "train_resolution": [64, 64]}
+    save_metadata(meta, images)
+    (train / "wide.png").write_bytes(b"")
+    summary = prepare_latents(options(train, meta), vae=tiny_vae)
+    out = load_metadata(meta.with_name("meta_lat.json"))
+    assert "train_resolution" not in out["wide"] and out["wide"]["caption"] == "a picture of wide"
+    assert out["elsewhere"]["train_resolution"] == [64, 64]  # not in this folder: untouched
+    assert [p.name for p, _ in summary.skipped] == ["wide.png"]
+    assert latent_files(train, out) == {"small": train / "small.npz", "tall": train / "tall.npz"}
+
+
+def test_full_path_keys(dataset, tiny_vae):
+    train, meta = dataset
+    assert main(["merge-captions", str(train), str(meta.with_name("full.json")), "--full_path"]) == 0
+    opts = replace(options(train, meta.with_name("full.json"), full_path=True))
+    prepare_latents(opts, vae=tiny_vae)
+    out = load_metadata(opts.out_json)
+    key = str((train / "wide.png").absolute())
+    assert out[key]["train_resolution"] == [128, 64]
+    assert latent_files(train, out, full_path=True)[key] == train / "wide.npz"
+
+
+def test_bfloat16(dataset, tiny_model_dir):
+    from sdtune.models.io import load_vae
+
+    train, meta = dataset
+    vae = load_vae(tiny_model_dir)
+    prepare_latents(options(train, meta), vae=vae)
+    full = load_latent_file(train / "wide.npz").latents
+    summary = prepare_latents(options(train, meta, mixed_precision="bf16"), vae=vae)
+    assert summary.encoded == 3 and next(vae.parameters()).dtype == torch.bfloat16
+    half = load_latent_file(train / "wide.npz")
+    assert half.latents.dtype == np.float32
+    np.testing.assert_allclose(half.latents, full, atol=0.05 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_resolution", "abc"], "max_resolution"),
+    (["--bucket_reso_steps", "30"], "multiple of 8"),
+    (["--batch_size", "0"], "batch_size"),
+    (["--min_bucket_reso", "2048"], "min_bucket_reso"),
+])
+def test_bad_options_fail_before_any_work(dataset, tmp_path, args, message, capsys):
+    train, meta = dataset
+    code = main(["prepare", str(train), str(meta), str(tmp_path / "out.json"), str(tmp_path / "no-model"), *args])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not list(train.glob("*.npz"))
+
+
+def test_damaged_latent_file_is_a_clear_error(tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"nope")
+    with pytest.raises(LatentFileError, match="damaged"):
+        load_latent_file(tmp_path / "x.npz")
+    with pytest.raises(LatentFileError, match="does not exist"):
+        load_latent_file(tmp_path / "y.npz")
+    assert latent_path(tmp_path / "a.b.png") == tmp_path / "a.b.npz"
+
+
+def test_cli_end_to_end_with_every_kind_of_bad_input(tmp_path, make_image, tiny_model_dir, caplog, capsys):
+    """One folder holding every bad-input case, through the real CLI: merge, then prepare."""
+    train = tmp_path / "train"
+    good = ["good1.png", "good2.jpg", "good3.webp"]
+    for i, name in enumerate(good):
+        make_image(train / name, 80 + 8 * i, 64, seed=i)
+    make_image(train / "source.png", 64, 64)
+    data = (train / "source.png").read_bytes()
+    (train / "source.png").unlink()
+    (train / "truncated.png").write_bytes(data[: len(data) // 2])  # header fine, pixel data cut
+    (train / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+    (train / "zero.png").write_bytes(b"")
+    (train / "text.png").write_text("this is not an image")
+    Image.new("CMYK", (64, 48), (0, 200, 0, 0)).save(train / "cmyk.jpg")
+    Image.new("P", (48, 64), 3).save(train / "palette.png")
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(train / "gray16.png")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(train / "transparent.png")
+    rotated = Image.fromarray(np.zeros((48, 96, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(train / "rotated.jpg", exif=exif)  # stored 96x48, shown 48x96
+    make_image(train / "tiny.png", 20, 20)  # under the minimum bucket side (32) with --bucket_no_upscale
+    make_image(train / "bomb.png", 200, 150)  # 30,000 pixels, over --max_image_pixels 20000
+    for name in good:
+        (train / name).with_suffix(".caption").write_text(f"caption of {name}")
+    (train / "cmyk.caption").write_bytes(b"\xff\xfe\x00broken")  # not UTF-8
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"good1": {"caption": "x"')
+    meta = tmp_path / "meta.json"
+    assert main(["merge-captions", str(train), str(meta), "--in_json", str(bad_json)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad_json) in err and "not valid JSON" in err and "Traceback" not in err
+
+    caplog.set_level("INFO")
+    assert main(["merge-captions", str(train), str(meta)]) == 0
+    assert "1 caption file(s) could not be read" in caplog.text and str(train / "cmyk.caption") in caplog.text
+    caplog.clear()
+
+    out = tmp_path / "meta_lat.json"
+    code = main(["prepare", str(train), str(meta), str(out), str(tiny_model_dir), *CLI_BUCKET_ARGS,
+                 "--bucket_no_upscale", "--max_image_pixels", "20000", "--max_data_loader_n_workers", "2",
+                 "--batch_size", "2", "--flip_aug"])
+    assert code == 0
+    processed = {"good1", "good2", "good3", "cmyk", "palette", "gray16", "transparent", "rotated"}
+    skipped = {"truncated.png": "truncated", "corrupt.jpg": "", "zero.png": "empty", "text.png": "not an image",
+               "tiny.png": "too small", "bomb.png": "decompression bomb"}
+    images = load_metadata(out)
+    assert {k for k, v in images.items() if "train_resolution" in v} == processed
+    assert all((train / f"{k}.npz").is_file() for k in processed)
+    assert not any((train / name).with_suffix(".npz").exists() for name in skipped)
+    assert images["rotated"]["train_resolution"] == [32, 96]  # EXIF applied before bucketing
+    assert images["good1"]["caption"] == "caption of good1.png"
+    assert f"{len(processed) + len(skipped)} images found: {len(processed)} encoded, 0 reused from valid caches, " \
+           f"{len(skipped)} skipped" in caplog.text
+    for name, reason in skipped.items():
+        line = next(line for line in caplog.text.splitlines() if str(train / name) in line)
+        assert reason in line
+    assert "bucket" in caplog.text and "images" in caplog.text  # the bucket table
+
+    # the transparent image was composited onto white before encoding: its latent is the encoding of white
+    from sdtune.models.io import load_vae
+
+    vae = load_vae(tiny_model_dir)
+    white = np.full((64, 64, 3), 255, dtype=np.uint8)
+    np.testing.assert_allclose(load_latent_file(train / "transparent.npz").latents, encode(vae, white), atol=2e-5)
+
+
+def test_missing_in_json_is_a_clean_error(dataset, tmp_path, capsys):
+    train, _meta = dataset
+    code = main(["prepare", str(train), str(tmp_path / "none.json"), str(tmp_path / "o.json"), "model"])
+    assert code == 2 and "none.json" in capsys.readouterr().err
+
+
+def test_options_are_validated_in_the_library_too(dataset):
+    train, meta = dataset
+    with pytest.raises(SdtuneError, match="max_data_loader_n_workers"):
+        prepare_latents(options(train, meta, max_data_loader_n_workers=-1))
+    json.loads(meta.read_text())  # untouched
