@@ -72,16 +72,18 @@ def test_grayscale_and_bilevel(tmp_path):
     assert np.asarray(open_image(tmp_path / "b.bmp"))[0, 0].tolist() == [255, 255, 255]
 
 
-def test_exif_orientation_is_applied(tmp_path, make_image):
+@pytest.mark.parametrize("ext", ["jpg", "png", "webp"])
+def test_exif_orientation_is_applied(tmp_path, ext):
     arr = np.zeros((20, 40, 3), dtype=np.uint8)
     arr[:, :20] = (255, 0, 0)  # left half red
     im = Image.fromarray(arr)
     exif = im.getexif()
     exif[0x0112] = 6  # stored rotated: display rotated 90 degrees clockwise
-    im.save(tmp_path / "r.jpg", exif=exif, quality=95)
-    out = open_image(tmp_path / "r.jpg")
+    path = tmp_path / f"r.{ext}"
+    im.save(path, exif=exif, quality=95)
+    out = open_image(path)
     assert out.size == (20, 40)
-    assert image_size(tmp_path / "r.jpg") == (20, 40)  # from the header, without decoding
+    assert image_size(path) == (20, 40)  # from the header, without decoding
     top, bottom = np.asarray(out)[2, 10].astype(int), np.asarray(out)[37, 10].astype(int)
     assert top[0] > 200 and top[1] < 60  # the red half is now on top
     assert bottom[0] < 60

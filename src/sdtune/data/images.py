@@ -115,8 +115,17 @@ def _decode_reason(exc: BaseException) -> str:
     return f"corrupt image data ({type(exc).__name__}: {text})"
 
 
-def _exif_orientation(im: Image.Image) -> int:
+def _exif_orientation(im: Image.Image, header_only: bool = False) -> int:
     try:
+        if header_only and im.format == "PNG":
+            # PIL's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixel data; the PNG
+            # spec puts it before, where it is already in `info`.
+            data = im.info.get("exif")
+            if not data:
+                return 1
+            exif = Image.Exif()
+            exif.load(data)
+            return int(exif.get(_ORIENTATION_TAG, 1) or 1)
         return int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
     except _DECODE_ERRORS:
         # A broken EXIF block says nothing reliable about orientation; the pixels themselves are still usable.
@@ -132,7 +141,7 @@ def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     path = Path(path)
     with _open_checked(path, max_pixels) as im:
         width, height = im.size
-        if _exif_orientation(im) in (5, 6, 7, 8):
+        if _exif_orientation(im, header_only=True) in (5, 6, 7, 8):
             width, height = height, width
     return width, height
 
