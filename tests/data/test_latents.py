@@ -323,3 +323,24 @@ def test_options_are_validated_in_the_library_too(dataset):
     with pytest.raises(SdtuneError, match="max_data_loader_n_workers"):
         prepare_latents(options(train, meta, max_data_loader_n_workers=-1))
     json.loads(meta.read_text())  # untouched
+
+
+def test_the_training_side_reading_path(dataset, tiny_vae):
+    """What docs/metadata.md shows the training code doing, end to end."""
+    from sdtune.data.buckets import AspectBuckets
+
+    train, meta = dataset
+    for name in ("wide2", "wide3"):  # two more in the 128x64 bucket, so that a batch holds several images
+        (train / f"{name}.png").write_bytes((train / "wide.png").read_bytes())
+    prepare_latents(options(train, meta, flip_aug=True), vae=tiny_vae)
+    images = load_metadata(meta.with_name("meta_lat.json"))
+    files = latent_files(train, images)
+    assert set(files) == {"wide", "wide2", "wide3", "small", "tall"}
+    buckets = AspectBuckets.from_assignments({k: tuple(images[k]["train_resolution"]) for k in files})
+    seen = []
+    for batch in buckets.batches(epoch=0, seed=42, batch_size=4):
+        stacked = np.stack([load_latent_file(files[k]).latents for k in batch])
+        w, h = images[batch[0]]["train_resolution"]
+        assert stacked.shape == (len(batch), 4, h // 8, w // 8)
+        seen += batch
+    assert sorted(seen) == sorted(files)
