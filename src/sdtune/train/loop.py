@@ -449,8 +449,7 @@ class Trainer:
         opts, progress, plan = self.opts, self.progress, self.plan
         bar = tqdm(total=plan.total_steps, initial=progress.global_step, desc="train", unit="step",
                    disable=not self.is_main, dynamic_ncols=True)
-        first_loss: float | None = None
-        last_loss: float | None = None
+        losses: list[float] = []
         started = time.perf_counter()
         steps_this_run = 0
         try:
@@ -473,8 +472,7 @@ class Trainer:
                     progress.batch_in_epoch += len(group)
                     group = []
                     steps_this_run += 1
-                    first_loss = loss if first_loss is None else first_loss
-                    last_loss = loss
+                    losses.append(loss)
                     epoch_losses.append(loss)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}", epoch=epoch + 1)
@@ -511,7 +509,7 @@ class Trainer:
             self.writer.close()
         result = {
             "model": final, "saved": list(self.saved), "global_step": progress.global_step,
-            "epoch": progress.epoch, "first_loss": first_loss, "last_loss": last_loss,
+            "epoch": progress.epoch, "losses": losses,
             "steps_per_second": steps_this_run / elapsed if elapsed > 0 else 0.0,
             "encoded_on_the_fly": self.encodes_on_the_fly,
         }

@@ -1,0 +1,172 @@
+"""End-to-end training runs on tiny models: learning, saving, resuming, logging, failure."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdtune.cli import main
+from sdtune.models.io import load_model
+from sdtune.train import loop
+from sdtune.train.loop import TrainOptions, Trainer, TrainingDiverged, train
+
+
+def options(prepared, tmp_path: Path, family: str = "sd1", flip_aug: bool = False, **overrides) -> TrainOptions:
+    model, train_dir, meta = prepared(family, flip_aug)
+    base = dict(pretrained_model_name_or_path=str(model), in_json=str(meta), train_data_dir=str(train_dir),
+                output_dir=str(tmp_path / "out"), train_batch_size=2, learning_rate=1e-3, max_train_steps=6,
+                seed=3, max_data_loader_n_workers=0)
+    base.update(overrides)
+    return TrainOptions(**base)
+
+
+def mean(values):
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_overfitting_lowers_the_loss_and_the_model_loads_back(prepared, tmp_path, family):
+    result = train(options(prepared, tmp_path, family, max_train_steps=36, train_batch_size=3))
+    losses = result["losses"]
+    assert len(losses) == 36 and result["global_step"] == 36
+    assert mean(losses[-6:]) < 0.6 * mean(losses[:6]), losses
+    trained = load_model(result["model"])
+    assert trained.family.name == family
+    base = load_model(prepared(family)[0])
+    assert not torch.equal(trained.unet.conv_in.weight, base.unet.conv_in.weight)
+    assert torch.equal(trained.text_encoder.final_layer_norm.weight, base.text_encoder.final_layer_norm.weight)
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "diffusers", "diffusers_safetensors"])
+def test_every_save_format_loads_back_with_the_trained_weights(prepared, tmp_path, fmt):
+    trainer = Trainer(options(prepared, tmp_path, save_model_as=fmt, max_train_steps=2, save_precision="fp16"))
+    result = trainer.run()
+    path = result["model"]
+    assert path.name == ("last.ckpt" if fmt == "ckpt" else "last")
+    reloaded = load_model(path)
+    expected = trainer.model.unet.state_dict()
+    got = reloaded.unet.state_dict()
+    assert all(torch.equal(expected[k].half(), got[k].half()) for k in expected)
+
+
+def test_text_encoder_training_changes_it(prepared, tmp_path):
+    result = train(options(prepared, tmp_path, train_text_encoder=True, learning_rate_te=1e-3, max_train_steps=2))
+    base = load_model(prepared("sd1")[0])
+    trained = load_model(result["model"])
+    assert not torch.equal(trained.text_encoder.encoder.layers[0].mlp.fc1.weight,
+                           base.text_encoder.encoder.layers[0].mlp.fc1.weight)
+
+
+@pytest.mark.parametrize("accumulation,stop_at", [(1, 5), (2, 3)])
+def test_resume_is_bit_exact_mid_epoch(prepared, tmp_path, accumulation, stop_at):
+    """6 images in 2 buckets of 3, batch 2: 4 batches an epoch. The state saved after step 5 (or step 3 with
+    accumulation 2) falls in the middle of the second epoch; resuming from it must end with the weights of the
+    uninterrupted run."""
+    common = dict(flip_aug=True, shuffle_caption=True, train_text_encoder=True, lr_scheduler="cosine",
+                  lr_warmup_steps=2, gradient_accumulation_steps=accumulation, save_state=True)
+    total = 8 if accumulation == 1 else 4
+    straight = train(options(prepared, tmp_path / "a", max_train_steps=total, save_every_n_steps=stop_at, **common))
+    state = tmp_path / "a" / "out" / f"step-{stop_at:08d}-state"
+    resumed = train(options(prepared, tmp_path / "c", max_train_steps=total, resume=str(state), **common))
+    assert resumed["global_step"] == total and len(resumed["losses"]) == total - stop_at
+    assert resumed["losses"] == straight["losses"][stop_at:]
+    for name in ("unet", "text_encoder"):
+        a = load_file(str(tmp_path / "a" / "out" / "last-state" / f"{name}.safetensors"))
+        c = load_file(str(tmp_path / "c" / "out" / "last-state" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], c[k]) for k in a)
+    assert '"global_step": %d' % total in (tmp_path / "c" / "out" / "last-state" / "progress.json").read_text()
+
+
+def test_ctrl_c_saves_state_that_resumes_exactly(prepared, tmp_path, monkeypatch):
+    straight = train(options(prepared, tmp_path / "a", max_train_steps=5))
+    trainer = Trainer(options(prepared, tmp_path / "b", max_train_steps=5, save_state=True))
+
+    def interrupt():
+        if trainer.progress.global_step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    state = tmp_path / "b" / "out" / "interrupted-state"
+    assert (state / "progress.json").is_file()
+    resumed = train(options(prepared, tmp_path / "b", max_train_steps=5, resume=str(state)))
+    assert resumed["losses"] == straight["losses"][2:]
+
+
+def test_epoch_and_step_saves_with_rotation(prepared, tmp_path):
+    # 6 images in 2 buckets of 3, batch 2 -> 4 steps an epoch; 16 steps = 4 epochs
+    result = train(options(prepared, tmp_path, max_train_steps=16, save_every_n_epochs=1, save_last_n_epochs=2,
+                           save_every_n_steps=5, output_name="mine", save_state=True))
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.iterdir())
+    assert "mine.safetensors" in names and "mine-state" in names
+    assert "mine-000001.safetensors" not in names  # rotated away: only the last 2 epoch saves stay
+    assert "mine-000002.safetensors" in names and "mine-000003.safetensors" in names
+    assert "mine-step00000005.safetensors" in names and "mine-step00000015.safetensors" in names
+    assert "mine-000004.safetensors" not in names  # the final epoch is saved as mine.safetensors
+    assert result["epoch"] == 4
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path, monkeypatch):
+    real_target = loop.noise_lib.target
+    calls = {"n": 0}
+
+    def target(*args):
+        calls["n"] += 1
+        value = real_target(*args)
+        return value * float("nan") if calls["n"] > 3 else value
+
+    monkeypatch.setattr(loop.noise_lib, "target", target)
+    with pytest.raises(TrainingDiverged, match="step 4"):
+        train(options(prepared, tmp_path, max_train_steps=6, save_every_n_steps=2))
+    out = tmp_path / "out"
+    assert (out / "step-00000002.safetensors").is_file()
+    assert not (out / "last.safetensors").exists()
+    load_model(out / "step-00000002.safetensors")  # intact
+
+
+def test_missing_latent_is_encoded_on_the_fly(prepared, tmp_path):
+    model, train_dir, meta = prepared("sd1", False)
+    copy = tmp_path / "train"
+    copy.mkdir()
+    for path in train_dir.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    (copy / "img00.npz").unlink()
+    result = train(dataclasses.replace(options(prepared, tmp_path, max_train_steps=2), train_data_dir=str(copy)))
+    assert result["encoded_on_the_fly"] == 1
+
+
+def test_tensorboard_logs(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(options(prepared, tmp_path, max_train_steps=4, logging_dir=str(tmp_path / "logs"), log_prefix="run-"))
+    runs = list((tmp_path / "logs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("run-")
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/step", "loss/epoch", "lr/unet"} <= set(tags)
+    assert len(events.Scalars("loss/step")) == 4
+
+
+def test_cli_train_with_config_file(prepared, tmp_path, capsys):
+    model, train_dir, meta = prepared("sd1", False)
+    config = tmp_path / "train.toml"
+    config.write_text(
+        f'[model]\npretrained_model_name_or_path = "{model.as_posix()}"\n'
+        f'[data]\nin_json = "{meta.as_posix()}"\ntrain_data_dir = "{train_dir.as_posix()}"\n'
+        f'[train]\nmax_train_steps = 2\ntrain_batch_size = 2\nmax_data_loader_n_workers = 0\n', encoding="utf-8")
+    assert main(["train", "--config_file", str(config), "--output-dir", str(tmp_path / "out"), "--seed", "1"]) == 0
+    assert (tmp_path / "out" / "last.safetensors").is_file()
+
+
+def test_options_are_validated_before_loading_a_model(tmp_path, capsys):
+    assert main(["train", "--pretrained_model_name_or_path", "missing", "--in_json", str(tmp_path / "x.json"),
+                 "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path), "--full_fp16"]) == 2
+    assert "--full_fp16 needs --mixed_precision fp16" in capsys.readouterr().err
