@@ -1,0 +1,102 @@
+"""Sample images during training: the prompts of a prompt file, generated with the model being trained.
+
+The prompt file is the one ``sdtune generate --from_file`` reads (one prompt a line, ``#`` comments, inline
+``--n --w --h --d --l --s`` options); it is read again at every sampling, so it may be edited during a run. Prompt
+``i`` without its own ``--d`` uses seed ``seed + i``, the same at every sampling, so successive samples show how one
+image changes as training goes on.
+
+Files: ``<out_dir>/<output_name or "sample">_<step:06d>_<index:02d>.png`` with the usual PNG metadata plus ``step``
+and ``epoch`` in the ``sdtune`` JSON chunk; with a TensorBoard writer each image is also logged as ``sample/<index>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from sdtune.generate import generate_images, model_display_name, read_prompt_file, save_png
+
+if TYPE_CHECKING:
+    from sdtune.models.sd import StableDiffusion
+
+logger = logging.getLogger(__name__)
+
+
+def sample_path(out_dir: Path, output_name: Optional[str], step: int, index: int) -> Path:
+    return Path(out_dir) / f"{output_name or 'sample'}_{step:06d}_{index:02d}.png"
+
+
+@contextlib.contextmanager
+def inference_state(model: StableDiffusion, device: torch.device | str | None) -> Iterator[None]:
+    """Eval mode (and ``device``) for the U-Net, VAE and text encoder; afterwards each module gets back its own
+    train/eval mode and device. Training may keep the VAE on the CPU; it visits ``device`` only for the decode."""
+    modules = [model.unet, model.vae, model.text_encoder]
+    modes = [m.training for m in modules]
+    devices = [next(m.parameters()).device for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        if device is not None:
+            target = torch.device(device)
+            for m, current in zip(modules, devices):
+                if current != target and not (target.index is None and current.type == target.type):
+                    m.to(target)
+        yield
+    finally:
+        for m, mode, current in zip(modules, modes, devices):
+            m.train(mode)
+            if next(m.parameters()).device != current:
+                m.to(current)
+
+
+def sample_during_training(
+    model: StableDiffusion,
+    prompts_file: str | Path,
+    out_dir: str | Path,
+    step: int,
+    epoch: int,
+    sampler: str = "ddim",
+    *,
+    clip_skip: Optional[int] = None,
+    max_token_length: int = 75,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    writer: Any = None,
+    output_name: Optional[str] = None,
+    steps: int = 30,
+    scale: float = 7.5,
+    width: Optional[int] = None,
+    height: Optional[int] = None,
+    batch_size: int = 1,
+) -> list[Path]:
+    """Generate every prompt of ``prompts_file`` with ``model`` and save them under ``out_dir``; returns the files.
+
+    Runs without gradients, with the modules in eval mode, and restores each module's mode and device after (also
+    on error). ``steps``/``scale``/``width``/``height`` are the defaults for lines without ``--s``/``--l``/``--w``/
+    ``--h`` (size: the family's resolution). ``writer`` is a TensorBoard ``SummaryWriter`` (or None).
+    """
+    prompts = read_prompt_file(prompts_file)
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    with inference_state(model, device), torch.no_grad():
+        generated = generate_images(
+            model, prompts, sampler=sampler, steps=steps, scale=scale, width=width, height=height, seed=seed,
+            clip_skip=clip_skip, max_token_length=max_token_length, batch_size=batch_size,
+            model_name=output_name or model_display_name(out_dir.parent), progress=False,
+        )
+    paths = []
+    for index, item in enumerate(generated):
+        path = save_png(item.image, sample_path(out_dir, output_name, step, index), item.settings,
+                        extra={"step": step, "epoch": epoch})
+        paths.append(path)
+        if writer is not None:
+            writer.add_image(f"sample/{index}", np.array(item.image), step, dataformats="HWC")
+    logger.info("step %d: %d sample image(s) in %s (%.1f s)", step, len(paths), out_dir,
+                time.perf_counter() - started)
+    return paths
