@@ -55,3 +55,12 @@ def prepared(tmp_path_factory, saved_model) -> Callable[..., tuple[Path, Path, P
         return cache[key]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; tests that train with other precisions need a fresh one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)

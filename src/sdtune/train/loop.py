@@ -264,8 +264,13 @@ class Trainer:
             groups.append({"params": list(model.text_encoder.parameters()),
                            "lr": opts.learning_rate_te if opts.learning_rate_te is not None else opts.learning_rate})
         self.trainable = [p for g in groups for p in g["params"]]
-        self.optimizer = build_optimizer(optimizer_name(opts), groups, opts.learning_rate,
-                                         parse_optimizer_args(opts.optimizer_args))
+        extra = parse_optimizer_args(opts.optimizer_args)
+        if opts.full_fp16 and optimizer_name(opts) == "AdamW" and "eps" not in extra:
+            # AdamW's default eps (1e-8) is below fp16's smallest subnormal (6e-8): it rounds to 0, and a zero
+            # second moment then divides by zero. 1e-4 keeps the update finite.
+            extra["eps"] = 1e-4
+            logger.info("--full_fp16: AdamW eps raised to 1e-4 (1e-8 underflows in fp16)")
+        self.optimizer = build_optimizer(optimizer_name(opts), groups, opts.learning_rate, extra)
         self.plan = self._plan()
         self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
                                                self.plan.total_steps, opts.lr_scheduler_num_cycles,

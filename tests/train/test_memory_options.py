@@ -1,0 +1,141 @@
+"""Each memory/speed option is shown to be active, not merely accepted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+from sdtune.errors import SdtuneError
+from sdtune.models.attention import set_attention
+from sdtune.models.tiny import build_tiny
+from sdtune.train.loop import Trainer, train
+from sdtune.train.optim import LossScaler, build_lr_scheduler, build_optimizer
+from tests.train.test_train import options
+
+
+def saved_activation_bytes(trainer: Trainer) -> int:
+    batch = trainer.data.load_batch(trainer.data.epoch_batches(0, 0, 2, 1, 0)[0], 0, 0, False, 0)
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer.loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    return total
+
+
+def test_gradient_checkpointing_reduces_saved_activations(prepared, tmp_path):
+    plain = Trainer(options(prepared, tmp_path / "a"))
+    plain.setup()
+    checkpointed = Trainer(options(prepared, tmp_path / "b", gradient_checkpointing=True))
+    checkpointed.setup()
+    assert checkpointed.model.unet.is_gradient_checkpointing
+    assert saved_activation_bytes(checkpointed) < 0.7 * saved_activation_bytes(plain)
+
+
+def test_8bit_adam_keeps_uint8_state(prepared, tmp_path):
+    trainer = Trainer(options(prepared, tmp_path, use_8bit_adam=True, max_train_steps=1))
+    trainer.run()
+    state = trainer.optimizer.state[trainer.model.unet.conv_in.weight]
+    assert type(trainer.optimizer).__name__ == "AdamW8bit"
+    large = [p for p in trainer.trainable if p.numel() >= 4096]
+    assert all(trainer.optimizer.state[p]["state1"].dtype == torch.uint8 for p in large)
+    assert state  # every parameter has state after a step
+
+
+def test_full_fp16_keeps_fp16_weights_and_gradients(prepared, tmp_path):
+    trainer = Trainer(options(prepared, tmp_path, mixed_precision="fp16", full_fp16=True, max_train_steps=3,
+                              learning_rate=1e-4))
+    result = trainer.run()
+    assert all(p.dtype == torch.float16 for p in trainer.model.unet.parameters())
+    assert trainer.scaler is not None and trainer.scaler.scale > 0
+    assert all(torch.isfinite(torch.tensor(x)) for x in result["losses"])
+
+
+def test_full_bf16_keeps_bf16_weights(prepared, tmp_path):
+    trainer = Trainer(options(prepared, tmp_path, mixed_precision="bf16", full_bf16=True, max_train_steps=2))
+    trainer.run()
+    assert all(p.dtype == torch.bfloat16 for p in trainer.model.unet.parameters())
+
+
+def test_loss_scaler_skips_overflowing_steps_and_adapts():
+    scaler = LossScaler(scale=1024.0, growth_interval=2)
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    p.grad = torch.tensor([1024.0, 2048.0, float("inf")], dtype=torch.float16)
+    assert not scaler.unscale_and_check([p])
+    scaler.update(False)
+    assert scaler.scale == 512.0
+    p.grad = torch.tensor([512.0, 1024.0, 0.0], dtype=torch.float16)
+    assert scaler.unscale_and_check([p])
+    assert torch.equal(p.grad, torch.tensor([1.0, 2.0, 0.0], dtype=torch.float16))
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.scale == 1024.0
+
+
+def test_mem_eff_attention_is_sliced_and_gives_the_same_result():
+    model = build_tiny("sd1")
+    unet = model.unet.eval()
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([10])
+    states = torch.randn(1, 77, 32)
+    set_attention(unet, "sdpa")
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+    with torch.no_grad():
+        reference = unet(x, t, states).sample
+    set_attention(unet, "mem_eff")
+    assert all(isinstance(p, SlicedAttnProcessor) for p in unet.attn_processors.values())
+    with torch.no_grad():
+        sliced = unet(x, t, states).sample
+    assert torch.allclose(reference, sliced, atol=1e-4)
+
+
+def test_xformers_missing_gives_clear_error(prepared, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SdtuneError, match="pip install xformers"):
+        train(options(prepared, tmp_path, xformers=True))
+
+
+@pytest.mark.parametrize("name,kwargs", [("Lion", {}), ("Adafactor", {}), ("SGDNesterov", {}),
+                                         ("AdamW", {"weight_decay": 0.1, "betas": (0.8, 0.9)})])
+def test_optimizers_step(name, kwargs):
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    opt = build_optimizer(name, [{"params": [p], "lr": 0.1}], 0.1, kwargs)
+    p.grad = torch.ones(4, 4)
+    opt.step()
+    assert torch.all(p < 1)
+    if name == "AdamW":
+        assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def lrs(name: str, total: int = 10, warmup: int = 2) -> list[float]:
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_lr_scheduler(name, opt, warmup, total)
+    out = []
+    for _ in range(total):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_lr_schedules_by_hand():
+    assert lrs("constant") == [1.0] * 10
+    assert lrs("constant_with_warmup") == [0.0, 0.5] + [1.0] * 8
+    linear = lrs("linear")
+    assert linear[:3] == [0.0, 0.5, 1.0] and linear[3] == pytest.approx(7 / 8)
+    cosine = lrs("cosine")
+    assert cosine[2] == 1.0 and cosine[6] == pytest.approx(0.5)
+    assert lrs("polynomial")[3] == pytest.approx(7 / 8, rel=1e-3)
+    assert lrs("cosine_with_restarts")[2] == 1.0
