@@ -407,3 +407,15 @@ def test_latents_decode_to_the_crop_and_its_mirror(tmp_path, make_image, trained
 
         assert mse(decoded, crop) < 0.5 * mse(decoded, mirrored)
         assert mse(decoded_flipped, mirrored) < 0.5 * mse(decoded_flipped, crop)
+
+
+def test_recursive_and_empty_folders(tmp_path, make_image, tiny_vae):
+    train = tmp_path / "train"
+    make_image(train / "sub" / "deep.png", 64, 64)
+    meta = tmp_path / "meta.json"
+    meta.write_text("{}")
+    flat = prepare_latents(options(train, meta, device="cpu"), vae=tiny_vae)
+    assert (flat.found, flat.encoded) == (0, 0) and load_metadata(meta.with_name("meta_lat.json")) == {}
+    deep = prepare_latents(options(train, meta, recursive=True), vae=tiny_vae)
+    assert (deep.found, deep.encoded) == (1, 1) and (train / "sub" / "deep.npz").is_file()
+    assert load_metadata(meta.with_name("meta_lat.json")) == {"deep": {"train_resolution": [96, 96]}}
