@@ -419,3 +419,20 @@ def test_recursive_and_empty_folders(tmp_path, make_image, tiny_vae):
     deep = prepare_latents(options(train, meta, recursive=True), vae=tiny_vae)
     assert (deep.found, deep.encoded) == (1, 1) and (train / "sub" / "deep.npz").is_file()
     assert load_metadata(meta.with_name("meta_lat.json")) == {"deep": {"train_resolution": [96, 96]}}
+
+
+def test_nan_latents_are_not_cached(dataset, tiny_vae, monkeypatch):
+    train, meta = dataset
+    real = __import__("sdtune.data.latents", fromlist=["encode_pixels"]).encode_pixels
+
+    def poisoned(vae, pixels):
+        out = real(vae, pixels).clone()
+        if out.shape[-1] == 128 // 8:  # the 128x64 bucket: "wide"
+            out[0, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr("sdtune.data.latents.encode_pixels", poisoned)
+    summary = prepare_latents(options(train, meta, batch_size=3), vae=tiny_vae)
+    assert summary.encoded == 2 and len(summary.skipped) == 1 and "NaN" in summary.skipped[0][1]
+    assert sorted(p.name for p in train.glob("*.npz")) == ["small.npz", "tall.npz"]
+    assert "train_resolution" not in load_metadata(meta.with_name("meta_lat.json"))["wide"]

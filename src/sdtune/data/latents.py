@@ -392,7 +392,7 @@ def _load_vae(model: str) -> AutoencoderKL:
 
 def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -> PrepareSummary:
     """The ``prepare`` stage. ``vae`` replaces loading ``options.model_name_or_path`` (tests, benchmarks, or a
-    caller that has the model already); it is used in float32 unless ``--mixed_precision`` says otherwise."""
+    caller that has the model already); it is moved to ``--device`` and cast to ``--mixed_precision`` in place."""
     start = time.perf_counter()
     buckets = validate(options)
     device = _device(options.device)
@@ -459,6 +459,13 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
                 summary.encode_seconds += time.perf_counter() - t0
                 for i, item in enumerate(todo):
                     job = jobs[item.index]
+                    mine = latents[i :: len(todo)]  # the image's latents, and its mirror's with --flip_aug
+                    if not np.isfinite(mine).all():
+                        # fp16 VAEs overflow on some images; a NaN in the cache would poison training later.
+                        summary.skipped.append((job.path, f"{job.path}: the VAE produced NaN/inf latents in "
+                                                f"{options.mixed_precision} precision; try --mixed_precision no"))
+                        failed_keys.append(job.key)
+                        continue
                     write_latent_file(latent_path(job.path), LatentCache(
                         latents=latents[i],
                         latents_flipped=latents[len(todo) + i] if options.flip_aug else None,
