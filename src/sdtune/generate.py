@@ -514,7 +514,8 @@ class GenerateOptions:
     steps: int = opt(30, "sampling steps")
     scale: float = opt(7.5, "classifier-free guidance scale (1: no guidance, no negative prompt)")
     seed: Optional[int] = opt(None, "seed of the first image; image i uses seed + i (default: random, logged)")
-    sampler: str = opt("euler_a", "sampler", choices=SAMPLER_CHOICES)
+    sampler: str = opt("euler_a", f"sampler: {', '.join(SAMPLERS)} (sd-scripts' names such as k_euler_a and "
+                       "dpmsolver++ work too)", choices=SAMPLER_CHOICES, metavar="SAMPLER")
     images_per_prompt: int = opt(1, "images generated for each prompt")
     batch_size: int = opt(1, "images generated at once (more memory, faster on GPUs)")
     clip_skip: Optional[int] = opt(None, "use the hidden state N layers from the end of the text encoder, as in "
