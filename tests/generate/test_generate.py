@@ -232,3 +232,20 @@ def test_a_missing_model_is_named(tmp_path, capsys):
     missing = tmp_path / "nowhere.safetensors"
     assert main(["generate", "--ckpt", str(missing), "--prompt", "a cat", "--outdir", str(tmp_path / "o")]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_vae_option_replaces_the_vae(tmp_path, saved_model):
+    """--vae with another model's VAE changes the decoded image; with the model's own VAE it changes nothing."""
+    from sdtune.models.io import save_model
+
+    other = tmp_path / "other.safetensors"
+    save_model(build_tiny("sd1", seed=9), other, "safetensors")
+    base = ["generate", "--ckpt", str(saved_model("sd1", "ckpt")), "--prompt", "a cat", "--W", "32", "--H", "32",
+            "--steps", "1", "--seed", "3", "--sampler", "ddim"]
+    runs = {}
+    for name, extra in (("plain", []), ("own", ["--vae", str(saved_model("sd1", "diffusers"))]),
+                        ("other", ["--vae", str(other)])):
+        assert main([*base, *extra, "--outdir", str(tmp_path / name)]) == 0
+        runs[name] = pixels(next((tmp_path / name).iterdir()))
+    assert np.abs(runs["plain"] - runs["own"]).max() <= 2
+    assert np.abs(runs["plain"] - runs["other"]).mean() > 5
