@@ -10,3 +10,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["tests.fixtures.models"]
+
+
+def pytest_configure(config):
+    # Tiny models are dominated by per-operation overhead: one thread is several times faster than two on a
+    # 2-core machine, and keeps timings steady when something else runs beside the tests.
+    import torch
+
+    torch.set_num_threads(1)

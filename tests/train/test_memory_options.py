@@ -15,7 +15,8 @@ from tests.train.test_train import options
 
 
 def saved_activation_bytes(trainer: Trainer) -> int:
-    batch = trainer.data.load_batch(trainer.data.epoch_batches(0, 0, 2, 1, 0)[0], 0, 0, False, 0)
+    keys, _ = trainer.data.epoch_batches(0, 0, 2, 1, 0)[0]
+    batch = trainer.data.load_batch(keys, 0, 0, False, 0)
     total = 0
 
     def pack(t):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,8 +142,11 @@ class FineTuneData:
     def summary(self) -> dict[str, Any]:
         return {"images": len(self.examples), "repeats": self.repeats, "buckets": self.buckets.counts()}
 
-    def epoch_batches(self, epoch: int, seed: int, batch_size: int, world_size: int, rank: int) -> list[list[str]]:
-        return self.buckets.batches(epoch, seed, batch_size, world_size, rank)
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, world_size: int, rank: int
+                      ) -> list[tuple[list[str], float]]:
+        """This rank's batches of ``epoch``: see :func:`share_batches`."""
+        plan = self.buckets.epoch_plan(epoch, seed, batch_size, world_size=1)
+        return share_batches([list(b) for b in plan.batches], world_size, rank)
 
     def load_batch(self, bucket_keys: Sequence[str], epoch: int, seed: int, shuffle: bool, keep_tokens: int
                    ) -> dict[str, Any]:
@@ -164,10 +168,41 @@ class FineTuneData:
         return {"latents": torch.stack(latents), "captions": captions, "keys": keys}
 
 
+def share_batches(batches: list[list[str]], world_size: int, rank: int) -> list[tuple[list[str], float]]:
+    """Deal one epoch's batches to ranks by stride, every rank getting the same number, as (keys, loss weight).
+
+    Every rank must take the same number of steps (one that finished early would hang the others at the next
+    gradient all-reduce). When the count does not divide, the largest batches are split in two, so no image is
+    dropped and none is seen twice in the epoch. When every batch is a single image and the count still does not
+    divide, the ranks left without a batch in the last step run a copy of another with loss weight 0, and the
+    real batches of that step get weight ``world_size / real batches``: the averaged gradient is then exactly
+    the mean over the real batches.
+    """
+    batches = [list(b) for b in batches]
+    while len(batches) % world_size:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        if len(batches[largest]) < 2:
+            break
+        whole = batches[largest]
+        batches[largest: largest + 1] = [whole[: len(whole) // 2], whole[len(whole) // 2:]]
+    real = len(batches)
+    last_step_real = real % world_size or world_size
+    steps = math.ceil(real / world_size)
+    out: list[tuple[list[str], float]] = []
+    for step in range(steps):
+        index = step * world_size + rank
+        if index < real:
+            weight = world_size / last_step_real if step == steps - 1 else 1.0
+            out.append((batches[index], weight))
+        else:
+            out.append((batches[index % real], 0.0))
+    return out
+
+
 class EpochBatches(torch.utils.data.Dataset):
     """One epoch's batches for this rank, from position ``start``; each item is a whole batch."""
 
-    def __init__(self, data: FineTuneData, batches: list[list[str]], epoch: int, seed: int, shuffle: bool,
+    def __init__(self, data: FineTuneData, batches: list[tuple[list[str], float]], epoch: int, seed: int, shuffle: bool,
                  keep_tokens: int, start: int = 0) -> None:
         self.data, self.batches, self.epoch, self.seed = data, batches[start:], epoch, seed
         self.shuffle, self.keep_tokens = shuffle, keep_tokens
@@ -176,7 +211,10 @@ class EpochBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.data.load_batch(self.batches[index], self.epoch, self.seed, self.shuffle, self.keep_tokens)
+        keys, weight = self.batches[index]
+        batch = self.data.load_batch(keys, self.epoch, self.seed, self.shuffle, self.keep_tokens)
+        batch["weight"] = weight
+        return batch
 
 
 def _whole_batch(items: list[Any]) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -185,7 +186,9 @@ class Trainer:
 
         validate(opts)
         self.opts = opts
-        self.accelerator = Accelerator(mixed_precision=opts.mixed_precision)
+        # Under torchrun on a machine without a GPU, accelerate joins the processes (gloo) only when told cpu=True.
+        cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=opts.mixed_precision, cpu=cpu_ranks)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -328,7 +331,7 @@ class Trainer:
             with context:
                 loss = self.loss(batch, step_generator(self.seed, self.rank, step, i))
                 self._check_finite(loss)
-                scaled = loss / len(group)
+                scaled = loss * batch["weight"] / len(group)
                 if self.scaler is not None:
                     scaled = scaled * self.scaler.scale
                 scaled.backward()
