@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
+from sdtune.errors import SdtuneError
 from sdtune.models.io import load_model
 from sdtune.train import loop
 from sdtune.train.loop import TrainOptions, Trainer, TrainingDiverged, train
@@ -170,3 +171,26 @@ def test_options_are_validated_before_loading_a_model(tmp_path, capsys):
     assert main(["train", "--pretrained_model_name_or_path", "missing", "--in_json", str(tmp_path / "x.json"),
                  "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path), "--full_fp16"]) == 2
     assert "--full_fp16 needs --mixed_precision fp16" in capsys.readouterr().err
+
+
+def test_samples_appear_at_the_requested_steps(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 64 --h 64 --s 2\n# a comment\na blue square --w 64 --h 64 --s 2 --d 5\n",
+                       encoding="utf-8")
+    # 4 steps an epoch: samples at steps 3 and 6 (every 3 steps) and at the end of epoch 1 (step 4)
+    train(options(prepared, tmp_path, max_train_steps=6, sample_prompts=str(prompts), sample_every_n_steps=3,
+                  sample_every_n_epochs=1, logging_dir=str(tmp_path / "logs")))
+    names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
+    assert names == [f"sample_{step:06d}_{i:02d}.png" for step in (3, 4, 6) for i in (0, 1)]
+    events = EventAccumulator(str(next((tmp_path / "logs").iterdir())), size_guidance={"images": 0})
+    events.Reload()
+    assert {"sample/0", "sample/1"} <= set(events.Tags()["images"])
+
+
+def test_bad_sample_prompt_file_fails_before_training(prepared, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --x 3\n", encoding="utf-8")
+    with pytest.raises(SdtuneError, match="prompts.txt:1"):
+        train(options(prepared, tmp_path, sample_prompts=str(prompts), sample_every_n_steps=1))

@@ -114,6 +114,11 @@ class TrainOptions:
     save_state: bool = opt(False, "save the training state (optimizer, scheduler, progress) with each model save "
                            "and on Ctrl-C, for --resume")
     resume: Optional[str] = opt(None, "continue from a state folder written by --save_state")
+    sample_prompts: Optional[str] = opt(None, "prompt file (one prompt a line, inline --n --w --h --d --l --s) to "
+                                        "sample during training, into <output_dir>/sample/")
+    sample_every_n_steps: Optional[int] = opt(None, "sample every N steps")
+    sample_every_n_epochs: Optional[int] = opt(None, "sample every N epochs")
+    sample_sampler: str = opt("ddim", "sampler for training samples (as sdtune generate --sampler)")
     logging_dir: Optional[str] = opt(None, "write TensorBoard logs under this folder")
     log_prefix: str = opt("", "prefix of the TensorBoard run folder name")
 
@@ -149,6 +154,13 @@ def validate(opts: TrainOptions) -> None:
         raise SdtuneError("choose one attention: --sdpa, --xformers or --mem_eff_attn")
     if opts.resume and not (Path(opts.resume) / "progress.json").is_file():
         raise SdtuneError(f"--resume {opts.resume}: not a state folder written by --save_state (no progress.json)")
+    if opts.sample_prompts:
+        from sdtune.generate import get_sampler, read_prompt_file
+
+        read_prompt_file(opts.sample_prompts)  # a bad prompt file fails now, not after an hour of training
+        get_sampler(opts.sample_sampler)
+        if not (opts.sample_every_n_steps or opts.sample_every_n_epochs):
+            raise SdtuneError("--sample_prompts needs --sample_every_n_steps or --sample_every_n_epochs")
     if not Path(opts.in_json).is_file():
         raise SdtuneError(f"--in_json {opts.in_json}: no such file; run sdtune prepare to write it")
     if not Path(opts.train_data_dir).is_dir():
@@ -530,12 +542,30 @@ class Trainer:
                 logger.info("TensorBoard logs: %s (tensorboard --logdir %s)", self.log_dir, opts.logging_dir)
         return result
 
-    # hooks for samples (sdtune.generate) and other per-step work
+    # -------------------------------------------------------------------------------------------- samples
+    def sample(self) -> list[Path]:
+        """Sample the prompt file with the model as it is now (rank 0; the others wait)."""
+        paths: list[Path] = []
+        if self.is_main:
+            from sdtune.train.samples import sample_during_training
+
+            paths = sample_during_training(
+                self.model, self.opts.sample_prompts, self.output_dir / "sample", self.progress.global_step,
+                self.progress.epoch, self.opts.sample_sampler, clip_skip=self.clip_skip,
+                max_token_length=self.opts.max_token_length, device=self.device, seed=self.seed,
+                writer=self.writer, output_name=self.opts.output_name)
+        self.accelerator.wait_for_everyone()
+        return paths
+
     def after_step(self) -> None:
-        pass
+        n = self.opts.sample_every_n_steps
+        if self.opts.sample_prompts and n and self.progress.global_step % n == 0:
+            self.sample()
 
     def after_epoch(self) -> None:
-        pass
+        n = self.opts.sample_every_n_epochs
+        if self.opts.sample_prompts and n and self.progress.epoch % n == 0:
+            self.sample()
 
 
 def train(opts: TrainOptions) -> dict[str, Any]:
