@@ -75,3 +75,13 @@ def test_missing_positional_is_reported(capsys):
         main(["convert"])
     assert exit_info.value.code == 2
     assert "SRC" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
+def test_every_subcommand_help_lists_its_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"sdtune {command}" in out and "--config_file" in out
+    assert out.count("--") >= 4  # its own options, not just the common ones

@@ -61,3 +61,17 @@ def test_torchrun_module_cli(prepared, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es)" in run.stderr
     assert (tmp_path / "out" / "last.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_module_cli(prepared, tmp_path):
+    model, train_dir, meta = prepared("sd1", False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdtune", "train",
+           "--pretrained_model_name_or_path", str(model), "--in_json", str(meta), "--train_data_dir", str(train_dir),
+           "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--train_batch_size", "2",
+           "--max_data_loader_n_workers", "0", "--seed", "1"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "out" / "last.safetensors").is_file()
