@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
+from sdtune.generate import PromptSpec, generate_images
 from sdtune.models.io import load_model
 from sdtune.train import loop
 from sdtune.train.loop import TrainOptions, Trainer, TrainingDiverged, train
@@ -53,6 +54,14 @@ def test_every_save_format_loads_back_with_the_trained_weights(prepared, tmp_pat
     expected = trainer.model.unet.state_dict()
     got = reloaded.unet.state_dict()
     assert all(torch.equal(expected[k].half(), got[k].half()) for k in expected)
+    images = generate_images(reloaded, [PromptSpec("a red square")], steps=2, width=64, height=64, seed=1,
+                             progress=False)
+    assert images[0].image.size == (64, 64)
+    if fmt.startswith("diffusers"):  # diffusers itself loads the folder
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        assert torch.equal(pipe.unet.conv_in.weight, got["conv_in.weight"])
 
 
 def test_text_encoder_training_changes_it(prepared, tmp_path):
