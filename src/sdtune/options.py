@@ -100,7 +100,8 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
     for f in dataclasses.fields(cls):
         meta = f.metadata
         tp, _optional = _unwrap_optional(hints[f.name])
-        kwargs: dict[str, Any] = {"help": meta.get("help") or " "}
+        # argparse expands %-formats in help; a literal "75 %" must not be read as one
+        kwargs: dict[str, Any] = {"help": (meta.get("help") or " ").replace("%", "%%")}
         if meta.get("choices"):
             kwargs["choices"] = list(meta["choices"])
         if meta.get("metavar"):
