@@ -22,10 +22,15 @@ same seed gives the same image whatever the batch size or device (up to floating
 claimed with an exclusive create before the image is written (atomically) over it, so no file is ever overwritten,
 even by two runs writing into one folder. Every PNG carries a ``parameters`` text chunk in AUTOMATIC1111's format
 (readable by its "PNG Info" tab and by image sites) and an ``sdtune`` chunk with the full settings as JSON.
+
+**Hypernetworks.** ``--hypernetwork FILE`` (an AUTOMATIC1111/NovelAI ``.pt``, see
+:mod:`sdtune.models.hypernetwork`) changes every attention's keys and values, scaled by
+``--hypernetwork_multiplier``; at 0 the images are the base model's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -51,6 +56,7 @@ if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
     from sdtune.models.families import Family
+    from sdtune.models.hypernetwork import Hypernetwork
     from sdtune.models.sd import StableDiffusion
 
 logger = logging.getLogger(__name__)
@@ -221,6 +227,8 @@ class ImageSettings:
     model: str = ""
     family: str = ""
     prediction_type: str = ""
+    hypernetwork: str = ""  # its name; "" for none
+    hypernetwork_multiplier: float = 1.0
 
     def batch_key(self) -> tuple[int, int, int, float]:
         """Images with equal keys can share a batch (one scheduler run, one latent size)."""
@@ -237,6 +245,9 @@ class ImageSettings:
         }
         if self.model:
             fields["Model"] = self.model
+        if self.hypernetwork:  # the names A1111 wrote before it moved hypernetworks into the prompt
+            fields["Hypernet"] = self.hypernetwork
+            fields["Hypernet strength"] = self.hypernetwork_multiplier
         fields["Clip skip"] = self.clip_skip
         lines.append(", ".join(f"{key}: {_a1111_quote(value)}" for key, value in fields.items()))
         return "\n".join(lines)
@@ -271,6 +282,8 @@ def plan_images(
     model_name: str = "",
     family: str = "",
     prediction_type: str = "",
+    hypernetwork: str = "",
+    hypernetwork_multiplier: float = 1.0,
 ) -> list[ImageSettings]:
     """The settings of every image of a run, in order (see the module docstring for the seed rule)."""
     sampler = get_sampler(sampler).name
@@ -296,7 +309,8 @@ def plan_images(
                 width=spec.width or width, height=spec.height or height, seed=image_seed % (MAX_SEED + 1),
                 steps=spec.steps or steps, scale=spec.scale if spec.scale is not None else scale,
                 sampler=sampler, clip_skip=clip_skip, max_token_length=max_token_length, model=model_name,
-                family=family, prediction_type=prediction_type,
+                family=family, prediction_type=prediction_type, hypernetwork=hypernetwork,
+                hypernetwork_multiplier=hypernetwork_multiplier,
             ))
     return out
 
@@ -406,6 +420,8 @@ def generate_images(
     batch_size: int = 1,
     model_name: str = "",
     progress: bool = True,
+    hypernetwork: Hypernetwork | None = None,
+    hypernetwork_multiplier: float = 1.0,
 ) -> list[GeneratedImage]:
     """Text-to-image with ``model``: one :class:`GeneratedImage` (PIL image + settings) per image, in order.
 
@@ -413,6 +429,8 @@ def generate_images(
     one (logged). ``device`` moves the model there first; None uses the modules where they are. Prompt lines'
     inline options override the run's settings. Set the modules' train/eval mode yourself (loaded models are in
     eval mode; :func:`sdtune.train.samples.sample_during_training` handles a model that is being trained).
+    ``hypernetwork`` is applied to the U-Net at ``hypernetwork_multiplier`` for the call (it should be on the
+    U-Net's device).
     """
     if device is not None:
         move_model(model, device)
@@ -426,8 +444,18 @@ def generate_images(
         clip_skip=clip_skip if clip_skip is not None else model.family.default_clip_skip,
         max_token_length=max_token_length, model_name=model_name, family=model.family.name,
         prediction_type=model.family.prediction_type,
+        hypernetwork=hypernetwork.name if hypernetwork is not None else "",
+        hypernetwork_multiplier=hypernetwork_multiplier,
     )
-    return list(iter_images(model, settings, batch_size=batch_size, progress=progress))
+    with _hypernetwork_applied(model, hypernetwork, hypernetwork_multiplier):
+        return list(iter_images(model, settings, batch_size=batch_size, progress=progress))
+
+
+def _hypernetwork_applied(model: StableDiffusion, hypernetwork: Hypernetwork | None,
+                          multiplier: float) -> contextlib.AbstractContextManager[Any]:
+    if hypernetwork is None:
+        return contextlib.nullcontext()
+    return hypernetwork.applied(model.unet, multiplier)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -526,6 +554,9 @@ class GenerateOptions:
     device: str = opt("auto", "device (auto: cuda when available, else cpu)")
     dtype: str = opt("float", "precision of the U-Net and text encoder (the VAE always runs in float32)",
                      choices=("float", "fp16", "bf16"))
+    hypernetwork: Optional[Path] = opt(None, "apply this hypernetwork .pt (sdtune train --hypernetwork_module, "
+                                       "AUTOMATIC1111 or NovelAI format)")
+    hypernetwork_multiplier: float = opt(1.0, "strength of --hypernetwork (0: the base model's images)")
 
 
 def _device(name: str) -> torch.device:
@@ -565,6 +596,12 @@ def generate(opts: GenerateOptions) -> list[Path]:
                 clip_skip=opts.clip_skip if opts.clip_skip is not None else 1, max_token_length=opts.max_token_length)
     if opts.batch_size < 1:
         raise SdtuneError(f"--batch_size must be at least 1, not {opts.batch_size}")
+    hypernetwork = None
+    if opts.hypernetwork is not None:
+        from sdtune.models.hypernetwork import Hypernetwork, describe
+
+        hypernetwork = Hypernetwork.load(opts.hypernetwork)  # small: a bad file fails before the model loads
+        logger.info("%s: %s", opts.hypernetwork, describe(hypernetwork))
     dtype = DTYPES[opts.dtype]
     if dtype != torch.float32 and device.type == "cpu":
         logger.warning("--dtype %s on the CPU is slow or unsupported for some layers; --dtype float is the usual "
@@ -577,6 +614,9 @@ def generate(opts: GenerateOptions) -> list[Path]:
     model.vae.to(torch.float32)  # SD's VAE overflows in fp16 (black or NaN images); float32 costs little memory
     logger.info("loaded %s: %s", opts.pretrained_model_name_or_path, model_summary(model))
     move_model(model, device)
+    if hypernetwork is not None:
+        hypernetwork.check_model(model.unet, opts.hypernetwork)  # type: ignore[arg-type]
+        hypernetwork.to(device).eval()  # float32, as in A1111: the hooks cast the context to it and back
     family = model.family
     width, height = opts.W or family.resolution, opts.H or family.resolution
     clip_skip = opts.clip_skip if opts.clip_skip is not None else family.default_clip_skip
@@ -584,12 +624,15 @@ def generate(opts: GenerateOptions) -> list[Path]:
                        seed=seed, negative_prompt=opts.negative_prompt, images_per_prompt=opts.images_per_prompt,
                        clip_skip=clip_skip, max_token_length=opts.max_token_length,
                        model_name=model_display_name(opts.pretrained_model_name_or_path), family=family.name,
-                       prediction_type=family.prediction_type)
+                       prediction_type=family.prediction_type,
+                       hypernetwork=hypernetwork.name if hypernetwork is not None else "",
+                       hypernetwork_multiplier=opts.hypernetwork_multiplier)
     logger.info("%d image(s) of %d prompt(s); sampler %s, %d steps, CFG scale %g, seeds from %d; %s, clip skip %d, "
                 "max tokens %d", len(plan), len(prompts), plan[0].sampler, opts.steps, opts.scale, seed,
                 family.prediction_type, clip_skip, opts.max_token_length)
     writer = NumberedWriter(opts.outdir)
-    paths = [writer.save(g) for g in iter_images(model, plan, batch_size=opts.batch_size)]
+    with _hypernetwork_applied(model, hypernetwork, opts.hypernetwork_multiplier):
+        paths = [writer.save(g) for g in iter_images(model, plan, batch_size=opts.batch_size)]
     logger.info("wrote %d image(s) to %s (%s ... %s)", len(paths), opts.outdir, paths[0].name, paths[-1].name)
     return paths
 

@@ -1,4 +1,9 @@
-"""``sdtune train``: fine-tune the U-Net (and optionally the text encoder) from the metadata JSON and cached latents.
+"""``sdtune train``: fine-tune the U-Net (and optionally the text encoder), or train a hypernetwork, from the
+metadata JSON and cached latents.
+
+What a run trains is a :class:`TrainTarget`: the full model (:class:`FineTuneTarget`) or a hypernetwork with the
+model frozen (:class:`HypernetworkTarget`). It names the trained modules (saved in state folders, restored by
+``--resume``), the optimizer's parameter groups and how a checkpoint is written; the loop is the same for both.
 
 The step body: batch -> text conditioning -> noise and timesteps -> prediction -> loss -> backward -> step. All
 randomness is derived from ``(seed, rank, step)`` or ``(seed, epoch, item)``, so ``--resume`` continues
@@ -16,16 +21,19 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from sdtune import __version__
 from sdtune.data.dataset import EpochBatches, FineTuneData, epoch_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.attention import set_attention
+from sdtune.models.hypernetwork import ACTIVATION_CHOICES, HYPERNETWORK_MODULES, NOT_IN_COMFYUI, HypernetworkConfig
 from sdtune.models.io import SAVE_FORMATS, load_model, model_summary, save_model
 from sdtune.models.text import check_max_token_length, encode, tokenize
 from sdtune.options import opt
@@ -39,6 +47,12 @@ from sdtune.train.optim import (
     parse_optimizer_args,
 )
 from sdtune.train.state import Progress, load_module_weights, load_optimizer_and_scheduler, read_progress, save_state
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from sdtune.models.hypernetwork import Hypernetwork
+    from sdtune.models.sd import StableDiffusion
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +135,23 @@ class TrainOptions:
     sample_sampler: str = opt("ddim", "sampler for training samples (as sdtune generate --sampler)")
     logging_dir: Optional[str] = opt(None, "write TensorBoard logs under this folder")
     log_prefix: str = opt("", "prefix of the TensorBoard run folder name")
+    # hypernetwork
+    hypernetwork_module: Optional[str] = opt(
+        None, "train a hypernetwork instead of the model (U-Net and text encoder frozen), saved as <name>.pt in "
+        "AUTOMATIC1111's format: 'default' = NovelAI's layout (sd-scripts' hypernetwork_nai is the same)",
+        choices=HYPERNETWORK_MODULES)
+    hypernetwork_weights: Optional[str] = opt(None, "start from this hypernetwork .pt (sdtune, AUTOMATIC1111 or "
+                                              "NovelAI); its layout replaces the --hypernetwork_* layout options")
+    hypernetwork_layer_structure: str = opt("1,2,1", "widths of each hypernetwork MLP as multiples of the attention "
+                                            "width, from 1 to 1 (1,2,1: d -> 2d -> d)")
+    hypernetwork_activation: str = opt(
+        "linear", "activation between the hypernetwork's layers (linear = none; swish is Hardswish, as in "
+        f"AUTOMATIC1111); ComfyUI's loader refuses {' and '.join(NOT_IN_COMFYUI)}", choices=ACTIVATION_CHOICES)
+    hypernetwork_layer_norm: bool = opt(False, "layer norm after each hypernetwork layer (ComfyUI's loader "
+                                        "applies it as A1111 does only with --hypernetwork_activation linear)")
+    hypernetwork_dropout: Optional[str] = opt(
+        None, "hypernetwork dropout: one probability for every hidden layer (e.g. 0.3), or AUTOMATIC1111's dropout "
+        "structure, one value per layer-structure entry, first and last 0 (e.g. 0,0.05,0.15,0)")
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -165,6 +196,29 @@ def validate(opts: TrainOptions) -> None:
         raise SdtuneError(f"--in_json {opts.in_json}: no such file; run sdtune prepare to write it")
     if not Path(opts.train_data_dir).is_dir():
         raise SdtuneError(f"--train_data_dir {opts.train_data_dir}: no such folder")
+    validate_hypernetwork_options(opts)
+
+
+def validate_hypernetwork_options(opts: TrainOptions) -> None:
+    if opts.hypernetwork_module is None:
+        if opts.hypernetwork_weights:
+            raise SdtuneError("--hypernetwork_weights needs --hypernetwork_module default: without it the model is "
+                              "fine-tuned and no hypernetwork is trained")
+        return
+    if opts.train_text_encoder:
+        raise SdtuneError("--train_text_encoder with --hypernetwork_module: a hypernetwork run trains only the "
+                          "hypernetwork (the U-Net and text encoder stay frozen); drop one of the two")
+    if opts.hypernetwork_weights and not Path(opts.hypernetwork_weights).is_file():
+        raise SdtuneError(f"--hypernetwork_weights {opts.hypernetwork_weights}: no such file")
+    hypernetwork_config(opts)  # a bad layout fails now, before the model loads
+    if opts.save_model_as or opts.use_safetensors:
+        logger.warning("--save_model_as / --use_safetensors are ignored: a hypernetwork is saved as .pt, the format "
+                       "AUTOMATIC1111 and ComfyUI load")
+
+
+def hypernetwork_config(opts: TrainOptions) -> HypernetworkConfig:
+    return HypernetworkConfig.from_options(opts.hypernetwork_layer_structure, opts.hypernetwork_activation,
+                                           opts.hypernetwork_layer_norm, opts.hypernetwork_dropout)
 
 
 def attention_kind(opts: TrainOptions) -> str:
@@ -183,10 +237,212 @@ def save_format(opts: TrainOptions) -> str:
     return "safetensors"
 
 
+def derived_seed(*parts: int) -> int:
+    state = np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
     """The generator for one micro-batch: derived from (seed, rank, step, micro), never global."""
-    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(derived_seed(seed, rank, step, micro))
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global RNG seeded with ``seed`` inside the block and restored after.
+
+    Dropout layers (a hypernetwork's) draw from the global RNG; seeding it per micro-batch from (seed, rank, step,
+    micro) makes their masks, like everything else, the same after --resume. Gradient checkpointing replays the
+    state it saw in the forward pass, so recomputed masks match too.
+    """
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ what is trained
+def half_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen modules are kept in: half precision when autocast computes in it anyway."""
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+class TrainTarget:
+    """What a run trains, and how its checkpoints are written.
+
+    ``modules``: the trained modules by name; their weights go into --save_state folders and come back with
+    --resume. ``param_groups``: the optimizer's groups, named in ``group_names`` (the ``lr/<name>`` logs).
+    """
+
+    modules: dict[str, nn.Module]
+    param_groups: list[dict[str, Any]]
+    group_names: list[str]
+    description: str
+
+    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
+        """The U-Net and text encoder the loop runs (DDP-wrapped where they are trained)."""
+        raise NotImplementedError
+
+    def load_state(self, folder: Path) -> None:
+        for name, module in self.modules.items():
+            load_module_weights(folder, name, module)
+
+    def reduce_gradients(self, accelerator: Accelerator) -> None:
+        """Average the gradients over processes where DDP does not (called after the last backward of a step)."""
+
+    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
+        raise NotImplementedError
+
+    def save_checkpoint(self, path: Path, progress: Progress) -> None:
+        raise NotImplementedError
+
+    def sample_options(self) -> dict[str, Any]:
+        """Extra arguments of :func:`sdtune.train.samples.sample_during_training`."""
+        return {}
+
+
+class FineTuneTarget(TrainTarget):
+    """Full fine-tuning: the U-Net, and with --train_text_encoder the text encoder; checkpoints are whole models."""
+
+    def __init__(self, opts: TrainOptions, model: StableDiffusion, device: torch.device,
+                 weight_dtype: torch.dtype) -> None:
+        self.opts, self.model = opts, model
+        model.unet.to(device, weight_dtype).train()
+        model.unet.requires_grad_(True)
+        model.text_encoder.requires_grad_(opts.train_text_encoder)
+        te_dtype = weight_dtype if opts.train_text_encoder else half_dtype(opts.mixed_precision)
+        model.text_encoder.to(device, te_dtype)
+        model.text_encoder.train(opts.train_text_encoder)
+        self.modules = {"unet": model.unet}
+        self.param_groups = [{"params": list(model.unet.parameters()), "lr": opts.learning_rate}]
+        self.group_names = ["unet"]
+        self.description = "training: the U-Net"
+        if opts.train_text_encoder:
+            self.modules["text_encoder"] = model.text_encoder
+            self.param_groups.append({
+                "params": list(model.text_encoder.parameters()),
+                "lr": opts.learning_rate_te if opts.learning_rate_te is not None else opts.learning_rate})
+            self.group_names.append("text_encoder")
+            self.description = "training: the U-Net and the text encoder"
+
+    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
+        # DDP wrapping (a no-op for one process). The optimizer is not prepared: accumulation and loss scaling
+        # are done by the loop, explicitly.
+        self.accelerator = accelerator
+        if self.opts.train_text_encoder:
+            return accelerator.prepare(self.model.unet, self.model.text_encoder)
+        return accelerator.prepare(self.model.unet), self.model.text_encoder
+
+    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
+        suffix = {"ckpt": ".ckpt", "safetensors": ".safetensors"}.get(save_format(self.opts), "")
+        return output_dir / f"{name}{suffix}"
+
+    def save_checkpoint(self, path: Path, progress: Progress) -> None:
+        save_model(self.model, path, save_format(self.opts), self.opts.save_precision or "float",
+                   epoch=progress.epoch, global_step=progress.global_step)
+
+
+class HypernetworkTarget(TrainTarget):
+    """A hypernetwork (--hypernetwork_module); the U-Net and text encoder are frozen (no gradients) and kept in half
+    precision under mixed precision. Checkpoints are AUTOMATIC1111 ``.pt`` files holding only the hypernetwork.
+
+    The hypernetwork is attached to the U-Net for the whole run (training steps and samples), by hooks that leave
+    the U-Net's weights alone. Its weights stay in the trained precision (float32 unless --full_fp16/--full_bf16).
+    """
+
+    def __init__(self, opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
+                 seed: int) -> None:
+        from sdtune.models.hypernetwork import Hypernetwork, attention_sizes, describe
+
+        self.opts, self.model = opts, model
+        frozen = weight_dtype if weight_dtype != torch.float32 else half_dtype(opts.mixed_precision)
+        for module in (model.unet, model.text_encoder):
+            module.requires_grad_(False)
+            module.to(device, frozen).eval()
+        source: str | Path = "--hypernetwork_module"
+        if opts.hypernetwork_weights:
+            source = Path(opts.hypernetwork_weights)
+            hypernetwork = Hypernetwork.load(source)
+            self._warn_ignored_layout(hypernetwork.config)
+        else:
+            hypernetwork = Hypernetwork(attention_sizes(model.unet), hypernetwork_config(opts))
+            hypernetwork.reset_parameters(derived_seed(seed, 0x4879))  # its own seed: not the data's draws
+        hypernetwork.check_model(model.unet, source)
+        hypernetwork.to(device, weight_dtype).train()
+        hypernetwork.requires_grad_(True)
+        self.hypernetwork: Hypernetwork = hypernetwork
+        self.hooks = hypernetwork.attach(model.unet)
+        self.modules = {"hypernetwork": hypernetwork}
+        self.param_groups = [{"params": list(hypernetwork.parameters()), "lr": opts.learning_rate}]
+        self.group_names = ["hypernetwork"]
+        self.description = f"training: {describe(hypernetwork)}, on {self.hooks.count} to_k/to_v projections"
+        self._shorthash: Optional[str] = None
+        self._hashed = False
+
+    def _warn_ignored_layout(self, config: HypernetworkConfig) -> None:
+        asked = hypernetwork_config(self.opts)
+
+        def layout(c: HypernetworkConfig) -> tuple:
+            return c.layer_structure, c.activation, c.layer_norm, c.dropout_structure
+
+        if layout(asked) != layout(HypernetworkConfig.from_options()) and layout(asked) != layout(config):
+            logger.warning("%s: the file's layout (layer structure %s, activation %s, layer norm %s, dropout %s) is "
+                           "used; the --hypernetwork_* layout options are ignored", self.opts.hypernetwork_weights,
+                           ",".join(f"{x:g}" for x in config.layer_structure), config.activation, config.layer_norm,
+                           ",".join(f"{x:g}" for x in config.dropout_structure))
+
+    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
+        # Nothing to wrap in DDP: the hypernetwork runs inside the U-Net's forward (hooks), never through a
+        # forward of its own; its few gradients are averaged by reduce_gradients.
+        return self.model.unet, self.model.text_encoder
+
+    def load_state(self, folder: Path) -> None:
+        try:
+            super().load_state(folder)
+        except RuntimeError as exc:
+            raise SdtuneError(
+                f"{folder}: its hypernetwork has another layout than this run's ({exc}); resume with the "
+                "--hypernetwork_* options (or --hypernetwork_weights) of the run that saved it"
+            ) from exc
+
+    def reduce_gradients(self, accelerator: Accelerator) -> None:
+        if accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in self.hypernetwork.parameters() if p.grad is not None]
+        if grads:
+            flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
+        return output_dir / f"{name}.pt"
+
+    def save_checkpoint(self, path: Path, progress: Progress) -> None:
+        from sdtune.generate import model_display_name
+        from sdtune.models.hypernetwork import file_shorthash
+
+        hn, base = self.hypernetwork, self.opts.pretrained_model_name_or_path
+        if not self._hashed:  # A1111 stores the base model's short hash; hashing a large file takes a while: once
+            self._shorthash, self._hashed = file_shorthash(base), True
+        hn.step = progress.global_step
+        hn.name = self.opts.output_name or path.stem
+        hn.sd_checkpoint, hn.sd_checkpoint_name = self._shorthash, model_display_name(base)
+        hn.optional_info = f"trained with sdtune {__version__}"
+        precision = self.opts.save_precision or "float"
+        hn.save(path, {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+
+    def sample_options(self) -> dict[str, Any]:
+        return {"hypernetwork": self.hypernetwork}
+
+
+def make_target(opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
+                seed: int) -> TrainTarget:
+    if opts.hypernetwork_module:
+        return HypernetworkTarget(opts, model, device, weight_dtype, seed)
+    return FineTuneTarget(opts, model, device, weight_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -261,23 +517,11 @@ class Trainer:
             model.unet.enable_gradient_checkpointing()
             if opts.train_text_encoder:
                 model.text_encoder.gradient_checkpointing_enable()
-        model.unet.to(self.device, weight_dtype).train()
-        model.unet.requires_grad_(True)
-        model.text_encoder.requires_grad_(opts.train_text_encoder)
-        te_dtype = weight_dtype if opts.train_text_encoder else (
-            torch.float32 if opts.mixed_precision == "no" else
-            torch.float16 if opts.mixed_precision == "fp16" else torch.bfloat16)
-        model.text_encoder.to(self.device, te_dtype)
-        model.text_encoder.train(opts.train_text_encoder)
+        self.target = make_target(opts, model, self.device, weight_dtype, self.seed)
         if opts.resume:
-            load_module_weights(Path(opts.resume), "unet", model.unet)
-            if opts.train_text_encoder:
-                load_module_weights(Path(opts.resume), "text_encoder", model.text_encoder)
+            self.target.load_state(Path(opts.resume))
 
-        groups = [{"params": list(model.unet.parameters()), "lr": opts.learning_rate}]
-        if opts.train_text_encoder:
-            groups.append({"params": list(model.text_encoder.parameters()),
-                           "lr": opts.learning_rate_te if opts.learning_rate_te is not None else opts.learning_rate})
+        groups = self.target.param_groups
         self.trainable = [p for g in groups for p in g["params"]]
         extra = parse_optimizer_args(opts.optimizer_args)
         if opts.full_fp16 and optimizer_name(opts) == "AdamW" and "eps" not in extra:
@@ -295,12 +539,7 @@ class Trainer:
             scaler_state = load_optimizer_and_scheduler(Path(opts.resume), self.optimizer, self.lr_scheduler)
             if self.scaler is not None and scaler_state:
                 self.scaler.load_state_dict(scaler_state)
-        # DDP wrapping (a no-op for one process). The optimizer is not prepared: accumulation and loss scaling
-        # are done here, explicitly.
-        if opts.train_text_encoder:
-            self.unet, self.text_encoder = self.accelerator.prepare(model.unet, model.text_encoder)
-        else:
-            self.unet, self.text_encoder = self.accelerator.prepare(model.unet), model.text_encoder
+        self.unet, self.text_encoder = self.target.prepare(self.accelerator)
 
     def _plan(self) -> Plan:
         opts = self.opts
@@ -340,7 +579,7 @@ class Trainer:
         for i, batch in enumerate(group):
             last = i == len(group) - 1
             context = self.accelerator.no_sync(self.unet) if not last and self.world > 1 else contextlib.nullcontext()
-            with context:
+            with context, seeded_global_rng(derived_seed(self.seed, self.rank, step, i, 1), self.device):
                 loss = self.loss(batch, step_generator(self.seed, self.rank, step, i))
                 self._check_finite(loss)
                 scaled = loss * batch["weight"] / len(group)
@@ -348,6 +587,7 @@ class Trainer:
                     scaled = scaled * self.scaler.scale
                 scaled.backward()
             total += float(loss.detach())
+        self.target.reduce_gradients(self.accelerator)
         finite = True
         if self.scaler is not None:
             finite = self.scaler.unscale_and_check(self.trainable)
@@ -384,20 +624,14 @@ class Trainer:
         return f"{base}-step{number:08d}" if base else f"step-{number:08d}"
 
     def _model_path(self, name: str) -> Path:
-        fmt = save_format(self.opts)
-        suffix = {"ckpt": ".ckpt", "safetensors": ".safetensors"}.get(fmt, "")
-        return self.output_dir / f"{name}{suffix}"
+        return self.target.checkpoint_path(self.output_dir, name)
 
     def save(self, name: str) -> Path:
-        """Save the model (and the state with --save_state) as ``name``; rank 0 only."""
+        """Save the checkpoint (and the state with --save_state) as ``name``; rank 0 only."""
         self.accelerator.wait_for_everyone()
         path = self._model_path(name)
         if self.is_main:
-            model = self.model
-            model.unet = self.accelerator.unwrap_model(self.unet)
-            model.text_encoder = self.accelerator.unwrap_model(self.text_encoder)
-            save_model(model, path, save_format(self.opts), self.opts.save_precision or "float",
-                       epoch=self.progress.epoch, global_step=self.progress.global_step)
+            self.target.save_checkpoint(path, self.progress)
             self.saved.append(path)
             if self.opts.save_state:
                 self.save_training_state(self.output_dir / f"{name}-state")
@@ -405,10 +639,7 @@ class Trainer:
         return path
 
     def save_training_state(self, folder: Path) -> None:
-        modules = {"unet": self.accelerator.unwrap_model(self.unet)}
-        if self.opts.train_text_encoder:
-            modules["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
-        save_state(folder, self.progress, modules, self.optimizer, self.lr_scheduler,
+        save_state(folder, self.progress, self.target.modules, self.optimizer, self.lr_scheduler,
                    self.scaler.state_dict() if self.scaler else None)
         logger.info("saved training state to %s", folder)
 
@@ -452,6 +683,7 @@ class Trainer:
             f"({o.train_batch_size} x {o.gradient_accumulation_steps} accumulation x {self.world} process(es))",
             f"prediction: {self.model.prediction_type}; clip skip {self.clip_skip}; max tokens {o.max_token_length}; "
             f"seed {self.seed}",
+            self.target.description,
         ]
         if self.data.skipped:
             lines.append(f"not trained (no train_resolution in the metadata): {len(self.data.skipped)} image(s)")
@@ -496,9 +728,8 @@ class Trainer:
                     epoch_losses.append(loss)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}", epoch=epoch + 1)
-                    self.log({"loss/step": loss, "lr/unet": self.lr_scheduler.get_last_lr()[0]}, progress.global_step)
-                    if opts.train_text_encoder:
-                        self.log({"lr/text_encoder": self.lr_scheduler.get_last_lr()[-1]}, progress.global_step)
+                    self.log({"loss/step": loss, **{f"lr/{name}": lr for name, lr in zip(
+                        self.target.group_names, self.lr_scheduler.get_last_lr())}}, progress.global_step)
                     if opts.save_every_n_steps and progress.global_step % opts.save_every_n_steps == 0 \
                             and progress.global_step < plan.total_steps:
                         self.save(self._name("step", progress.global_step))
@@ -534,7 +765,7 @@ class Trainer:
             "encoded_on_the_fly": self.encodes_on_the_fly,
         }
         if self.is_main:
-            logger.info("done: %d steps (%.2f steps/s); model saved to %s", progress.global_step,
+            logger.info("done: %d steps (%.2f steps/s); saved to %s", progress.global_step,
                         result["steps_per_second"], final)
             if opts.save_state:
                 logger.info("training state: %s", self.output_dir / f"{self._name('last')}-state")
@@ -553,7 +784,7 @@ class Trainer:
                 self.model, self.opts.sample_prompts, self.output_dir / "sample", self.progress.global_step,
                 self.progress.epoch, self.opts.sample_sampler, clip_skip=self.clip_skip,
                 max_token_length=self.opts.max_token_length, device=self.device, seed=self.seed,
-                writer=self.writer, output_name=self.opts.output_name)
+                writer=self.writer, output_name=self.opts.output_name, **self.target.sample_options())
         self.accelerator.wait_for_everyone()
         return paths
 

@@ -7,6 +7,9 @@ image changes as training goes on.
 
 Files: ``<out_dir>/<output_name or "sample">_<step:06d>_<index:02d>.png`` with the usual PNG metadata plus ``step``
 and ``epoch`` in the ``sdtune`` JSON chunk; with a TensorBoard writer each image is also logged as ``sample/<index>``.
+
+A hypernetwork being trained is sampled with the model it is attached to, in eval mode (no dropout) and at
+multiplier 1, and named in the images' metadata.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from sdtune.generate import generate_images, model_display_name, read_prompt_file, save_png
 
 if TYPE_CHECKING:
+    from sdtune.models.hypernetwork import Hypernetwork
     from sdtune.models.sd import StableDiffusion
 
 logger = logging.getLogger(__name__)
@@ -33,10 +37,12 @@ def sample_path(out_dir: Path, output_name: Optional[str], step: int, index: int
 
 
 @contextlib.contextmanager
-def inference_state(model: StableDiffusion, device: torch.device | str | None) -> Iterator[None]:
-    """Eval mode (and ``device``) for the U-Net, VAE and text encoder; afterwards each module gets back its own
-    train/eval mode and device. Training may keep the VAE on the CPU; it visits ``device`` only for the decode."""
-    modules = [model.unet, model.vae, model.text_encoder]
+def inference_state(model: StableDiffusion, device: torch.device | str | None,
+                    *extra: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (and ``device``) for the U-Net, VAE and text encoder (and ``extra`` modules, e.g. a hypernetwork);
+    afterwards each module gets back its own train/eval mode and device. Training may keep the VAE on the CPU; it
+    visits ``device`` only for the decode."""
+    modules = [model.unet, model.vae, model.text_encoder, *extra]
     modes = [m.training for m in modules]
     devices = [next(m.parameters()).device for m in modules]
     try:
@@ -74,21 +80,25 @@ def sample_during_training(
     width: Optional[int] = None,
     height: Optional[int] = None,
     batch_size: int = 1,
+    hypernetwork: Optional[Hypernetwork] = None,
 ) -> list[Path]:
     """Generate every prompt of ``prompts_file`` with ``model`` and save them under ``out_dir``; returns the files.
 
     Runs without gradients, with the modules in eval mode, and restores each module's mode and device after (also
     on error). ``steps``/``scale``/``width``/``height`` are the defaults for lines without ``--s``/``--l``/``--w``/
     ``--h`` (size: the family's resolution). ``writer`` is a TensorBoard ``SummaryWriter`` (or None).
+    ``hypernetwork``: sample with it at multiplier 1 (attached to the U-Net for the call unless it already is).
     """
     prompts = read_prompt_file(prompts_file)
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    with inference_state(model, device), torch.no_grad():
+    extra = (hypernetwork,) if hypernetwork is not None else ()
+    with inference_state(model, device, *extra), torch.no_grad():
         generated = generate_images(
             model, prompts, sampler=sampler, steps=steps, scale=scale, width=width, height=height, seed=seed,
             clip_skip=clip_skip, max_token_length=max_token_length, batch_size=batch_size,
             model_name=output_name or model_display_name(out_dir.parent), progress=False,
+            hypernetwork=hypernetwork,
         )
     paths = []
     for index, item in enumerate(generated):
