@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -322,7 +321,10 @@ class Hypernetwork(nn.Module):
             raise SdtuneError(f"{path}: hypernetwork file does not exist")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        # A damaged or foreign file makes the unpickler fail in many ways (UnpicklingError, RuntimeError from the
+        # zip reader, EOFError, even KeyError on garbage): all mean "not a readable hypernetwork", reported
+        # with the cause attached.
+        except Exception as exc:
             raise SdtuneError(
                 f"{path}: cannot be read as a hypernetwork with torch.load(weights_only=True) ({exc}). A "
                 "hypernetwork .pt holds only tensors and plain values; this file is damaged, is not a hypernetwork, "
