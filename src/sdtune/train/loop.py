@@ -369,6 +369,9 @@ class HypernetworkTarget(TrainTarget):
             hypernetwork = Hypernetwork(attention_sizes(model.unet), hypernetwork_config(opts))
             hypernetwork.reset_parameters(derived_seed(seed, 0x4879))  # its own seed: not the data's draws
         hypernetwork.check_model(model.unet, source)
+        # A1111 names every file of a run after the run (not "<name>-<step>"): so does the "name" field here, and
+        # the "Hypernet:" of the samples.
+        hypernetwork.name = opts.output_name or hypernetwork.name or "hypernetwork"
         hypernetwork.to(device, weight_dtype).train()
         hypernetwork.requires_grad_(True)
         self.hypernetwork: Hypernetwork = hypernetwork
@@ -401,8 +404,10 @@ class HypernetworkTarget(TrainTarget):
         try:
             super().load_state(folder)
         except RuntimeError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            first = lines[1] if len(lines) > 1 else lines[0] if lines else ""  # lines[0] is torch's header
             raise SdtuneError(
-                f"{folder}: its hypernetwork has another layout than this run's ({exc}); resume with the "
+                f"{folder}: its hypernetwork has another layout than this run's ({first}); resume with the "
                 "--hypernetwork_* options (or --hypernetwork_weights) of the run that saved it"
             ) from exc
 
@@ -428,7 +433,6 @@ class HypernetworkTarget(TrainTarget):
         if not self._hashed:  # A1111 stores the base model's short hash; hashing a large file takes a while: once
             self._shorthash, self._hashed = file_shorthash(base), True
         hn.step = progress.global_step
-        hn.name = self.opts.output_name or path.stem
         hn.sd_checkpoint, hn.sd_checkpoint_name = self._shorthash, model_display_name(base)
         hn.optional_info = f"trained with sdtune {__version__}"
         precision = self.opts.save_precision or "float"
