@@ -128,6 +128,7 @@ def test_samples_during_training_use_the_hypernetwork_being_trained(prepared, tm
     (dict(hypernetwork_module="default", train_text_encoder=True), "trains only the hypernetwork"),
     (dict(hypernetwork_module="default", hypernetwork_layer_structure="2,1"), "start and end with 1"),
     (dict(hypernetwork_module="default", hypernetwork_weights="missing.pt"), "missing.pt: no such file"),
+    (dict(hypernetwork_module="default", hypernetwork_weights=__file__), r"test_train\.py: cannot be read"),
 ])
 def test_bad_hypernetwork_options_fail_before_the_model_loads(prepared, tmp_path, monkeypatch, overrides, message):
     def no_loading(*args, **kwargs):

@@ -14,6 +14,7 @@ batches; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -208,8 +209,12 @@ def validate_hypernetwork_options(opts: TrainOptions) -> None:
     if opts.train_text_encoder:
         raise SdtuneError("--train_text_encoder with --hypernetwork_module: a hypernetwork run trains only the "
                           "hypernetwork (the U-Net and text encoder stay frozen); drop one of the two")
-    if opts.hypernetwork_weights and not Path(opts.hypernetwork_weights).is_file():
-        raise SdtuneError(f"--hypernetwork_weights {opts.hypernetwork_weights}: no such file")
+    if opts.hypernetwork_weights:
+        if not Path(opts.hypernetwork_weights).is_file():
+            raise SdtuneError(f"--hypernetwork_weights {opts.hypernetwork_weights}: no such file")
+        from sdtune.models.hypernetwork import Hypernetwork
+
+        Hypernetwork.load(opts.hypernetwork_weights)  # a bad file fails now, not after the model loaded (<0.5 s)
     hypernetwork_config(opts)  # a bad layout fails now, before the model loads
     if opts.save_model_as or opts.use_safetensors:
         logger.warning("--save_model_as / --use_safetensors are ignored: a hypernetwork is saved as .pt, the format "
@@ -329,7 +334,6 @@ class FineTuneTarget(TrainTarget):
     def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
         # DDP wrapping (a no-op for one process). The optimizer is not prepared: accumulation and loss scaling
         # are done by the loop, explicitly.
-        self.accelerator = accelerator
         if self.opts.train_text_encoder:
             return accelerator.prepare(self.model.unet, self.model.text_encoder)
         return accelerator.prepare(self.model.unet), self.model.text_encoder
@@ -380,8 +384,6 @@ class HypernetworkTarget(TrainTarget):
         self.param_groups = [{"params": list(hypernetwork.parameters()), "lr": opts.learning_rate}]
         self.group_names = ["hypernetwork"]
         self.description = f"training: {describe(hypernetwork)}, on {self.hooks.count} to_k/to_v projections"
-        self._shorthash: Optional[str] = None
-        self._hashed = False
 
     def _warn_ignored_layout(self, config: HypernetworkConfig) -> None:
         asked = hypernetwork_config(self.opts)
@@ -425,15 +427,20 @@ class HypernetworkTarget(TrainTarget):
     def checkpoint_path(self, output_dir: Path, name: str) -> Path:
         return output_dir / f"{name}.pt"
 
-    def save_checkpoint(self, path: Path, progress: Progress) -> None:
-        from sdtune.generate import model_display_name
+    @functools.cached_property
+    def base_shorthash(self) -> Optional[str]:
+        """A1111 stores the base model's short hash; hashing a large file takes seconds: once a run."""
         from sdtune.models.hypernetwork import file_shorthash
 
-        hn, base = self.hypernetwork, self.opts.pretrained_model_name_or_path
-        if not self._hashed:  # A1111 stores the base model's short hash; hashing a large file takes a while: once
-            self._shorthash, self._hashed = file_shorthash(base), True
+        return file_shorthash(self.opts.pretrained_model_name_or_path)
+
+    def save_checkpoint(self, path: Path, progress: Progress) -> None:
+        from sdtune.generate import model_display_name
+
+        hn = self.hypernetwork
         hn.step = progress.global_step
-        hn.sd_checkpoint, hn.sd_checkpoint_name = self._shorthash, model_display_name(base)
+        hn.sd_checkpoint = self.base_shorthash
+        hn.sd_checkpoint_name = model_display_name(self.opts.pretrained_model_name_or_path)
         hn.optional_info = f"trained with sdtune {__version__}"
         precision = self.opts.save_precision or "float"
         hn.save(path, {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision])
