@@ -78,7 +78,7 @@ def test_dropout_option_one_value_means_every_hidden_layer():
     (("1,2,1", "linear", False, "0,0.3"), "one per"),
     (("1,2,1", "linear", False, "0,0.3,0.3"), "the last 0"),
     (("1,2,1", "linear", False, "1.5"), r"\[0, 1\)"),
-    (("1,2,1", "nonsense"), "unknown activation"),
+    (("1,2,1", "nonsense"), "unknown hypernetwork activation"),
 ])
 def test_bad_layouts_are_refused(options, message):
     with pytest.raises(SdtuneError, match=message):

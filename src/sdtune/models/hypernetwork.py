@@ -80,7 +80,7 @@ A1111_DEFAULT_DROPOUT = 0.3  # what A1111 uses for files that say use_dropout bu
 FAMILY_CROSS_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x"}  # text-encoder widths: the cross-attention context
 
 
-def _activation_class(name: str, where: str = "--hypernetwork_activation") -> type[nn.Module]:
+def _activation_class(name: str) -> type[nn.Module]:
     if name in _A1111_ACTIVATIONS:
         return _A1111_ACTIVATIONS[name]
     import torch.nn.modules.activation as activations
@@ -89,7 +89,8 @@ def _activation_class(name: str, where: str = "--hypernetwork_activation") -> ty
         if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == activations.__name__ \
                 and cls_name.lower() == name:
             return cls
-    raise SdtuneError(f"{where}: unknown activation {name!r}; choose one of {', '.join(ACTIVATION_CHOICES)}")
+    raise SdtuneError(f"unknown hypernetwork activation {name!r}; choose one of {', '.join(ACTIVATION_CHOICES)} "
+                      "(or another torch.nn activation's lower-case class name, as AUTOMATIC1111 accepts)")
 
 
 # ------------------------------------------------------------------------------------------------ the layout
@@ -330,10 +331,7 @@ class Hypernetwork(nn.Module):
                 "hypernetwork .pt holds only tensors and plain values; this file is damaged, is not a hypernetwork, "
                 "or holds Python objects that are not loaded for safety"
             ) from exc
-        hypernetwork = cls.from_a1111_state(state, path)
-        if "name" not in state:
-            hypernetwork.name = path.stem
-        return hypernetwork
+        return cls.from_a1111_state(state, path)
 
     # -------------------------------------------------------------------------------------------- applying
     def check_model(self, unet: nn.Module, source: str | Path = "hypernetwork") -> None:

@@ -13,6 +13,7 @@ batches; only rank 0 writes files.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import logging
@@ -273,7 +274,7 @@ def half_dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-class TrainTarget:
+class TrainTarget(abc.ABC):
     """What a run trains, and how its checkpoints are written.
 
     ``modules``: the trained modules by name; their weights go into --save_state folders and come back with
@@ -285,9 +286,9 @@ class TrainTarget:
     group_names: list[str]
     description: str
 
+    @abc.abstractmethod
     def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
         """The U-Net and text encoder the loop runs (DDP-wrapped where they are trained)."""
-        raise NotImplementedError
 
     def load_state(self, folder: Path) -> None:
         for name, module in self.modules.items():
@@ -296,11 +297,13 @@ class TrainTarget:
     def reduce_gradients(self, accelerator: Accelerator) -> None:
         """Average the gradients over processes where DDP does not (called after the last backward of a step)."""
 
+    @abc.abstractmethod
     def checkpoint_path(self, output_dir: Path, name: str) -> Path:
-        raise NotImplementedError
+        """Where the checkpoint called ``name`` (``last``, ``epoch-000003``, ...) goes."""
 
+    @abc.abstractmethod
     def save_checkpoint(self, path: Path, progress: Progress) -> None:
-        raise NotImplementedError
+        """Write the checkpoint (rank 0 only)."""
 
     def sample_options(self) -> dict[str, Any]:
         """Extra arguments of :func:`sdtune.train.samples.sample_during_training`."""
