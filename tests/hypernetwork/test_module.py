@@ -66,6 +66,17 @@ def test_activate_output_puts_the_activation_after_the_last_layer_too():
     assert layer_types(config) == ["Linear", "Tanh", "Linear", "Tanh"]
 
 
+def test_layout_options_from_a_config_file(tmp_path):
+    from sdtune.options import parse_options
+    from sdtune.train.loop import TrainOptions, hypernetwork_config
+
+    (tmp_path / "c.toml").write_text("hypernetwork_module = 'default'\nhypernetwork_layer_structure = [1, 1.5, 1]\n"
+                                     "hypernetwork_dropout = 0.2\n", encoding="utf-8")
+    opts = parse_options(TrainOptions, ["--config_file", str(tmp_path / "c.toml")], "sdtune train")
+    assert hypernetwork_config(opts).layer_structure == (1, 1.5, 1)
+    assert hypernetwork_config(opts).dropout_structure == (0, 0.2, 0)
+
+
 def test_dropout_option_one_value_means_every_hidden_layer():
     assert HypernetworkConfig.from_options("1,2,2,1", dropout="0.2").dropout_structure == (0, 0.2, 0.2, 0)
     config = HypernetworkConfig.from_options("1,2,1", dropout="0.3")

@@ -160,8 +160,9 @@ def _fmt(values: Iterable[float]) -> str:
 
 
 def _parse_floats(text: str, option: str) -> tuple[float, ...]:
+    # "[1, 2, 1]" too: what a TOML list or A1111's metadata look like once a config file turned them into text
     try:
-        return tuple(float(x) for x in text.replace(" ", "").split(","))
+        return tuple(float(x) for x in text.replace(" ", "").strip("[]()").split(","))
     except ValueError:
         raise SdtuneError(f"{option} {text!r}: expected comma-separated numbers, e.g. 1,2,1") from None
 
