@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from sdtune import __version__
 from sdtune.atomic import atomic_path
+from sdtune.devices import resolve_device
 from sdtune.errors import SdtuneError
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, encode_prompts
 from sdtune.options import opt
@@ -559,14 +560,6 @@ class GenerateOptions:
     hypernetwork_multiplier: float = opt(1.0, "strength of --hypernetwork (0: the base model's images)")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise SdtuneError(f"--device {name!r}: {exc}") from None
-
 
 def model_display_name(source: str | Path) -> str:
     path = Path(source)
@@ -589,7 +582,7 @@ def generate(opts: GenerateOptions) -> list[Path]:
         raise SdtuneError("--pretrained_model_name_or_path (or --ckpt) is required: a diffusers folder, "
                           ".safetensors or .ckpt file")
     prompts = read_prompts(opts)  # every option and the prompt file are checked before the model loads
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     seed = opts.seed if opts.seed is not None else random_seed()
     plan_images(prompts, sampler=opts.sampler, steps=opts.steps, scale=opts.scale, width=opts.W or 8,
                 height=opts.H or 8, seed=seed, images_per_prompt=opts.images_per_prompt,

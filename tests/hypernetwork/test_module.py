@@ -68,7 +68,8 @@ def test_activate_output_puts_the_activation_after_the_last_layer_too():
 
 def test_layout_options_from_a_config_file(tmp_path):
     from sdtune.options import parse_options
-    from sdtune.train.loop import TrainOptions, hypernetwork_config
+    from sdtune.train.loop import TrainOptions
+    from sdtune.train.targets import hypernetwork_config
 
     (tmp_path / "c.toml").write_text("hypernetwork_module = 'default'\nhypernetwork_layer_structure = [1, 1.5, 1]\n"
                                      "hypernetwork_dropout = 0.2\n", encoding="utf-8")

@@ -57,6 +57,7 @@ from sdtune.atomic import atomic_path
 from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket_table
 from sdtune.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, open_image
 from sdtune.data.metadata import Images, KeyIndex, check_unique_keys, load_metadata, save_metadata
+from sdtune.devices import resolve_device
 from sdtune.errors import SdtuneError
 from sdtune.options import opt
 
@@ -323,14 +324,6 @@ def parse_resolution(text: str) -> Reso:
     return parts[0], parts[1]
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise SdtuneError(f"--device {name!r}: {exc}") from None
-
 
 def make_buckets(options: PrepareOptions) -> AspectBuckets:
     return AspectBuckets(parse_resolution(options.max_resolution), options.min_bucket_reso, options.max_bucket_reso,
@@ -348,7 +341,7 @@ def validate(options: PrepareOptions) -> AspectBuckets:
         raise SdtuneError("--max_image_pixels must be positive")
     if options.mixed_precision not in PRECISIONS:
         raise SdtuneError(f"--mixed_precision must be one of {', '.join(PRECISIONS)}")
-    _device(options.device)
+    resolve_device(options.device)
     if not Path(options.in_json).is_file():
         raise SdtuneError(f"{options.in_json}: metadata file does not exist; create it with sdtune merge-captions "
                           "or merge-tags")
@@ -395,7 +388,7 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
     caller that has the model already); it is moved to ``--device`` and cast to ``--mixed_precision`` in place."""
     start = time.perf_counter()
     buckets = validate(options)
-    device = _device(options.device)
+    device = resolve_device(options.device)
     dtype = PRECISIONS[options.mixed_precision]
     images = load_metadata(options.in_json)
     paths = list_images(options.train_data_dir, options.recursive)

@@ -26,6 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdtune.atomic import write_text_atomic
 from sdtune.data.images import open_image
+from sdtune.devices import resolve_device
 from sdtune.label.common import (
     LabelError,
     LabelReport,
@@ -82,20 +83,6 @@ def _validate(options: CaptionOptions) -> str:
         raise LabelError(f"--min_length {options.min_length} is longer than --max_length {options.max_length}")
     resolve_workers(options.max_data_loader_n_workers)
     return normalize_extension(options.caption_extension, "--caption_extension")
-
-
-def _resolve_device(name: str | None) -> Any:
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise LabelError(f"--device {name!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LabelError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 def _image_processor_class() -> Any:
@@ -224,7 +211,7 @@ def run_captioning(options: CaptionOptions) -> LabelReport:
                     extension)
         return report
 
-    device = _resolve_device(options.device)
+    device = resolve_device(options.device)
     started = time.perf_counter()
     logger.info("loading BLIP model %s on %s", options.model, device)
     blip = load_blip(options.model, device)

@@ -13,9 +13,7 @@ batches; only rank 0 writes files.
 
 from __future__ import annotations
 
-import abc
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -23,20 +21,18 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from sdtune import __version__
 from sdtune.data.dataset import EpochBatches, FineTuneData, epoch_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.attention import set_attention
-from sdtune.models.hypernetwork import ACTIVATION_CHOICES, HYPERNETWORK_MODULES, NOT_IN_COMFYUI, HypernetworkConfig
-from sdtune.models.io import SAVE_FORMATS, load_model, model_summary, save_model
+from sdtune.models.hypernetwork import ACTIVATION_CHOICES, HYPERNETWORK_MODULES, NOT_IN_COMFYUI
+from sdtune.models.io import SAVE_FORMATS, load_model, model_summary
 from sdtune.models.text import check_max_token_length, encode, tokenize
 from sdtune.options import opt
 from sdtune.train import noise as noise_lib
@@ -48,13 +44,10 @@ from sdtune.train.optim import (
     build_optimizer,
     parse_optimizer_args,
 )
-from sdtune.train.state import Progress, load_module_weights, load_optimizer_and_scheduler, read_progress, save_state
+from sdtune.train.rng import derived_seed, seeded_global_rng, step_generator
+from sdtune.train.state import Progress, load_optimizer_and_scheduler, read_progress, save_state
+from sdtune.train.targets import hypernetwork_config, make_target
 
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-    from sdtune.models.hypernetwork import Hypernetwork
-    from sdtune.models.sd import StableDiffusion
 
 logger = logging.getLogger(__name__)
 
@@ -222,11 +215,6 @@ def validate_hypernetwork_options(opts: TrainOptions) -> None:
                        "AUTOMATIC1111 and ComfyUI load")
 
 
-def hypernetwork_config(opts: TrainOptions) -> HypernetworkConfig:
-    return HypernetworkConfig.from_options(opts.hypernetwork_layer_structure, opts.hypernetwork_activation,
-                                           opts.hypernetwork_layer_norm, opts.hypernetwork_dropout)
-
-
 def attention_kind(opts: TrainOptions) -> str:
     if opts.xformers or opts.diffusers_xformers:
         return "xformers"
@@ -235,228 +223,6 @@ def attention_kind(opts: TrainOptions) -> str:
 
 def optimizer_name(opts: TrainOptions) -> str:
     return "AdamW8bit" if opts.use_8bit_adam else opts.optimizer_type
-
-
-def save_format(opts: TrainOptions) -> str:
-    if opts.save_model_as:
-        return opts.save_model_as
-    return "safetensors"
-
-
-def derived_seed(*parts: int) -> int:
-    state = np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    """The generator for one micro-batch: derived from (seed, rank, step, micro), never global."""
-    return torch.Generator().manual_seed(derived_seed(seed, rank, step, micro))
-
-
-@contextlib.contextmanager
-def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """torch's global RNG seeded with ``seed`` inside the block and restored after.
-
-    Dropout layers (a hypernetwork's) draw from the global RNG; seeding it per micro-batch from (seed, rank, step,
-    micro) makes their masks, like everything else, the same after --resume. Gradient checkpointing replays the
-    state it saw in the forward pass, so recomputed masks match too.
-    """
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-# ------------------------------------------------------------------------------------------------ what is trained
-def half_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype frozen modules are kept in: half precision when autocast computes in it anyway."""
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-class TrainTarget(abc.ABC):
-    """What a run trains, and how its checkpoints are written.
-
-    ``modules``: the trained modules by name; their weights go into --save_state folders and come back with
-    --resume. ``param_groups``: the optimizer's groups, named in ``group_names`` (the ``lr/<name>`` logs).
-    """
-
-    modules: dict[str, nn.Module]
-    param_groups: list[dict[str, Any]]
-    group_names: list[str]
-    description: str
-
-    @abc.abstractmethod
-    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
-        """The U-Net and text encoder the loop runs (DDP-wrapped where they are trained)."""
-
-    def load_state(self, folder: Path) -> None:
-        for name, module in self.modules.items():
-            load_module_weights(folder, name, module)
-
-    def reduce_gradients(self, accelerator: Accelerator) -> None:
-        """Average the gradients over processes where DDP does not (called after the last backward of a step)."""
-
-    @abc.abstractmethod
-    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
-        """Where the checkpoint called ``name`` (``last``, ``epoch-000003``, ...) goes."""
-
-    @abc.abstractmethod
-    def save_checkpoint(self, path: Path, progress: Progress) -> None:
-        """Write the checkpoint (rank 0 only)."""
-
-    def sample_options(self) -> dict[str, Any]:
-        """Extra arguments of :func:`sdtune.train.samples.sample_during_training`."""
-        return {}
-
-
-class FineTuneTarget(TrainTarget):
-    """Full fine-tuning: the U-Net, and with --train_text_encoder the text encoder; checkpoints are whole models."""
-
-    def __init__(self, opts: TrainOptions, model: StableDiffusion, device: torch.device,
-                 weight_dtype: torch.dtype) -> None:
-        self.opts, self.model = opts, model
-        model.unet.to(device, weight_dtype).train()
-        model.unet.requires_grad_(True)
-        model.text_encoder.requires_grad_(opts.train_text_encoder)
-        te_dtype = weight_dtype if opts.train_text_encoder else half_dtype(opts.mixed_precision)
-        model.text_encoder.to(device, te_dtype)
-        model.text_encoder.train(opts.train_text_encoder)
-        self.modules = {"unet": model.unet}
-        self.param_groups = [{"params": list(model.unet.parameters()), "lr": opts.learning_rate}]
-        self.group_names = ["unet"]
-        self.description = "training: the U-Net"
-        if opts.train_text_encoder:
-            self.modules["text_encoder"] = model.text_encoder
-            self.param_groups.append({
-                "params": list(model.text_encoder.parameters()),
-                "lr": opts.learning_rate_te if opts.learning_rate_te is not None else opts.learning_rate})
-            self.group_names.append("text_encoder")
-            self.description = "training: the U-Net and the text encoder"
-
-    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
-        # DDP wrapping (a no-op for one process). The optimizer is not prepared: accumulation and loss scaling
-        # are done by the loop, explicitly.
-        if self.opts.train_text_encoder:
-            return accelerator.prepare(self.model.unet, self.model.text_encoder)
-        return accelerator.prepare(self.model.unet), self.model.text_encoder
-
-    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
-        suffix = {"ckpt": ".ckpt", "safetensors": ".safetensors"}.get(save_format(self.opts), "")
-        return output_dir / f"{name}{suffix}"
-
-    def save_checkpoint(self, path: Path, progress: Progress) -> None:
-        save_model(self.model, path, save_format(self.opts), self.opts.save_precision or "float",
-                   epoch=progress.epoch, global_step=progress.global_step)
-
-
-class HypernetworkTarget(TrainTarget):
-    """A hypernetwork (--hypernetwork_module); the U-Net and text encoder are frozen (no gradients) and kept in half
-    precision under mixed precision. Checkpoints are AUTOMATIC1111 ``.pt`` files holding only the hypernetwork.
-
-    The hypernetwork is attached to the U-Net for the whole run (training steps and samples), by hooks that leave
-    the U-Net's weights alone. Its weights stay in the trained precision (float32 unless --full_fp16/--full_bf16).
-    """
-
-    def __init__(self, opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
-                 seed: int) -> None:
-        from sdtune.models.hypernetwork import Hypernetwork, attention_sizes, describe
-
-        self.opts, self.model = opts, model
-        frozen = weight_dtype if weight_dtype != torch.float32 else half_dtype(opts.mixed_precision)
-        for module in (model.unet, model.text_encoder):
-            module.requires_grad_(False)
-            module.to(device, frozen).eval()
-        source: str | Path = "--hypernetwork_module"
-        if opts.hypernetwork_weights:
-            source = Path(opts.hypernetwork_weights)
-            hypernetwork = Hypernetwork.load(source)
-            self._warn_ignored_layout(hypernetwork.config)
-        else:
-            hypernetwork = Hypernetwork(attention_sizes(model.unet), hypernetwork_config(opts))
-            hypernetwork.reset_parameters(derived_seed(seed, 0x4879))  # its own seed: not the data's draws
-        hypernetwork.check_model(model.unet, source)
-        # A1111 names every file of a run after the run (not "<name>-<step>"): so does the "name" field here, and
-        # the "Hypernet:" of the samples.
-        hypernetwork.name = opts.output_name or hypernetwork.name or "hypernetwork"
-        hypernetwork.to(device, weight_dtype).train()
-        hypernetwork.requires_grad_(True)
-        self.hypernetwork: Hypernetwork = hypernetwork
-        self.hooks = hypernetwork.attach(model.unet)
-        self.modules = {"hypernetwork": hypernetwork}
-        self.param_groups = [{"params": list(hypernetwork.parameters()), "lr": opts.learning_rate}]
-        self.group_names = ["hypernetwork"]
-        self.description = f"training: {describe(hypernetwork)}, on {self.hooks.count} to_k/to_v projections"
-
-    def _warn_ignored_layout(self, config: HypernetworkConfig) -> None:
-        asked = hypernetwork_config(self.opts)
-
-        def layout(c: HypernetworkConfig) -> tuple:
-            return c.layer_structure, c.activation, c.layer_norm, c.dropout_structure
-
-        if layout(asked) != layout(HypernetworkConfig.from_options()) and layout(asked) != layout(config):
-            logger.warning("%s: the file's layout (layer structure %s, activation %s, layer norm %s, dropout %s) is "
-                           "used; the --hypernetwork_* layout options are ignored", self.opts.hypernetwork_weights,
-                           ",".join(f"{x:g}" for x in config.layer_structure), config.activation, config.layer_norm,
-                           ",".join(f"{x:g}" for x in config.dropout_structure))
-
-    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
-        # Nothing to wrap in DDP: the hypernetwork runs inside the U-Net's forward (hooks), never through a
-        # forward of its own; its few gradients are averaged by reduce_gradients.
-        return self.model.unet, self.model.text_encoder
-
-    def load_state(self, folder: Path) -> None:
-        try:
-            super().load_state(folder)
-        except RuntimeError as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            first = lines[1] if len(lines) > 1 else lines[0] if lines else ""  # lines[0] is torch's header
-            raise SdtuneError(
-                f"{folder}: its hypernetwork has another layout than this run's ({first}); resume with the "
-                "--hypernetwork_* options (or --hypernetwork_weights) of the run that saved it"
-            ) from exc
-
-    def reduce_gradients(self, accelerator: Accelerator) -> None:
-        if accelerator.num_processes == 1:
-            return
-        grads = [p.grad for p in self.hypernetwork.parameters() if p.grad is not None]
-        if grads:
-            flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-
-    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
-        return output_dir / f"{name}.pt"
-
-    @functools.cached_property
-    def base_shorthash(self) -> Optional[str]:
-        """A1111 stores the base model's short hash; hashing a large file takes seconds: once a run."""
-        from sdtune.models.hypernetwork import file_shorthash
-
-        return file_shorthash(self.opts.pretrained_model_name_or_path)
-
-    def save_checkpoint(self, path: Path, progress: Progress) -> None:
-        from sdtune.generate import model_display_name
-
-        hn = self.hypernetwork
-        hn.step = progress.global_step
-        hn.sd_checkpoint = self.base_shorthash
-        hn.sd_checkpoint_name = model_display_name(self.opts.pretrained_model_name_or_path)
-        hn.optional_info = f"trained with sdtune {__version__}"
-        precision = self.opts.save_precision or "float"
-        hn.save(path, {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision])
-
-    def sample_options(self) -> dict[str, Any]:
-        return {"hypernetwork": self.hypernetwork}
-
-
-def make_target(opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
-                seed: int) -> TrainTarget:
-    if opts.hypernetwork_module:
-        return HypernetworkTarget(opts, model, device, weight_dtype, seed)
-    return FineTuneTarget(opts, model, device, weight_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -768,8 +534,8 @@ class Trainer:
                 logger.info("interrupted: resume with --resume %s", self.output_dir / "interrupted-state")
             raise
         bar.close()
+        elapsed = time.perf_counter() - started  # the training itself, not the final save
         final = self.save(self._name("last"))
-        elapsed = time.perf_counter() - started
         if self.writer is not None:
             self.writer.close()
         result = {

@@ -1,0 +1,20 @@
+"""The ``--device`` option shared by prepare, caption and generate."""
+
+from __future__ import annotations
+
+import torch
+
+from sdtune.errors import SdtuneError
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (or None): CUDA when available, else the CPU; anything else as torch spells it (``cuda:1``)."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SdtuneError(f"--device {name!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SdtuneError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
