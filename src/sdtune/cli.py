@@ -83,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         print(f"sdtune: unknown command {args[0]!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # sdtune's own progress at INFO; other libraries (tensorboard, diffusers) only when they warn
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sdtune").setLevel(logging.INFO)
     try:
         module = importlib.import_module(command.module)
     except ModuleNotFoundError as exc:

@@ -50,6 +50,7 @@ from sdtune import __version__
 from sdtune.atomic import atomic_path
 from sdtune.devices import resolve_device
 from sdtune.errors import SdtuneError
+from sdtune.models.sd import place
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, encode_prompts
 from sdtune.options import opt
 
@@ -604,7 +605,7 @@ def generate(opts: GenerateOptions) -> list[Path]:
 
     model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2, v_parameterization=opts.v_parameterization,
                        vae=opts.vae, tokenizer=opts.tokenizer, dtype=dtype)
-    model.vae.to(torch.float32)  # SD's VAE overflows in fp16 (black or NaN images); float32 costs little memory
+    place(model.vae, dtype=torch.float32)  # SD's VAE overflows in fp16 (black or NaN images); float32 costs little memory
     logger.info("loaded %s: %s", opts.pretrained_model_name_or_path, model_summary(model))
     move_model(model, device)
     if hypernetwork is not None:

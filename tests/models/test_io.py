@@ -238,3 +238,17 @@ def test_hub_id_offline_fails_fast_with_clear_message():
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match="nowhere.safetensors"):
         load_model(tmp_path / "nowhere.safetensors")
+
+
+def test_tokenizer_option_is_used_for_single_files_with_the_familys_padding(tmp_path, saved_model):
+    from sdtune.models.tokenizer import packaged_tokenizer
+
+    tok = packaged_tokenizer("<|endoftext|>")  # an SD1-style folder ...
+    tok.model_max_length = 123  # ... marked so the test can tell it from the packaged one
+    tok.save_pretrained(str(tmp_path / "tok"))
+    model = load_model(saved_model("sd2-v", "safetensors"), tokenizer=tmp_path / "tok")
+    assert model.tokenizer.model_max_length == 123
+    assert model.tokenizer.pad_token == "!" and model.tokenizer.pad_token_id == 0  # ... padded as SD2 needs
+    assert load_model(saved_model("sd2-v", "safetensors")).tokenizer.model_max_length == 77
+    with pytest.raises(ModelLoadError, match="nowhere"):
+        load_model(saved_model("sd1", "safetensors"), tokenizer=tmp_path / "nowhere")

@@ -93,7 +93,7 @@ def test_mem_eff_attention_is_sliced_and_gives_the_same_result():
     assert all(isinstance(p, SlicedAttnProcessor) for p in unet.attn_processors.values())
     with torch.no_grad():
         sliced = unet(x, t, states).sample
-    assert torch.allclose(reference, sliced, atol=1e-4)
+    assert torch.allclose(reference, sliced, atol=1e-3)  # float rounding of another summation order
 
 
 def test_xformers_missing_gives_clear_error(prepared, tmp_path):

@@ -203,3 +203,32 @@ def test_bad_sample_prompt_file_fails_before_training(prepared, tmp_path):
     prompts.write_text("a cat --x 3\n", encoding="utf-8")
     with pytest.raises(SdtuneError, match="prompts.txt:1"):
         train(options(prepared, tmp_path, sample_prompts=str(prompts), sample_every_n_steps=1))
+
+
+def test_use_safetensors_turns_ckpt_and_diffusers_bin_into_safetensors():
+    from sdtune.train.targets import save_format
+
+    def fmt(**kw):
+        return save_format(TrainOptions(**kw))
+
+    assert fmt() == "safetensors"
+    assert fmt(save_model_as="ckpt") == "ckpt"
+    assert fmt(save_model_as="ckpt", use_safetensors=True) == "safetensors"
+    assert fmt(save_model_as="diffusers", use_safetensors=True) == "diffusers_safetensors"
+    assert fmt(save_model_as="diffusers") == "diffusers"
+
+
+def test_data_loader_workers_do_not_change_the_run(prepared, tmp_path):
+    common = dict(max_train_steps=5, shuffle_caption=True, flip_aug=True)
+    in_process = train(options(prepared, tmp_path / "a", max_data_loader_n_workers=0, **common))
+    workers = train(options(prepared, tmp_path / "b", max_data_loader_n_workers=2, **common))
+    assert workers["losses"] == in_process["losses"]
+
+
+def test_epochs_and_repeats_set_the_number_of_steps(prepared, tmp_path):
+    # 6 images in 2 buckets of 3, batch 2: 4 batches an epoch; with 2 repeats, 6 images x 2 in batches of 2 = 6
+    result = train(options(prepared, tmp_path, max_train_epochs=2, max_train_steps=999))
+    assert result["global_step"] == 8 and result["epoch"] == 2
+    trainer = Trainer(options(prepared, tmp_path / "r", dataset_repeats=2, max_train_epochs=1))
+    result = trainer.run()
+    assert trainer.plan.batches_per_epoch == 6 and result["global_step"] == 6

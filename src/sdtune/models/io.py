@@ -36,7 +36,7 @@ from sdtune.models.ldm_keys import (
     normalize_text_keys,
     openclip_completion,
 )
-from sdtune.models.sd import StableDiffusion, build_modules, with_prediction_type
+from sdtune.models.sd import StableDiffusion, build_modules, place, with_prediction_type
 from sdtune.models.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def load_model(
         model.vae = load_vae(vae)
     for module in (model.unet, model.vae, model.text_encoder):
         if module.dtype != dtype:
-            module.to(dtype)
+            place(module, dtype=dtype)
         module.eval()
     return model
 
@@ -317,7 +317,7 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
     elif path.is_file():
         sd, metadata = read_state_dict(path)
         if any(k.startswith("model.diffusion_model.") for k in sd):
-            return load_model(path).vae.to(dtype)
+            return place(load_model(path).vae, dtype=dtype)
         sd = {k.removeprefix(VAE_ROOT): v for k, v in sd.items() if not k.startswith("model_ema.")}
         if any(k.startswith("encoder.down.") for k in sd):  # LDM layout
             config = _infer_vae_config(sd, path)
@@ -343,7 +343,7 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
         vae.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelLoadError(f"{source}: the VAE weights do not fit an SD VAE: {str(exc)[:400]}") from exc
-    return vae.to(dtype).eval()
+    return place(vae, dtype=dtype).eval()
 
 
 def _infer_vae_config(ldm_vae: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:

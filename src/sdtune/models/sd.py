@@ -57,6 +57,13 @@ def build_modules(configs: dict[str, dict[str, Any]]) -> tuple[UNet2DConditionMo
     return unet, vae, text_encoder
 
 
+def place(module: torch.nn.Module, device: torch.device | str | None = None,
+          dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """``module.to(device, dtype)`` through torch's own ``Module.to``: diffusers' override logs a warning about
+    "modules that should be kept in float32" on every cast, even when (as for SD) there are none."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
 def with_prediction_type(family: Family, prediction_type: str) -> Family:
     return family if family.prediction_type == prediction_type else dataclasses.replace(
         family, prediction_type=prediction_type)

@@ -20,6 +20,7 @@ from sdtune import __version__
 from sdtune.errors import SdtuneError
 from sdtune.models.hypernetwork import HypernetworkConfig
 from sdtune.models.io import save_model
+from sdtune.models.sd import place
 from sdtune.train.rng import derived_seed
 from sdtune.train.state import Progress, load_module_weights
 
@@ -33,9 +34,12 @@ logger = logging.getLogger(__name__)
 
 
 def save_format(opts: TrainOptions) -> str:
-    if opts.save_model_as:
-        return opts.save_model_as
-    return "safetensors"
+    """--save_model_as, with sd-scripts' --use_safetensors turning ckpt into safetensors and diffusers' .bin
+    weights into .safetensors; safetensors when neither is given."""
+    fmt = opts.save_model_as or "safetensors"
+    if opts.use_safetensors:
+        fmt = {"ckpt": "safetensors", "diffusers": "diffusers_safetensors"}.get(fmt, fmt)
+    return fmt
 
 
 def hypernetwork_config(opts: TrainOptions) -> HypernetworkConfig:
@@ -90,11 +94,11 @@ class FineTuneTarget(TrainTarget):
     def __init__(self, opts: TrainOptions, model: StableDiffusion, device: torch.device,
                  weight_dtype: torch.dtype) -> None:
         self.opts, self.model = opts, model
-        model.unet.to(device, weight_dtype).train()
+        place(model.unet, device, weight_dtype).train()
         model.unet.requires_grad_(True)
         model.text_encoder.requires_grad_(opts.train_text_encoder)
         te_dtype = weight_dtype if opts.train_text_encoder else half_dtype(opts.mixed_precision)
-        model.text_encoder.to(device, te_dtype)
+        place(model.text_encoder, device, te_dtype)
         model.text_encoder.train(opts.train_text_encoder)
         self.modules = {"unet": model.unet}
         self.param_groups = [{"params": list(model.unet.parameters()), "lr": opts.learning_rate}]
@@ -140,7 +144,7 @@ class HypernetworkTarget(TrainTarget):
         frozen = weight_dtype if weight_dtype != torch.float32 else half_dtype(opts.mixed_precision)
         for module in (model.unet, model.text_encoder):
             module.requires_grad_(False)
-            module.to(device, frozen).eval()
+            place(module, device, frozen).eval()
         source: str | Path = "--hypernetwork_module"
         if opts.hypernetwork_weights:
             source = Path(opts.hypernetwork_weights)
