@@ -148,8 +148,12 @@ def test_missing_latent_is_encoded_on_the_fly(prepared, tmp_path):
     for path in train_dir.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
     (copy / "img00.npz").unlink()
-    result = train(dataclasses.replace(options(prepared, tmp_path, max_train_steps=2), train_data_dir=str(copy)))
+    trainer = Trainer(dataclasses.replace(options(prepared, tmp_path, max_train_steps=2), train_data_dir=str(copy)))
+    result = trainer.run()
     assert result["encoded_on_the_fly"] == 1
+    # the same latents prepare cached: same bucket, resize, crop and VAE
+    cached = torch.from_numpy(np.load(train_dir / "img00.npz")["latents"])
+    assert torch.allclose(trainer.data.in_memory["img00"], cached, atol=1e-5)
 
 
 def test_tensorboard_logs(prepared, tmp_path):

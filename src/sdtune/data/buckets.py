@@ -88,6 +88,14 @@ def _centre_crop(resized: Reso, bucket: Reso) -> tuple[int, int, int, int]:
     return left, top, left + bucket[0], top + bucket[1]
 
 
+def cover(width: int, height: int, bucket: Reso) -> Placement:
+    """Resize a ``width`` x ``height`` image to cover ``bucket`` and centre-crop it: the side that is relatively
+    shorter matches exactly, the other overhangs."""
+    scale = max(bucket[0] / width, bucket[1] / height)
+    resized = (max(bucket[0], int(width * scale + 0.5)), max(bucket[1], int(height * scale + 0.5)))
+    return Placement(bucket, resized, _centre_crop(resized, bucket), bucket[0] / bucket[1] - width / height)
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     """All ranks' batches for one epoch.
@@ -152,10 +160,7 @@ class AspectBuckets:
             bucket = (width, height)
         else:
             bucket = self.resolutions[int(np.abs(self._aspects - aspect).argmin())]
-        # Cover the bucket: the side that is relatively shorter matches exactly, the other overhangs.
-        scale = max(bucket[0] / width, bucket[1] / height)
-        resized = (max(bucket[0], int(width * scale + 0.5)), max(bucket[1], int(height * scale + 0.5)))
-        return Placement(bucket, resized, _centre_crop(resized, bucket), bucket[0] / bucket[1] - aspect)
+        return cover(width, height, bucket)
 
     def _place_no_upscale(self, width: int, height: int, aspect: float) -> Placement:
         step = self.bucket_reso_steps

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sdtune.data.buckets import AspectBuckets, Reso
+from sdtune.data.buckets import AspectBuckets, Reso, cover
 from sdtune.data.images import list_images, open_image
 from sdtune.data.latents import (
     LatentFileError, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels)
@@ -49,17 +49,6 @@ def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """The generator for one item of one epoch (derived, never global)."""
     digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
     return np.random.default_rng([seed, epoch, digest])
-
-
-def cover_and_crop(width: int, height: int, bucket: Reso):
-    """The placement of a (width x height) image in ``bucket``: resize to cover, centre-crop."""
-    from sdtune.data.buckets import Placement
-
-    scale = max(bucket[0] / width, bucket[1] / height)
-    resized = (max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale)))
-    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
-    return Placement(bucket=bucket, resized=resized, crop_ltrb=(left, top, left + bucket[0], top + bucket[1]),
-                     aspect_error=bucket[0] / bucket[1] - width / height)
 
 
 @dataclass
@@ -133,7 +122,7 @@ class FineTuneData:
                 crops = []
                 for key in group:
                     im = open_image(self.examples[key].image)
-                    crops.append(resize_and_crop(im, cover_and_crop(im.width, im.height, bucket)))
+                    crops.append(resize_and_crop(im, cover(im.width, im.height, bucket)))
                 latents = encode_pixels(vae, to_pixels(np.stack(crops)))
                 for key, lat in zip(group, latents):
                     self.in_memory[key] = lat
