@@ -7,6 +7,12 @@ import torch
 from sdtune.errors import SdtuneError
 
 
+def same_device(current: torch.device, target: torch.device) -> bool:
+    """Whether a module on ``current`` is already on ``target``; a target without an index (``cuda``) accepts any
+    device of its type, as ``module.to("cuda")`` would leave it where it is."""
+    return current.type == target.type and (target.index is None or current.index == target.index)
+
+
 def resolve_device(name: str | None) -> torch.device:
     """``auto`` (or None): CUDA when available, else the CPU; anything else as torch spells it (``cuda:1``)."""
     if name in (None, "auto"):

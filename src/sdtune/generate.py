@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from sdtune import __version__
 from sdtune.atomic import atomic_path
-from sdtune.devices import resolve_device
+from sdtune.devices import resolve_device, same_device
 from sdtune.errors import SdtuneError
 from sdtune.models.sd import place
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, encode_prompts
@@ -399,8 +399,7 @@ def move_model(model: StableDiffusion, device: torch.device | str) -> None:
     """Put the U-Net, VAE and text encoder on ``device`` (modules already there are left alone)."""
     device = torch.device(device)
     for module in (model.unet, model.vae, model.text_encoder):
-        current = _module_device(module)
-        if current.type != device.type or (device.index is not None and current.index != device.index):
+        if not same_device(_module_device(module), device):
             module.to(device)
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import numpy as np
 import torch
 
+from sdtune.devices import same_device
 from sdtune.generate import generate_images, model_display_name, read_prompt_file, save_png
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def inference_state(model: StableDiffusion, device: torch.device | str | None,
         if device is not None:
             target = torch.device(device)
             for m, current in zip(modules, devices):
-                if current != target and not (target.index is None and current.type == target.type):
+                if not same_device(current, target):
                     m.to(target)
         yield
     finally:
