@@ -128,9 +128,6 @@ class FineTuneData:
                     self.in_memory[key] = lat
         return len(missing)
 
-    def summary(self) -> dict[str, Any]:
-        return {"images": len(self.examples), "repeats": self.repeats, "buckets": self.buckets.counts()}
-
     def epoch_batches(self, epoch: int, seed: int, batch_size: int, world_size: int, rank: int
                       ) -> list[tuple[list[str], float]]:
         """This rank's batches of ``epoch``: see :func:`share_batches`."""

@@ -190,10 +190,3 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model family {name!r}; expected one of {', '.join(FAMILIES)}") from None
-
-
-def family_for(v2: bool, v_parameterization: bool) -> Family:
-    """The family the seed's ``--v2`` / ``--v_parameterization`` flags describe."""
-    if not v2:
-        return SD1
-    return SD2_V if v_parameterization else SD2

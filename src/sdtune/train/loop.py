@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,8 +433,6 @@ class Trainer:
         if old >= 1:
             for path in (self._model_path(self._name("epoch", old)), self.output_dir / f"{self._name('epoch', old)}-state"):
                 if path.is_dir():
-                    import shutil
-
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
@@ -483,7 +482,6 @@ class Trainer:
                    disable=not self.is_main, dynamic_ncols=True)
         losses: list[float] = []
         started = time.perf_counter()
-        steps_this_run = 0
         try:
             while progress.global_step < plan.total_steps:
                 epoch = progress.epoch
@@ -503,7 +501,6 @@ class Trainer:
                     progress.global_step += 1
                     progress.batch_in_epoch += len(group)
                     group = []
-                    steps_this_run += 1
                     losses.append(loss)
                     epoch_losses.append(loss)
                     bar.update(1)
@@ -541,7 +538,7 @@ class Trainer:
         result = {
             "model": final, "saved": list(self.saved), "global_step": progress.global_step,
             "epoch": progress.epoch, "losses": losses,
-            "steps_per_second": steps_this_run / elapsed if elapsed > 0 else 0.0,
+            "steps_per_second": len(losses) / elapsed if elapsed > 0 else 0.0,
             "encoded_on_the_fly": self.encodes_on_the_fly,
         }
         if self.is_main:

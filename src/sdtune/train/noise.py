@@ -13,15 +13,16 @@ import torch
 from diffusers import DDPMScheduler
 
 
-def alphas_cumprod(scheduler: DDPMScheduler) -> torch.Tensor:
-    return scheduler.alphas_cumprod
+def _coefficients(scheduler: DDPMScheduler, latents: torch.Tensor,
+                  timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(abar_t) and sqrt(1 - abar_t) per sample, in float32, shaped to broadcast over ``latents``."""
+    abar = scheduler.alphas_cumprod.to(latents.device, torch.float32)[timesteps]
+    shape = (-1,) + (1,) * (latents.dim() - 1)
+    return abar.sqrt().reshape(shape), (1 - abar).sqrt().reshape(shape)
 
 
 def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    abar = scheduler.alphas_cumprod.to(latents.device, torch.float32)[timesteps]
-    shape = (-1,) + (1,) * (latents.dim() - 1)
-    a = abar.sqrt().reshape(shape)
-    s = (1 - abar).sqrt().reshape(shape)
+    a, s = _coefficients(scheduler, latents, timesteps)
     return (a * latents.float() + s * noise.float()).to(latents.dtype)
 
 
@@ -30,10 +31,8 @@ def target(prediction_type: str, scheduler: DDPMScheduler, latents: torch.Tensor
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
-        abar = scheduler.alphas_cumprod.to(latents.device, torch.float32)[timesteps]
-        shape = (-1,) + (1,) * (latents.dim() - 1)
-        return (abar.sqrt().reshape(shape) * noise.float()
-                - (1 - abar).sqrt().reshape(shape) * latents.float()).to(latents.dtype)
+        a, s = _coefficients(scheduler, latents, timesteps)
+        return (a * noise.float() - s * latents.float()).to(latents.dtype)
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
