@@ -316,11 +316,13 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
         weights = _folder_weights(folder, _UNET_FILES)
     elif path.is_file():
         sd, metadata = read_state_dict(path)
-        if any(k.startswith("model.diffusion_model.") for k in sd):
-            return place(load_model(path).vae, dtype=dtype)
+        if any(k.startswith("model.diffusion_model.") for k in sd):  # a whole checkpoint: take its VAE part
+            sd = {k: v for k, v in sd.items() if k.startswith(VAE_ROOT)}
         sd = {k.removeprefix(VAE_ROOT): v for k, v in sd.items() if not k.startswith("model_ema.")}
         if any(k.startswith("encoder.down.") for k in sd):  # LDM layout
-            config = _infer_vae_config(sd, path)
+            # sdtune's own files carry their configs; any other VAE's layout is read from its shapes
+            config = (json.loads(metadata[_META_CONFIGS])["vae"] if _META_CONFIGS in metadata
+                      else _infer_vae_config(sd, path))
             key_map = build_key_map({"unet": _EMPTY_UNET, "vae": config, "text_encoder": {"num_hidden_layers": 0}}, "clip")
             try:
                 converted, _ = key_map.to_diffusers({VAE_ROOT + k: v for k, v in sd.items()})
