@@ -58,7 +58,6 @@ from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket
 from sdtune.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, open_image
 from sdtune.data.metadata import Images, KeyIndex, check_unique_keys, load_metadata, save_metadata
 from sdtune.devices import resolve_device
-from sdtune.models.sd import place
 from sdtune.errors import SdtuneError
 from sdtune.options import opt
 
@@ -415,9 +414,9 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
     if vae is None:
         vae = _load_vae(options.model_name_or_path)
     fingerprint = vae_fingerprint(vae)  # of the float32 weights: the same VAE in any precision prints the same
-    param = next(vae.parameters())
-    if param.device != device or param.dtype != dtype:  # diffusers warns on every .to(), needed or not
-        vae = place(vae, device, dtype)
+    from sdtune.models.sd import place  # heavy imports only when the stage runs
+
+    vae = place(vae, device, dtype)
     vae.eval().requires_grad_(False)
 
     # Batches hold one bucket each (the VAE needs equal sizes); buckets in turn, images in folder order.
