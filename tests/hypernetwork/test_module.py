@@ -145,8 +145,10 @@ def tiny():
 
 
 def unet_inputs(seed: int = 0):
+    # 32x32 latents: at 8x8 the tiny U-Net's last level is 1x1 px, where group norms over two values amplify float
+    # rounding ~1000-fold and backends that agree to 1e-7 per layer differ by up to 1e-3 at the output.
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    return torch.randn(2, 4, 32, 32, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
 
 
 def strong_hypernetwork(sizes, seed: int = 1) -> Hypernetwork:

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -377,10 +378,15 @@ class Trainer:
             if self.opts.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.trainable, self.opts.max_grad_norm)
             self.optimizer.step()
+            self.lr_scheduler.step()
         else:
             logger.info("step %d: gradients overflowed in fp16; skipped, loss scale now %g", step + 1,
                         self.scaler.scale)
-        self.lr_scheduler.step()
+            # The schedule follows the step count, skipped steps included; PyTorch warns that the optimizer has not
+            # stepped yet when the very first step is the skipped one, which is intended here.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(group)
 
