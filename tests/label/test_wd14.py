@@ -263,3 +263,41 @@ def test_select_tags_ties_keep_model_order() -> None:
                           undesired=frozenset(), always_first=(), use_rating_tags=False)
     scores = np.array([0.9, 0.6, 0.6, 0.7, 0.89], dtype=np.float32)
     assert wd14.select_tags(scores, table, rules) == ["c_tag", "b_tag", "a_tag"]
+
+
+def test_replacement_then_character_expand_then_rating_last(images: Path, tiny_tagger: Callable[..., Path]) -> None:
+    code = main(["tag", str(images), "--model_dir", str(tiny_tagger()), "--remove_underscore",
+                 "--tag_replacement", r"hatsune miku,hatsune_miku_(vocaloid);solo,alone\, one;^_^,smile",
+                 "--character_tag_expand", "--use_rating_tags_as_last_tag", "--always_first_tags", "vocaloid",
+                 "--caption_separator", " | "])
+    assert code == 0
+    tags = read_tags(images / "green.txt", " | ")
+    plain = [t.replace("_", " ") if len(t) > 3 else t
+             for t in expected_tags(scores_for(images / "green.png", tiny_tagger()))]
+    # "hatsune miku" (underscores already removed) was replaced, then expanded into a name and a series tag; the
+    # series is also named by --always_first_tags, which sees the written tags.
+    assert tags[:2] == ["vocaloid", "hatsune_miku"]
+    assert "alone, one" in tags and "solo" not in tags  # an escaped comma stays inside the tag
+    assert "smile" in tags and "^_^" not in tags
+    assert tags[-1] == "general"  # the rating, last
+    assert len(tags) == len(plain) + 2  # the series tag and the rating are the only additions
+    assert [t for t in tags if t in plain] == [t for t in plain if t in tags]  # the other tags keep their order
+
+
+def test_character_tag_expand_rules() -> None:
+    table = wd14.TagTable(names=("general", "name_(series)", "a (b) (c)", "(odd)", "open", "series", "x_(y)"),
+                          categories=(9, 4, 4, 4, 4, 0, 0))
+    rules = wd14.TagRules(general_threshold=0.5, character_threshold=0.5, remove_underscore=False,
+                          undesired=frozenset(), always_first=(), use_rating_tags=False, character_tag_expand=True)
+    scores = np.array([0.9, 0.99, 0.98, 0.97, 0.96, 0.8, 0.7], dtype=np.float32)
+    # The last parenthesis is the series; a tag that is all parenthesis or none stays whole; the general "series"
+    # repeats the expanded one and is written once; general tags are never expanded.
+    assert wd14.select_tags(scores, table, rules) == ["name", "series", "a (b)", "c", "(odd)", "open", "x_(y)"]
+
+
+@pytest.mark.parametrize("bad", ["a", "a,b,c", ",b", "a,b;c"])
+def test_malformed_tag_replacement_is_refused_before_the_model(images: Path, tmp_path: Path, bad: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tag", str(images), "--model_dir", str(tmp_path / "none"), "--tag_replacement", bad]) == 2
+    assert "--tag_replacement" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -16,8 +16,12 @@ BGR, float32 in 0..255.
 
 Tag order in the file: ``--always_first_tags`` that were found (in the order given), then the rating tag
 (``--use_rating_tags``), then character tags, then general tags; within each group by descending score (ties keep
-the CSV order). Descending score puts the most certain tags first, where ``--keep_tokens`` and caption truncation
-leave them alone.
+the CSV order); the rating tag goes last instead with ``--use_rating_tags_as_last_tag``. Descending score puts the
+most certain tags first, where ``--keep_tokens`` and caption truncation leave them alone.
+
+How a tag of the model is written, in this order: ``--remove_underscore``, then ``--tag_replacement``, then
+``--character_tag_expand`` (as in sd-scripts). ``--undesired_tags`` and ``--always_first_tags`` match the written
+tags; a tag written twice (say an expanded series that is also a general tag) is kept once, where it first appears.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,11 @@ class TagOptions:
     undesired_tags: str = opt("", "comma-separated tags never to write")
     always_first_tags: str = opt("", "comma-separated tags that go first, in this order, when the image has them")
     use_rating_tags: bool = opt(False, "write the highest-scoring rating tag (general, sensitive, ...) too")
+    use_rating_tags_as_last_tag: bool = opt(False, "write the highest-scoring rating tag last (implies "
+                                            "--use_rating_tags)")
+    tag_replacement: str = opt("", "write some tags differently: 'source1,target1;source2,target2'; write \\, or "
+                               "\\; for a comma or semicolon inside a tag; applied after --remove_underscore")
+    character_tag_expand: bool = opt(False, "write a character tag 'name_(series)' as two tags, 'name, series'")
     append_tags: bool = opt(False, "add new tags to existing tag files instead of skipping those images")
     overwrite: bool = opt(False, "tag images that already have a tag file, replacing it")
     frequency_tags: bool = opt(False, "log how often each tag was written, at the end")
@@ -111,6 +120,9 @@ class TagRules:
     undesired: frozenset[str]
     always_first: tuple[str, ...]
     use_rating_tags: bool
+    rating_last: bool = False
+    replacements: dict[str, str] = field(default_factory=dict)  # comparison key of the source -> target
+    character_tag_expand: bool = False
 
 
 def _validate(options: TagOptions) -> tuple[str, TagRules]:
@@ -135,7 +147,10 @@ def _validate(options: TagOptions) -> tuple[str, TagRules]:
         remove_underscore=options.remove_underscore,
         undesired=frozenset(_key(t) for t in split_list(options.undesired_tags)),
         always_first=tuple(split_list(options.always_first_tags)),
-        use_rating_tags=options.use_rating_tags,
+        use_rating_tags=options.use_rating_tags or options.use_rating_tags_as_last_tag,
+        rating_last=options.use_rating_tags_as_last_tag,
+        replacements=parse_tag_replacement(options.tag_replacement),
+        character_tag_expand=options.character_tag_expand,
     )
     return normalize_extension(options.caption_extension, "--caption_extension"), rules
 
@@ -149,6 +164,70 @@ def display_name(name: str, remove_underscore: bool) -> str:
     if remove_underscore and len(name) > _KEEP_UNDERSCORE_MAX_LEN:
         return name.replace("_", " ")
     return name
+
+
+def _split_unescaped(text: str, separator: str) -> list[str]:
+    """Split at each ``separator`` not preceded by a backslash; escapes are kept for ``_unescape``."""
+    parts, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            current.append(char)
+            escaped = True
+        elif char == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    out, escaped = [], False
+    for char in text:
+        if char == "\\" and not escaped:
+            escaped = True
+            continue
+        out.append(char)
+        escaped = False
+    return "".join(out).strip()
+
+
+def parse_tag_replacement(text: str) -> dict[str, str]:
+    """``--tag_replacement``: ``"a,b;c\\,d,e"`` -> ``{"a": "b", "c,d": "e"}``, sources as comparison keys."""
+    pairs: dict[str, str] = {}
+    for chunk in _split_unescaped(text, ";"):
+        if not chunk.strip():
+            continue
+        parts = [_unescape(part) for part in _split_unescaped(chunk, ",")]
+        if len(parts) != 2 or not all(parts):
+            raise LabelError(f"--tag_replacement: {chunk.strip()!r} is not one 'source,target' pair; the format is "
+                             "'source1,target1;source2,target2', with \\, or \\; for a comma or semicolon inside "
+                             "a tag")
+        pairs[_key(parts[0])] = parts[1]
+    return pairs
+
+
+def expand_character_tag(tag: str) -> list[str]:
+    """``'name_(series)'`` or ``'name (series)'`` -> ``['name', 'series']``; other tags are left whole."""
+    if not tag.endswith(")"):
+        return [tag]
+    name, _, series = tag[:-1].rpartition("(")
+    name, series = name.rstrip(" _"), series.strip()
+    return [name, series] if name and series else [tag]
+
+
+def written_tags(name: str, category: int, rules: TagRules) -> list[str]:
+    """How the model's tag ``name`` is written (see the module docstring): one tag, or two for an expanded
+    character tag."""
+    tag = display_name(name, rules.remove_underscore)
+    tag = rules.replacements.get(_key(tag), tag)
+    if rules.character_tag_expand and category == CHARACTER:
+        return expand_character_tag(tag)
+    return [tag]
 
 
 def select_tags(scores: np.ndarray, table: TagTable, rules: TagRules) -> list[str]:
@@ -167,9 +246,15 @@ def select_tags(scores: np.ndarray, table: TagTable, rules: TagRules) -> list[st
                 character.append(i)
         elif scores[i] >= rules.general_threshold:
             general.append(i)
-    chosen = (rating[:1] if rules.use_rating_tags else []) + character + general
-    tags = [display_name(table.names[i], rules.remove_underscore) for i in chosen]
-    tags = [t for t in tags if _key(t) not in rules.undesired]
+    rated = rating[:1] if rules.use_rating_tags else []
+    chosen = character + general + rated if rules.rating_last else rated + character + general
+    tags = []
+    seen = set(rules.undesired)
+    for i in chosen:
+        for tag in written_tags(table.names[i], table.categories[i], rules):
+            if _key(tag) not in seen:
+                seen.add(_key(tag))
+                tags.append(tag)
     first: list[str] = []
     for wanted in rules.always_first:
         match = next((t for t in tags if _key(t) == _key(wanted)), None)
