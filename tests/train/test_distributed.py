@@ -75,3 +75,20 @@ def test_accelerate_launch_module_cli(prepared, tmp_path):
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "out" / "last.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["FSDP", "DEEPSPEED"])
+def test_sharded_accelerate_modes_are_refused_before_any_work(prepared, tmp_path, monkeypatch, mode):
+    # accelerate selects FSDP/DeepSpeed only on GPUs, so the mode is faked here: the check reads what accelerate
+    # says, as under a real `accelerate launch --config_file fsdp.yaml`.
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from sdtune.errors import SdtuneError
+    from sdtune.train.loop import Trainer
+    from tests.train.test_train import options
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[mode]))
+    with pytest.raises(SdtuneError, match="does not support accelerate's (FSDP|DeepSpeed) mode.*torchrun"):
+        Trainer(options(prepared, tmp_path))
+    assert not (tmp_path / "out").exists()

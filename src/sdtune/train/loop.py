@@ -227,6 +227,25 @@ def optimizer_name(opts: TrainOptions) -> str:
     return "AdamW8bit" if opts.use_8bit_adam else opts.optimizer_type
 
 
+def check_distributed_type(accelerator: Any) -> None:
+    """Refuse accelerate's sharded modes before any work: sdtune's optimizer, loss scaler, gradient reduction and
+    checkpoint writer work on whole (unsharded) modules, so under FSDP or DeepSpeed they would train shards they
+    do not see and save shards as if they were the model. A clear refusal beats a checkpoint that is silently
+    wrong."""
+    from accelerate.utils import DistributedType
+
+    sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+               DistributedType.MEGATRON_LM: "Megatron-LM"}
+    name = sharded.get(accelerator.distributed_type)
+    if name is not None:
+        raise SdtuneError(
+            f"sdtune train does not support accelerate's {name} mode yet (it would save sharded weights as if they "
+            "were the model). Run with a plain multi-GPU config instead (accelerate config -> multi-GPU, no "
+            "FSDP/DeepSpeed; or torchrun --nproc_per_node N -m sdtune train ...): DDP, where each GPU holds the "
+            "whole model. On 12 GB cards see the README's memory recipes (--gradient_checkpointing, "
+            "--use_8bit_adam, --mixed_precision, --full_fp16).")
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 class Trainer:
     """Holds the pieces of one run; :meth:`run` is the loop."""
@@ -239,6 +258,7 @@ class Trainer:
         # Under torchrun on a machine without a GPU, accelerate joins the processes (gloo) only when told cpu=True.
         cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=opts.mixed_precision, cpu=cpu_ranks)
+        check_distributed_type(self.accelerator)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
