@@ -69,6 +69,13 @@ def find_command(name: str) -> Command | None:
     return next((c for c in COMMANDS if c.name == normalized), None)
 
 
+def _not_about_4bit_kernels(record: logging.LogRecord) -> bool:
+    """diffusers imports bitsandbytes for its quantizers, and bitsandbytes' CPU backend then warns on every command
+    that its optional 4-bit kernels package is missing; sdtune never uses 4-bit layers, so that one warning is
+    noise. Every other bitsandbytes message passes."""
+    return "gemm_4bit" not in record.getMessage()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -86,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # sdtune's own progress at INFO; other libraries (tensorboard, diffusers) only when they warn
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sdtune").setLevel(logging.INFO)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_about_4bit_kernels)
     try:
         module = importlib.import_module(command.module)
     except ModuleNotFoundError as exc:

@@ -80,6 +80,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("ddim", "DDIMScheduler", "DDIM"),
     # SD's own PNDM config skips the Runge-Kutta warm-up steps; so do diffusers' SD pipelines.
     Sampler("pndm", "PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
+    Sampler("lms", "LMSDiscreteScheduler", "LMS"),  # sdtune.lms: diffusers' LMS with SciPy-free coefficients
     Sampler("euler", "EulerDiscreteScheduler", "Euler"),
     Sampler("euler_a", "EulerAncestralDiscreteScheduler", "Euler a"),
     Sampler("heun", "HeunDiscreteScheduler", "Heun"),
@@ -92,8 +93,8 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
 )}
 # sd-scripts' (gen_img_diffusers.py, --sample_sampler) and common spellings.
 SAMPLER_ALIASES: dict[str, str] = {
-    "plms": "pndm", "k_euler": "euler", "k_euler_a": "euler_a", "euler_ancestral": "euler_a", "k_heun": "heun",
-    "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "dpmsolver++": "dpm++", "dpmpp_2m": "dpm++",
+    "plms": "pndm", "k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "euler_ancestral": "euler_a",
+    "k_heun": "heun", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "dpmsolver++": "dpm++", "dpmpp_2m": "dpm++",
     "dpm++_2m": "dpm++", "dpmpp_2m_karras": "dpm++_karras", "dpm++_2m_karras": "dpm++_karras",
 }
 SAMPLER_CHOICES: tuple[str, ...] = (*SAMPLERS, *SAMPLER_ALIASES)
@@ -113,7 +114,10 @@ def make_scheduler(sampler: str | Sampler, family: Family) -> SchedulerMixin:
     import diffusers
 
     spec = sampler if isinstance(sampler, Sampler) else get_sampler(sampler)
-    cls = getattr(diffusers, spec.scheduler)
+    if spec.scheduler == "LMSDiscreteScheduler":
+        from sdtune.lms import LMSScheduler as cls
+    else:
+        cls = getattr(diffusers, spec.scheduler)
     config = {k: v for k, v in family.scheduler_config().items() if k != "_class_name"}
     return cls.from_config({**config, **spec.config})
 

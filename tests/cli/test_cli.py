@@ -32,6 +32,14 @@ def test_python_m_sdtune_runs():
     assert "merge-captions" in result.stdout
 
 
+def test_library_import_noise_stays_out_of_the_terminal():
+    # diffusers imports bitsandbytes, whose CPU backend warns about optional 4-bit kernels on every command.
+    result = subprocess.run([sys.executable, "-m", "sdtune", "generate", "--help"], capture_output=True, text=True,
+                            check=True)
+    assert "--sampler" in result.stdout
+    assert "gemm_4bit" not in result.stderr and "WARNING" not in result.stderr, result.stderr
+
+
 def test_convert_by_cli_with_hyphenated_alias_and_config_file(tmp_path, saved_model):
     src = saved_model("sd1", "diffusers")
     config = tmp_path / "convert.toml"
