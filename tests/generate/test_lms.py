@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
 
 from sdtune.generate import get_sampler, make_scheduler
 from sdtune.lms import LMSScheduler, lms_coefficient
