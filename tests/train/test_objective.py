@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from sdtune.data.dataset import build_caption, shuffle_caption
@@ -52,3 +53,30 @@ def test_shuffle_keeps_first_tokens_and_every_part():
         seen.add(out)
     assert len(seen) > 10  # it does shuffle
     assert shuffle_caption(caption, 7, np.random.default_rng(0)) == caption
+
+
+def test_noise_offset_adds_a_per_channel_constant_and_leaves_the_rest_alone():
+    latents = torch.zeros(64, 4, 6, 6)
+    plain, t_plain = noise.sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(5))
+    offset, t_offset = noise.sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(5), 0.1)
+    assert torch.equal(t_plain, t_offset)  # the same timesteps: a run without the offset draws what it always drew
+    shift = offset - plain
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)  # constant over each channel
+    per_channel = shift[:, :, 0, 0]
+    assert 0.08 < per_channel.std().item() < 0.12  # scaled by the offset (256 draws of 0.1 * N(0, 1))
+    assert per_channel.unique().numel() == 256  # independent per sample and channel
+
+
+def test_min_snr_weights_by_hand():
+    sched = DDPMScheduler.from_config(SD2_V.scheduler_config())
+    t = torch.tensor([0, 100, 500, 999])
+    abar = sched.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    eps = noise.min_snr_weights("epsilon", sched, t, 5.0).double()
+    v = noise.min_snr_weights("v_prediction", sched, t, 5.0).double()
+    for i in range(4):
+        want_eps = min(snr[i].item(), 5.0) / snr[i].item()
+        want_v = min(snr[i].item(), 5.0) / (snr[i].item() + 1)
+        assert eps[i].item() == pytest.approx(want_eps, rel=1e-5)
+        assert v[i].item() == pytest.approx(want_v, rel=1e-5)
+    assert eps[0] < 0.01 and eps[3] == 1.0  # the nearly clean timestep is damped; noisy ones keep weight 1

@@ -236,3 +236,39 @@ def test_epochs_and_repeats_set_the_number_of_steps(prepared, tmp_path):
     trainer = Trainer(options(prepared, tmp_path / "r", dataset_repeats=2, max_train_epochs=1))
     result = trainer.run()
     assert trainer.plan.batches_per_epoch == 6 and result["global_step"] == 6
+
+
+def test_min_snr_gamma_and_noise_offset_change_the_loss_as_documented(prepared, tmp_path):
+    def loss_of(name: str, **overrides) -> float:
+        trainer = Trainer(options(prepared, tmp_path / name, **overrides))
+        trainer.setup()
+        keys, _ = trainer.data.epoch_batches(0, 0, 2, 1, 0)[0]
+        batch = trainer.data.load_batch(keys, 0, 0, False, 0)
+        with torch.no_grad():
+            return trainer.loss(batch, torch.Generator().manual_seed(0)).item()
+
+    plain = loss_of("plain")
+    # gamma above every timestep's SNR: every weight is 1 and the loss is the plain one.
+    assert loss_of("huge", min_snr_gamma=1e9) == pytest.approx(plain, rel=1e-5)
+    # gamma far below: every sample is weighted gamma / SNR < 1.
+    assert loss_of("tiny", min_snr_gamma=1e-3) < 0.5 * plain
+    assert loss_of("offset", noise_offset=0.5) != pytest.approx(plain, rel=1e-3)
+
+
+def test_training_with_min_snr_and_noise_offset_resumes_exactly(prepared, tmp_path):
+    extra = dict(min_snr_gamma=5.0, noise_offset=0.1, max_train_steps=4, save_model_as="safetensors")
+    straight = train(options(prepared, tmp_path / "a", **extra))
+    first = train(options(prepared, tmp_path / "b", **{**extra, "max_train_steps": 2}, save_state=True))
+    assert first["losses"] == straight["losses"][:2]
+    state = next(p for p in (tmp_path / "b" / "out").iterdir() if p.is_dir() and "state" in p.name)
+    resumed = train(options(prepared, tmp_path / "b", **extra, resume=str(state)))
+    assert resumed["losses"] == straight["losses"][2:]
+    a = load_file(tmp_path / "a" / "out" / "last.safetensors")
+    b = load_file(tmp_path / "b" / "out" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad", [{"noise_offset": -0.1}, {"min_snr_gamma": 0.0}])
+def test_bad_noise_options_are_refused(prepared, tmp_path, bad):
+    with pytest.raises(SdtuneError, match="noise_offset|min_snr_gamma"):
+        Trainer(options(prepared, tmp_path, **bad))

@@ -5,6 +5,16 @@ abar_t = prod(1 - beta_s), a clean latent x0 and noise eps, the noisy latent is
 ``x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps``. The model predicts eps (SD 1.x, 2.x-base) or the velocity
 ``v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0`` (SD 2.x 768-v; Salimans & Ho 2022, "Progressive Distillation",
 section 4).
+
+Two optional refinements, as in sd-scripts:
+
+* **noise offset** (``--noise_offset``; Guttenberg, "Diffusion With Offset Noise", Crosstalk Labs 2023): each
+  sample's noise gets a constant per channel, ``eps += offset * N(0, 1)[B, C, 1, 1]``, so the model learns to change
+  an image's mean brightness (plain SD cannot make very dark or very bright images). 0.05-0.1 is typical.
+* **min-SNR weighting** (``--min_snr_gamma``; Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+  Weighting Strategy"): with SNR_t = abar_t / (1 - abar_t), each sample's loss is weighted by
+  ``min(SNR_t, gamma) / SNR_t`` for epsilon and ``min(SNR_t, gamma) / (SNR_t + 1)`` for velocity, so the easy
+  low-noise timesteps stop dominating the gradient. gamma = 5 is the paper's choice.
 """
 
 from __future__ import annotations
@@ -36,9 +46,24 @@ def target(prediction_type: str, scheduler: DDPMScheduler, latents: torch.Tensor
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int,
-                               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise and uniformly drawn timesteps from ``generator`` (seeded per step, so a resumed run draws the same)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator,
+                               noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and uniformly drawn timesteps from ``generator`` (seeded per step, so a resumed run draws the same);
+    with ``noise_offset`` a per-sample, per-channel constant is added to the noise (drawn after the rest, so the
+    noise and timesteps of a run without the offset are unchanged)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
-    return noise, timesteps
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    return noise.to(latents.device, latents.dtype), timesteps
+
+
+def min_snr_weights(prediction_type: str, scheduler: DDPMScheduler, timesteps: torch.Tensor,
+                    gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR weighting (see the module docstring), float32, shaped (B,)."""
+    abar = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+    snr = abar / (1 - abar)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
