@@ -61,7 +61,7 @@ def bare_loop(model_path: Path, data: FineTuneData, steps: int, batch: int, seed
     scheduler = model.noise_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     keys = data.epoch_batches(0, seed, batch, 1, 0)
-    batches = [data.load_batch(k, 0, seed, False, 0) for k, _ in keys]
+    batches = [data.load_batch(k, 0, seed) for k, _ in keys]
     generator = torch.Generator().manual_seed(seed)
     scale = float(model.vae.config.scaling_factor)
     start = time.perf_counter()

@@ -20,9 +20,9 @@ def main() -> None:
     seen: list[dict] = []
     original = FineTuneData.load_batch
 
-    def recording(self, keys, epoch, seed, shuffle, keep_tokens):
+    def recording(self, keys, epoch, seed, caption_rules):
         seen.append({"epoch": epoch, "keys": list(keys)})
-        return original(self, keys, epoch, seed, shuffle, keep_tokens)
+        return original(self, keys, epoch, seed, caption_rules)
 
     FineTuneData.load_batch = recording
     trainer = Trainer(TrainOptions(pretrained_model_name_or_path=model, train_data_dir=train_dir, in_json=meta,

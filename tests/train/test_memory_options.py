@@ -18,7 +18,7 @@ from tests.train.test_train import options
 
 def saved_activation_bytes(trainer: Trainer) -> int:
     keys, _ = trainer.data.epoch_batches(0, 0, 2, 1, 0)[0]
-    batch = trainer.data.load_batch(keys, 0, 0, False, 0)
+    batch = trainer.data.load_batch(keys, 0, 0)
     total = 0
 
     def pack(t):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdtune.data.dataset import build_caption, shuffle_caption
+from sdtune.data.dataset import CaptionRules, build_caption, shuffle_caption
 from sdtune.models.families import SD2_V
 from diffusers import DDPMScheduler
 from sdtune.train import noise
@@ -53,6 +53,38 @@ def test_shuffle_keeps_first_tokens_and_every_part():
         seen.add(out)
     assert len(seen) > 10  # it does shuffle
     assert shuffle_caption(caption, 7, np.random.default_rng(0)) == caption
+
+
+def test_caption_dropout_rules():
+    caption = "sks person, red, hat, smiling, outdoors"
+    every_2nd = CaptionRules(dropout_every_n_epochs=2)
+    assert [every_2nd.apply(caption, epoch, np.random.default_rng(0)) for epoch in range(4)] == \
+        [caption, "", caption, ""]  # the 2nd and 4th epochs, counting from 1 as the log does
+    assert CaptionRules(dropout_rate=1.0).apply(caption, 0, np.random.default_rng(0)) == ""
+    half = CaptionRules(dropout_rate=0.5)
+    dropped = sum(half.apply(caption, 0, np.random.default_rng(seed)) == "" for seed in range(2000))
+    assert 900 < dropped < 1100
+
+
+def test_caption_tag_dropout_keeps_the_first_tokens_and_the_order():
+    caption = "sks person, red, hat, smiling, outdoors"
+    assert CaptionRules(keep_tokens=1, tag_dropout_rate=1.0).apply(caption, 0, np.random.default_rng(0)) == \
+        "sks person"
+    rules = CaptionRules(keep_tokens=1, tag_dropout_rate=0.5)
+    kept = {"red": 0, "hat": 0, "smiling": 0, "outdoors": 0}
+    for seed in range(1000):
+        parts = rules.apply(caption, 0, np.random.default_rng(seed)).split(", ")
+        assert parts[0] == "sks person"
+        assert parts[1:] == [p for p in kept if p in parts[1:]]  # no shuffle asked: the order stays
+        for part in parts[1:]:
+            kept[part] += 1
+    assert all(400 < n < 600 for n in kept.values()), kept
+
+
+def test_caption_rules_off_leave_the_caption_and_the_generator_alone():
+    rng, untouched = np.random.default_rng(3), np.random.default_rng(3)
+    assert CaptionRules().apply(" a,b ,c", 0, rng) == " a,b ,c"
+    assert rng.random() == untouched.random()  # no draw: runs without the options pick what they always picked
 
 
 def test_noise_offset_adds_a_per_channel_constant_and_leaves_the_rest_alone():

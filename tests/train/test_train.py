@@ -243,7 +243,7 @@ def test_min_snr_gamma_and_noise_offset_change_the_loss_as_documented(prepared, 
         trainer = Trainer(options(prepared, tmp_path / name, **overrides))
         trainer.setup()
         keys, _ = trainer.data.epoch_batches(0, 0, 2, 1, 0)[0]
-        batch = trainer.data.load_batch(keys, 0, 0, False, 0)
+        batch = trainer.data.load_batch(keys, 0, 0)
         with torch.no_grad():
             return trainer.loss(batch, torch.Generator().manual_seed(0)).item()
 
@@ -272,3 +272,26 @@ def test_training_with_min_snr_and_noise_offset_resumes_exactly(prepared, tmp_pa
 def test_bad_noise_options_are_refused(prepared, tmp_path, bad):
     with pytest.raises(SdtuneError, match="noise_offset|min_snr_gamma"):
         Trainer(options(prepared, tmp_path, **bad))
+
+
+def test_caption_dropout_reaches_the_text_encoder(prepared, tmp_path):
+    def captions_seen(name: str, **overrides) -> list[str]:
+        trainer = Trainer(options(prepared, tmp_path / name, max_train_steps=3, **overrides))
+        seen: list[str] = []
+        trainer.setup()
+        encode_captions = trainer.conditioning
+
+        def recording(captions):
+            seen.extend(captions)
+            return encode_captions(captions)
+
+        trainer.conditioning = recording
+        trainer.run()
+        return seen
+
+    plain = captions_seen("plain")
+    assert all(plain) and any("," in c for c in plain)
+    dropped = captions_seen("dropped", caption_dropout_rate=1.0)
+    assert dropped and set(dropped) == {""}
+    tags = captions_seen("tags", keep_tokens=1, caption_tag_dropout_rate=1.0)
+    assert tags and all(c and "," not in c for c in tags)  # only the first part is left

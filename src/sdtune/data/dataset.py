@@ -39,10 +39,43 @@ def build_caption(entry: dict[str, Any]) -> str:
 
 def shuffle_caption(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
     """Shuffle the comma-separated parts, keeping the first ``keep_tokens`` parts in place."""
-    parts = [p.strip() for p in caption.split(",") if p.strip()]
-    fixed, rest = parts[:keep_tokens], parts[keep_tokens:]
-    order = rng.permutation(len(rest))
-    return ", ".join(fixed + [rest[i] for i in order])
+    return CaptionRules(shuffle=True, keep_tokens=keep_tokens).apply(caption, 0, rng)
+
+
+@dataclass(frozen=True)
+class CaptionRules:
+    """How a caption varies each time it is used, in sd-scripts' order:
+
+    1. the whole caption becomes "" in every ``dropout_every_n_epochs``-th epoch (counting from 1), and otherwise
+       with probability ``dropout_rate`` (the model then also learns the unconditional prediction that
+       classifier-free guidance uses);
+    2. the comma-separated parts after the first ``keep_tokens`` are shuffled (``shuffle``), and each is dropped
+       with probability ``tag_dropout_rate``.
+
+    Draws come from the item's own generator (:func:`item_rng`), and only for the rules that are on, so a run's
+    other random choices stay as they were.
+    """
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout_rate: float = 0.0
+    dropout_every_n_epochs: int = 0
+    tag_dropout_rate: float = 0.0
+
+    def apply(self, caption: str, epoch: int, rng: np.random.Generator) -> str:
+        if self.dropout_every_n_epochs and (epoch + 1) % self.dropout_every_n_epochs == 0:
+            return ""
+        if self.dropout_rate and rng.random() < self.dropout_rate:
+            return ""
+        if not (self.shuffle or self.tag_dropout_rate):
+            return caption
+        parts = [p.strip() for p in caption.split(",") if p.strip()]
+        fixed, rest = parts[:self.keep_tokens], parts[self.keep_tokens:]
+        if self.shuffle:
+            rest = [rest[i] for i in rng.permutation(len(rest))]
+        if self.tag_dropout_rate:
+            rest = [p for p in rest if rng.random() >= self.tag_dropout_rate]
+        return ", ".join(fixed + rest)
 
 
 def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -134,8 +167,8 @@ class FineTuneData:
         plan = self.buckets.epoch_plan(epoch, seed, batch_size, world_size=1)
         return share_batches([list(b) for b in plan.batches], world_size, rank)
 
-    def load_batch(self, bucket_keys: Sequence[str], epoch: int, seed: int, shuffle: bool, keep_tokens: int
-                   ) -> dict[str, Any]:
+    def load_batch(self, bucket_keys: Sequence[str], epoch: int, seed: int,
+                   caption_rules: CaptionRules = CaptionRules()) -> dict[str, Any]:
         latents, captions, keys = [], [], []
         for bucket_key in bucket_keys:
             key = bucket_key.split(_REPEAT_SEP)[0]
@@ -147,7 +180,7 @@ class FineTuneData:
                 cached = load_latent_file(ex.latents)
                 use_flip = cached.latents_flipped is not None and rng.random() < 0.5
                 lat = torch.from_numpy(cached.latents_flipped if use_flip else cached.latents)
-            caption = shuffle_caption(ex.caption, keep_tokens, rng) if shuffle else ex.caption
+            caption = caption_rules.apply(ex.caption, epoch, rng)
             latents.append(lat)
             captions.append(caption)
             keys.append(key)
@@ -188,17 +221,17 @@ def share_batches(batches: list[list[str]], world_size: int, rank: int) -> list[
 class EpochBatches(torch.utils.data.Dataset):
     """One epoch's batches for this rank, from position ``start``; each item is a whole batch."""
 
-    def __init__(self, data: FineTuneData, batches: list[tuple[list[str], float]], epoch: int, seed: int, shuffle: bool,
-                 keep_tokens: int, start: int = 0) -> None:
+    def __init__(self, data: FineTuneData, batches: list[tuple[list[str], float]], epoch: int, seed: int,
+                 captions: CaptionRules, start: int = 0) -> None:
         self.data, self.batches, self.epoch, self.seed = data, batches[start:], epoch, seed
-        self.shuffle, self.keep_tokens = shuffle, keep_tokens
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         keys, weight = self.batches[index]
-        batch = self.data.load_batch(keys, self.epoch, self.seed, self.shuffle, self.keep_tokens)
+        batch = self.data.load_batch(keys, self.epoch, self.seed, self.captions)
         batch["weight"] = weight
         return batch
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdtune.data.dataset import EpochBatches, FineTuneData, epoch_loader
+from sdtune.data.dataset import CaptionRules, EpochBatches, FineTuneData, epoch_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.attention import set_attention
@@ -73,7 +73,14 @@ class TrainOptions:
     recursive: bool = opt(False, "look for images in sub-folders too")
     dataset_repeats: int = opt(1, "how many times each image appears per epoch")
     shuffle_caption: bool = opt(False, "shuffle the comma-separated parts of each caption every time it is used")
-    keep_tokens: int = opt(0, "with --shuffle_caption: keep the first N comma-separated parts in place")
+    keep_tokens: int = opt(0, "keep the first N comma-separated parts of each caption in place: never shuffled "
+                           "or dropped")
+    caption_dropout_rate: float = opt(0.0, "probability of training an image with an empty caption (teaches the "
+                                      "unconditional prediction that guidance uses; 0.05-0.1 typical)")
+    caption_dropout_every_n_epochs: int = opt(0, "train every Nth epoch (counting from 1) with empty captions "
+                                              "(0: never)")
+    caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each comma-separated part after "
+                                          "--keep_tokens, each time a caption is used")
     max_token_length: int = opt(75, "prompt length in tokens (150/225 encode 75-token chunks and join them)",
                                 choices=(75, 150, 225))
     clip_skip: Optional[int] = opt(None, "use the hidden state N layers from the end of the text encoder "
@@ -180,6 +187,11 @@ def validate(opts: TrainOptions) -> None:
         raise SdtuneError("--full_fp16 needs --mixed_precision fp16")
     if opts.full_bf16 and opts.mixed_precision != "bf16":
         raise SdtuneError("--full_bf16 needs --mixed_precision bf16")
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0.0 <= getattr(opts, name) <= 1.0:
+            raise SdtuneError(f"--{name} is a probability, between 0 and 1; got {getattr(opts, name)}")
+    if opts.caption_dropout_every_n_epochs < 0 or opts.keep_tokens < 0:
+        raise SdtuneError("--caption_dropout_every_n_epochs and --keep_tokens must be 0 or more")
     if opts.noise_offset < 0:
         raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
     if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
@@ -280,6 +292,9 @@ class Trainer:
         else:
             self.progress.seed = opts.seed if opts.seed is not None else random.randint(0, 2**31 - 1)
         self.seed = self.progress.seed
+        self.caption_rules = CaptionRules(
+            shuffle=opts.shuffle_caption, keep_tokens=opts.keep_tokens, dropout_rate=opts.caption_dropout_rate,
+            dropout_every_n_epochs=opts.caption_dropout_every_n_epochs, tag_dropout_rate=opts.caption_tag_dropout_rate)
         self.encodes_on_the_fly = 0
         self.writer = None
         self.saved: list[Path] = []
@@ -526,8 +541,8 @@ class Trainer:
             while progress.global_step < plan.total_steps:
                 epoch = progress.epoch
                 batches = self.data.epoch_batches(epoch, self.seed, opts.train_batch_size, self.world, self.rank)
-                loader = epoch_loader(EpochBatches(self.data, batches, epoch, self.seed, opts.shuffle_caption,
-                                                   opts.keep_tokens, start=progress.batch_in_epoch),
+                loader = epoch_loader(EpochBatches(self.data, batches, epoch, self.seed, self.caption_rules,
+                                                   start=progress.batch_in_epoch),
                                       opts.max_data_loader_n_workers)
                 epoch_losses: list[float] = []
                 group: list[dict[str, Any]] = []
