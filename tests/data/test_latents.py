@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -105,6 +106,12 @@ def test_workers_give_the_same_latents_as_the_main_process(dataset, tiny_vae):
     assert summary.encoded == 3
     for name, latents in first.items():
         np.testing.assert_allclose(load_latent_file(train / f"{name}.npz").latents, latents, atol=2e-5)
+
+
+def test_workers_start_under_spawn_as_on_windows(dataset, tiny_vae, spawn_workers):
+    train, meta = dataset
+    summary = prepare_latents(options(train, meta, max_data_loader_n_workers=1, batch_size=3), vae=tiny_vae)
+    assert summary.encoded == 3
 
 
 def test_skip_existing_reencodes_only_what_changed(dataset, tiny_vae, make_image):

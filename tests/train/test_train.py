@@ -295,3 +295,11 @@ def test_caption_dropout_reaches_the_text_encoder(prepared, tmp_path):
     assert dropped and set(dropped) == {""}
     tags = captions_seen("tags", keep_tokens=1, caption_tag_dropout_rate=1.0)
     assert tags and all(c and "," not in c for c in tags)  # only the first part is left
+
+
+def test_loader_workers_start_under_spawn_as_on_windows(prepared, tmp_path, request):
+    opts = options(prepared, tmp_path, max_train_steps=2, max_data_loader_n_workers=1, shuffle_caption=True,
+                   caption_dropout_rate=0.1)  # prepared first: its own loader runs in the main process
+    request.getfixturevalue("spawn_workers")
+    result = train(opts)
+    assert len(result["losses"]) == 2
