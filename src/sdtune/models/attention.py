@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
-from diffusers import UNet2DConditionModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 from sdtune.errors import SdtuneError
 

@@ -16,11 +16,10 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -38,6 +37,9 @@ from sdtune.models.ldm_keys import (
 )
 from sdtune.models.sd import StableDiffusion, build_modules, place, with_prediction_type
 from sdtune.models.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 logger = logging.getLogger(__name__)
 
@@ -339,6 +341,8 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
             raise ModelLoadError(f"{path}: not a VAE (no encoder/decoder weights)")
     else:
         raise ModelLoadError(f"{source}: no such VAE file or folder")
+    from diffusers import AutoencoderKL
+
     with init_empty_weights(include_buffers=False):
         vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     try:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtune.models.families import Family
+
+if TYPE_CHECKING:  # imported where used: diffusers and transformers take seconds to import, `--help` none
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 
 @dataclass
@@ -29,6 +31,8 @@ class StableDiffusion:
         return self.family.prediction_type
 
     def noise_scheduler(self) -> DDPMScheduler:
+        from diffusers import DDPMScheduler
+
         return DDPMScheduler.from_config(self.family.scheduler_config())
 
     def configs(self) -> dict[str, dict[str, Any]]:
@@ -50,6 +54,9 @@ def text_config_dict(config: CLIPTextConfig) -> dict[str, Any]:
 
 def build_modules(configs: dict[str, dict[str, Any]]) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
     """Randomly initialised modules of the given configs (callers load weights into them)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     unet = UNet2DConditionModel.from_config({k: v for k, v in configs["unet"].items() if not k.startswith("_")})
     vae = AutoencoderKL.from_config({k: v for k, v in configs["vae"].items() if not k.startswith("_")})
     text_cfg = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}

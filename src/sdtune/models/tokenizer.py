@@ -7,10 +7,12 @@ import json
 import tempfile
 from importlib import resources
 from pathlib import Path
-
-from transformers import CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from sdtune.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 _VOCAB_ASSET = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP keeps the first 48,894 merges of the file (49,152 - 256 byte symbols - 2 special tokens), as open_clip does.
@@ -42,6 +44,8 @@ def packaged_vocabulary() -> tuple[dict[str, int], list[str]]:
 
 def packaged_tokenizer(pad_token: str) -> CLIPTokenizer:
     """A CLIP tokenizer built offline from sdtune's packaged vocabulary."""
+    from transformers import CLIPTokenizer
+
     vocab, merges = packaged_vocabulary()
     with tempfile.TemporaryDirectory(prefix="sdtune-clip-") as tmp:
         vocab_file = Path(tmp, "vocab.json")
@@ -65,6 +69,8 @@ def load_tokenizer(folder: str | Path | None, pad_token: str) -> CLIPTokenizer:
     if not folder.is_dir():
         raise ModelLoadError(f"tokenizer folder {folder} does not exist; pass a folder holding a CLIP tokenizer "
                              "(vocab.json + merges.txt or tokenizer.json), or leave --tokenizer unset")
+    from transformers import CLIPTokenizer
+
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:

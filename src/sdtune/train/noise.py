@@ -19,8 +19,12 @@ Two optional refinements, as in sd-scripts:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DDPMScheduler
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 
 def _coefficients(scheduler: DDPMScheduler, latents: torch.Tensor,
