@@ -123,6 +123,18 @@ def test_epoch_and_step_saves_with_rotation(prepared, tmp_path):
     assert result["epoch"] == 4
 
 
+def test_save_n_epoch_ratio_and_save_last_n_steps(prepared, tmp_path):
+    # 4 steps an epoch, 16 steps = 4 epochs; ratio 2 -> a save every 2 epochs
+    train(options(prepared, tmp_path, max_train_steps=16, save_n_epoch_ratio=2, save_every_n_steps=2,
+                  save_last_n_steps=4, output_name="r", save_state=True))
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert sorted(n for n in names if n.startswith("r-0")) == ["r-000002-state", "r-000002.safetensors"]
+    steps = sorted(n for n in names if "-step" in n and n.endswith(".safetensors"))
+    assert steps == ["r-step00000010.safetensors", "r-step00000012.safetensors", "r-step00000014.safetensors"]
+    assert sorted(n for n in names if "-step" in n and n.endswith("-state")) == [
+        "r-step00000010-state", "r-step00000012-state", "r-step00000014-state"]  # states rotate with them
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path, monkeypatch):
     real_target = loop.noise_lib.target
     calls = {"n": 0}

@@ -133,6 +133,10 @@ class TrainOptions:
     save_every_n_epochs: Optional[int] = opt(None, "also save a model every N epochs")
     save_every_n_steps: Optional[int] = opt(None, "also save a model every N steps")
     save_last_n_epochs: Optional[int] = opt(None, "keep only the last N epoch saves (older ones are removed)")
+    save_n_epoch_ratio: Optional[int] = opt(None, "save about N times over the run, every max(1, epochs // N) "
+                                            "epochs (instead of --save_every_n_epochs)")
+    save_last_n_steps: Optional[int] = opt(None, "keep only the step saves of the last N steps (older ones are "
+                                           "removed)")
     save_state: bool = opt(False, "save the training state (optimizer, scheduler, progress) with each model save "
                            "and on Ctrl-C, for --resume")
     resume: Optional[str] = opt(None, "continue from a state folder written by --save_state")
@@ -192,6 +196,12 @@ def validate(opts: TrainOptions) -> None:
             raise SdtuneError(f"--{name} is a probability, between 0 and 1; got {getattr(opts, name)}")
     if opts.caption_dropout_every_n_epochs < 0 or opts.keep_tokens < 0:
         raise SdtuneError("--caption_dropout_every_n_epochs and --keep_tokens must be 0 or more")
+    if opts.save_n_epoch_ratio is not None and opts.save_every_n_epochs is not None:
+        raise SdtuneError("--save_n_epoch_ratio and --save_every_n_epochs both set how often to save; pick one")
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_n_epoch_ratio",
+                 "save_last_n_steps"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise SdtuneError(f"--{name} must be 1 or more, got {getattr(opts, name)}")
     if opts.noise_offset < 0:
         raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
     if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
@@ -356,6 +366,9 @@ class Trainer:
             logger.info("--full_fp16: AdamW eps raised to 1e-4 (1e-8 underflows in fp16)")
         self.optimizer = build_optimizer(optimizer_name(opts), groups, opts.learning_rate, extra)
         self.plan = self._plan()
+        self.save_every_n_epochs = opts.save_every_n_epochs
+        if opts.save_n_epoch_ratio:
+            self.save_every_n_epochs = max(1, self.plan.epochs // opts.save_n_epoch_ratio)
         self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
                                                self.plan.total_steps, opts.lr_scheduler_num_cycles,
                                                opts.lr_scheduler_power)
@@ -480,17 +493,29 @@ class Trainer:
         logger.info("saved training state to %s", folder)
 
     def remove_old_epoch_saves(self, epoch: int) -> None:
-        keep = self.opts.save_last_n_epochs
-        every = self.opts.save_every_n_epochs
-        if not keep or not every or not self.is_main:
+        keep, every = self.opts.save_last_n_epochs, self.save_every_n_epochs
+        if keep and every and epoch - keep * every >= 1:
+            self._remove_save(self._name("epoch", epoch - keep * every))
+
+    def remove_old_step_saves(self, step: int) -> None:
+        """With --save_last_n_steps N: remove the newest step save that is more than N steps old (as sd-scripts;
+        names are deterministic, so saves of an earlier session before --resume are found too)."""
+        keep, every = self.opts.save_last_n_steps, self.opts.save_every_n_steps
+        if not keep or not every:
             return
-        old = epoch - keep * every
+        old = step - keep - 1
+        old -= old % every
         if old >= 1:
-            for path in (self._model_path(self._name("epoch", old)), self.output_dir / f"{self._name('epoch', old)}-state"):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+            self._remove_save(self._name("step", old))
+
+    def _remove_save(self, name: str) -> None:
+        if not self.is_main:
+            return
+        for path in (self._model_path(name), self.output_dir / f"{name}-state"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     # -------------------------------------------------------------------------------------------- logging
     def open_logs(self) -> None:
@@ -565,6 +590,7 @@ class Trainer:
                     if opts.save_every_n_steps and progress.global_step % opts.save_every_n_steps == 0 \
                             and progress.global_step < plan.total_steps:
                         self.save(self._name("step", progress.global_step))
+                        self.remove_old_step_saves(progress.global_step)
                     self.after_step()
                     if progress.global_step >= plan.total_steps:
                         break
@@ -574,7 +600,7 @@ class Trainer:
                 if epoch_done:
                     progress.epoch += 1
                     progress.batch_in_epoch = 0
-                    if opts.save_every_n_epochs and progress.epoch % opts.save_every_n_epochs == 0 \
+                    if self.save_every_n_epochs and progress.epoch % self.save_every_n_epochs == 0 \
                             and progress.global_step < plan.total_steps:
                         self.save(self._name("epoch", progress.epoch))
                         self.remove_old_epoch_saves(progress.epoch)
