@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -267,9 +268,11 @@ def test_min_snr_gamma_and_noise_offset_change_the_loss_as_documented(prepared, 
     assert loss_of("offset", noise_offset=0.5) != pytest.approx(plain, rel=1e-3)
 
 
-def test_training_with_min_snr_and_noise_offset_resumes_exactly(prepared, tmp_path):
+def test_training_with_min_snr_and_noise_offset_resumes_exactly(prepared, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="sdtune")
     extra = dict(min_snr_gamma=5.0, noise_offset=0.1, max_train_steps=4, save_model_as="safetensors")
     straight = train(options(prepared, tmp_path / "a", **extra))
+    assert "objective: noise offset 0.1; min-SNR gamma 5" in caplog.text  # the start-up summary says what is on
     first = train(options(prepared, tmp_path / "b", **{**extra, "max_train_steps": 2}, save_state=True))
     assert first["losses"] == straight["losses"][:2]
     state = next(p for p in (tmp_path / "b" / "out").iterdir() if p.is_dir() and "state" in p.name)

@@ -544,6 +544,12 @@ class Trainer:
             f"seed {self.seed}",
             self.target.description,
         ]
+        extras = [text.format(value) for text, value in (
+            ("noise offset {:g}", o.noise_offset), ("min-SNR gamma {:g}", o.min_snr_gamma),
+            ("caption dropout {:g}", o.caption_dropout_rate), ("tag dropout {:g}", o.caption_tag_dropout_rate),
+            ("empty captions every {} epoch(s)", o.caption_dropout_every_n_epochs)) if value]
+        if extras:
+            lines.append("objective: " + "; ".join(extras))
         if self.data.skipped:
             lines.append(f"not trained (no train_resolution in the metadata): {len(self.data.skipped)} image(s)")
         if self.progress.global_step:
