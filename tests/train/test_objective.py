@@ -112,3 +112,14 @@ def test_min_snr_weights_by_hand():
         assert eps[i].item() == pytest.approx(want_eps, rel=1e-5)
         assert v[i].item() == pytest.approx(want_v, rel=1e-5)
     assert eps[0] < 0.01 and eps[3] == 1.0  # the nearly clean timestep is damped; noisy ones keep weight 1
+
+
+def test_timestep_range():
+    latents = torch.zeros(500, 4, 2, 2)
+    _, everything = noise.sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(1))
+    noise_a, limited = noise.sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(1),
+                                                        min_timestep=200, max_timestep=300)
+    assert everything.min() < 100 and everything.max() > 900
+    assert limited.min() >= 200 and limited.max() <= 299 and limited.unique().numel() > 90
+    noise_b, _ = noise.sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(1))
+    assert torch.equal(noise_a, noise_b)  # the range changes the timesteps only

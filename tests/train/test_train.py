@@ -318,3 +318,23 @@ def test_loader_workers_start_under_spawn_as_on_windows(prepared, tmp_path, requ
     request.getfixturevalue("spawn_workers")
     result = train(opts)
     assert len(result["losses"]) == 2
+
+
+@pytest.mark.parametrize("low, high", [(-1, 1000), (500, 500), (0, 1001)])
+def test_bad_timestep_range_is_refused(prepared, tmp_path, low, high):
+    with pytest.raises(SdtuneError, match="min_timestep"):
+        Trainer(options(prepared, tmp_path, min_timestep=low, max_timestep=high))
+
+
+def test_timestep_range_reaches_the_training_step(prepared, tmp_path, monkeypatch):
+    seen: list[int] = []
+    real = loop.noise_lib.sample_noise_and_timesteps
+
+    def recording(*args, **kwargs):
+        noise, timesteps = real(*args, **kwargs)
+        seen.extend(timesteps.tolist())
+        return noise, timesteps
+
+    monkeypatch.setattr(loop.noise_lib, "sample_noise_and_timesteps", recording)
+    train(options(prepared, tmp_path, max_train_steps=4, min_timestep=700, max_timestep=710))
+    assert len(seen) >= 4 and all(700 <= t < 710 for t in seen)

@@ -98,6 +98,8 @@ class TrainOptions:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     noise_offset: float = opt(0.0, "add a per-channel constant of this scale to the noise, so the model learns very "
                               "dark and bright images (0.05-0.1 typical; 0: off)")
+    min_timestep: int = opt(0, "train only on timesteps from this one (0-999; higher: only coarse structure)")
+    max_timestep: int = opt(1000, "train only on timesteps below this one (1-1000; lower: only detail)")
     min_snr_gamma: Optional[float] = opt(None, "weight each sample's loss by min(SNR, gamma)/SNR (Min-SNR, 5 is "
                                          "typical): faster, steadier convergence; unset: off")
     seed: Optional[int] = opt(None, "random seed (default: drawn at random and printed; saved with the state)")
@@ -202,6 +204,9 @@ def validate(opts: TrainOptions) -> None:
                  "save_last_n_steps"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise SdtuneError(f"--{name} must be 1 or more, got {getattr(opts, name)}")
+    if not 0 <= opts.min_timestep < opts.max_timestep <= 1000:
+        raise SdtuneError(f"--min_timestep {opts.min_timestep} and --max_timestep {opts.max_timestep}: need "
+                          "0 <= min < max <= 1000 (SD's schedule has timesteps 0-999)")
     if opts.noise_offset < 0:
         raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
     if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
@@ -401,7 +406,8 @@ class Trainer:
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         latents = batch["latents"].to(self.device, torch.float32) * self.scaling_factor
         noise, timesteps = noise_lib.sample_noise_and_timesteps(
-            latents, self.noise_scheduler.config.num_train_timesteps, generator, self.opts.noise_offset)
+            latents, self.noise_scheduler.config.num_train_timesteps, generator, self.opts.noise_offset,
+            self.opts.min_timestep, self.opts.max_timestep)
         noisy = noise_lib.add_noise(self.noise_scheduler, latents, noise, timesteps)
         target = noise_lib.target(self.model.prediction_type, self.noise_scheduler, latents, noise, timesteps)
         states = self.conditioning(batch["captions"])
@@ -548,6 +554,8 @@ class Trainer:
             ("noise offset {:g}", o.noise_offset), ("min-SNR gamma {:g}", o.min_snr_gamma),
             ("caption dropout {:g}", o.caption_dropout_rate), ("tag dropout {:g}", o.caption_tag_dropout_rate),
             ("empty captions every {} epoch(s)", o.caption_dropout_every_n_epochs)) if value]
+        if (o.min_timestep, o.max_timestep) != (0, 1000):
+            extras.append(f"timesteps {o.min_timestep}-{o.max_timestep - 1}")
         if extras:
             lines.append("objective: " + "; ".join(extras))
         if self.data.skipped:

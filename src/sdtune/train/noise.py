@@ -51,12 +51,15 @@ def target(prediction_type: str, scheduler: DDPMScheduler, latents: torch.Tensor
 
 
 def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator,
-                               noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise and uniformly drawn timesteps from ``generator`` (seeded per step, so a resumed run draws the same);
-    with ``noise_offset`` a per-sample, per-channel constant is added to the noise (drawn after the rest, so the
-    noise and timesteps of a run without the offset are unchanged)."""
+                               noise_offset: float = 0.0, min_timestep: int = 0,
+                               max_timestep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps drawn uniformly from [min_timestep, max_timestep) (default: all of them), from
+    ``generator`` (seeded per step, so a resumed run draws the same); with ``noise_offset`` a per-sample,
+    per-channel constant is added to the noise (drawn after the rest, so the noise and timesteps of a run without
+    the offset are unchanged)."""
+    high = num_train_timesteps if max_timestep is None else max_timestep
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    timesteps = torch.randint(min_timestep, high, (latents.shape[0],), generator=generator).to(latents.device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
     return noise.to(latents.device, latents.dtype), timesteps
