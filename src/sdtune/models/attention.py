@@ -5,8 +5,10 @@
 * ``xformers``: xformers' memory-efficient attention (``pip install xformers``, GPU only). Useful on old PyTorch
   builds; with PyTorch >= 2 SDPA is as fast.
 * ``mem_eff``: sliced attention (diffusers' ``SlicedAttnProcessor``): attention computed for a few heads at a
-  time, so the attention matrix of all heads never exists at once. Saves memory at 768 px and above on any device,
-  costs some speed (about 10-20 % at 512 px); needs no extra package.
+  time, so the attention matrix of all heads never exists at once. That caps the transient memory of *plain*
+  attention, but each slice's matrix is still kept for backward: next to SDPA's fused kernels it costs memory
+  (SD 1.5, 512 px, batch 1: 4.47 GiB of activations instead of 1.74; ``bench/bench_memory.py``) and time. It is
+  here for sd-scripts' ``--mem_eff_attn`` and for devices where SDPA has no fused kernel.
 """
 
 from __future__ import annotations

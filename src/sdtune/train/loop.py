@@ -116,12 +116,13 @@ class TrainOptions:
     sdpa: bool = opt(False, "PyTorch scaled-dot-product attention (the default)")
     xformers: bool = opt(False, "xformers attention (needs pip install xformers; GPU)")
     diffusers_xformers: bool = opt(False, "same as --xformers")
-    mem_eff_attn: bool = opt(False, "sliced attention: less memory at high resolutions, slightly slower; no "
-                             "extra package")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less activation memory "
-                                       "(several GB at 512 px, batch 4) for about 20-30 % more time per step")
-    mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 halve activation memory and speed up "
-                               "GPUs (weights stay fp32)", choices=("no", "fp16", "bf16"))
+    mem_eff_attn: bool = opt(False, "sliced attention, a few heads at a time: only for devices where SDPA has "
+                             "no fused kernel; next to SDPA it keeps more for backward (4.5 vs 1.7 GiB at 512 px)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: 83 % less activation memory "
+                                       "(1.74 -> 0.29 GiB at 512 px, batch 1) for about 20-30 % more time per step")
+    mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 speed up GPUs and cut activations by a "
+                               "third, but keep half-precision weight copies (+1.3 GiB for SD 1.5); weights stay "
+                               "fp32", choices=("no", "fp16", "bf16"))
     full_fp16: bool = opt(False, "fp16 weights and gradients too (needs --mixed_precision fp16): halves weight "
                           "and gradient memory; uses dynamic loss scaling; less precise updates")
     full_bf16: bool = opt(False, "bf16 weights and gradients (needs --mixed_precision bf16): like --full_fp16 "
