@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdtune.data.dataset import CaptionRules, build_caption, shuffle_caption
+from sdtune.data.dataset import CaptionRules, build_caption
 from sdtune.models.families import SD2_V
 from diffusers import DDPMScheduler
 from sdtune.train import noise
@@ -46,13 +46,13 @@ def test_shuffle_keeps_first_tokens_and_every_part():
     caption = "sks person, a, b, c, d, e, f"
     seen = set()
     for seed in range(20):
-        out = shuffle_caption(caption, 1, np.random.default_rng(seed))
+        out = CaptionRules(shuffle=True, keep_tokens=1).apply(caption, 0, np.random.default_rng(seed))
         parts = out.split(", ")
         assert parts[0] == "sks person"
         assert sorted(parts[1:]) == ["a", "b", "c", "d", "e", "f"]
         seen.add(out)
     assert len(seen) > 10  # it does shuffle
-    assert shuffle_caption(caption, 7, np.random.default_rng(0)) == caption
+    assert CaptionRules(shuffle=True, keep_tokens=7).apply(caption, 0, np.random.default_rng(0)) == caption
 
 
 def test_caption_dropout_rules():

@@ -37,11 +37,6 @@ def build_caption(entry: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def shuffle_caption(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
-    """Shuffle the comma-separated parts, keeping the first ``keep_tokens`` parts in place."""
-    return CaptionRules(shuffle=True, keep_tokens=keep_tokens).apply(caption, 0, rng)
-
-
 @dataclass(frozen=True)
 class CaptionRules:
     """How a caption varies each time it is used, in sd-scripts' order:
@@ -222,16 +217,16 @@ class EpochBatches(torch.utils.data.Dataset):
     """One epoch's batches for this rank, from position ``start``; each item is a whole batch."""
 
     def __init__(self, data: FineTuneData, batches: list[tuple[list[str], float]], epoch: int, seed: int,
-                 captions: CaptionRules, start: int = 0) -> None:
+                 caption_rules: CaptionRules, start: int = 0) -> None:
         self.data, self.batches, self.epoch, self.seed = data, batches[start:], epoch, seed
-        self.captions = captions
+        self.caption_rules = caption_rules
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         keys, weight = self.batches[index]
-        batch = self.data.load_batch(keys, self.epoch, self.seed, self.captions)
+        batch = self.data.load_batch(keys, self.epoch, self.seed, self.caption_rules)
         batch["weight"] = weight
         return batch
 

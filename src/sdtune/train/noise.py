@@ -27,10 +27,15 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler
 
 
+def _abar(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """abar_t per sample, float32, on the timesteps' device."""
+    return scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+
+
 def _coefficients(scheduler: DDPMScheduler, latents: torch.Tensor,
                   timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """sqrt(abar_t) and sqrt(1 - abar_t) per sample, in float32, shaped to broadcast over ``latents``."""
-    abar = scheduler.alphas_cumprod.to(latents.device, torch.float32)[timesteps]
+    abar = _abar(scheduler, timesteps.to(latents.device))
     shape = (-1,) + (1,) * (latents.dim() - 1)
     return abar.sqrt().reshape(shape), (1 - abar).sqrt().reshape(shape)
 
@@ -68,7 +73,7 @@ def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, 
 def min_snr_weights(prediction_type: str, scheduler: DDPMScheduler, timesteps: torch.Tensor,
                     gamma: float) -> torch.Tensor:
     """Per-sample loss weights of min-SNR weighting (see the module docstring), float32, shaped (B,)."""
-    abar = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+    abar = _abar(scheduler, timesteps)
     snr = abar / (1 - abar)
     clipped = torch.clamp(snr, max=gamma)
     if prediction_type == "v_prediction":
