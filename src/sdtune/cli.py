@@ -108,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SdtuneError, OptionsError) as exc:
         print(f"sdtune {command.name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sdtune {command.name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "signal_name", "SIGINT")
+        try:
+            print(f"sdtune {command.name}: interrupted ({name})", file=sys.stderr)
+        except (BrokenPipeError, ValueError):
+            pass  # stderr's reader (| tee) is gone: there is no one left to tell
+        return int(getattr(exc, "exit_code", 130))

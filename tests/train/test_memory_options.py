@@ -12,7 +12,8 @@ from sdtune.errors import SdtuneError
 from sdtune.models.attention import set_attention
 from sdtune.models.tiny import build_tiny
 from sdtune.train.loop import Trainer, train
-from sdtune.train.optim import LossScaler, build_lr_scheduler, build_optimizer
+from sdtune.train.optim import build_lr_scheduler, build_optimizer
+from sdtune.train.precision import LossScaler
 from tests.train.test_train import options
 
 
@@ -74,17 +75,24 @@ def test_full_bf16_keeps_bf16_weights(prepared, tmp_path):
 
 def test_loss_scaler_skips_overflowing_steps_and_adapts():
     scaler = LossScaler(scale=1024.0, growth_interval=2)
-    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
-    p.grad = torch.tensor([1024.0, 2048.0, float("inf")], dtype=torch.float16)
-    assert not scaler.unscale_and_check([p])
-    scaler.update(False)
+    grad = torch.tensor([1024.0, 2048.0, float("inf")])
+    found_inf = scaler.unscale_([grad])
+    assert found_inf.item() == 1.0
+    scaler.update(found_inf)
     assert scaler.scale == 512.0
-    p.grad = torch.tensor([512.0, 1024.0, 0.0], dtype=torch.float16)
-    assert scaler.unscale_and_check([p])
-    assert torch.equal(p.grad, torch.tensor([1.0, 2.0, 0.0], dtype=torch.float16))
-    scaler.update(True)
-    scaler.update(True)
+    grad = torch.tensor([512.0, 1024.0, 0.0])
+    found_inf = scaler.unscale_([grad])
+    assert found_inf.item() == 0.0
+    torch.testing.assert_close(grad, torch.tensor([1.0, 2.0, 0.0]))  # fp32 gradients are unscaled in place
+    half = torch.tensor([512.0, 1024.0], dtype=torch.float16)
+    assert scaler.unscale_([half]).item() == 0.0
+    torch.testing.assert_close(half, torch.tensor([512.0, 1024.0], dtype=torch.float16))  # fp16: left for the optimizer
+    scaler.update(found_inf)
+    scaler.update(found_inf)
     assert scaler.scale == 1024.0
+    again = LossScaler()
+    again.load_state_dict(scaler.state_dict())
+    assert again.state_dict() == scaler.state_dict()
 
 
 def test_mem_eff_attention_is_sliced_and_gives_the_same_result():

@@ -213,21 +213,35 @@ def share_batches(batches: list[list[str]], world_size: int, rank: int) -> list[
     return out
 
 
-class EpochBatches(torch.utils.data.Dataset):
-    """One epoch's batches for this rank, from position ``start``; each item is a whole batch."""
+class RunBatches(torch.utils.data.Dataset):
+    """This rank's batches for the rest of a run, across epochs, from batch ``start_batch`` of ``start_epoch``; each
+    item is a whole batch with its loss weight, epoch and place in the epoch. One loader (and its worker processes)
+    serves the whole run: workers start once, not once per epoch. Each epoch's batches are computed where they are
+    needed (every worker computes the same, deterministically)."""
 
-    def __init__(self, data: FineTuneData, batches: list[tuple[list[str], float]], epoch: int, seed: int,
-                 caption_rules: CaptionRules, start: int = 0) -> None:
-        self.data, self.batches, self.epoch, self.seed = data, batches[start:], epoch, seed
-        self.caption_rules = caption_rules
+    def __init__(self, data: FineTuneData, seed: int, batch_size: int, world_size: int, rank: int,
+                 caption_rules: CaptionRules, epochs: int, start_epoch: int = 0, start_batch: int = 0) -> None:
+        self.data, self.seed, self.caption_rules = data, seed, caption_rules
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.per_epoch = len(data.epoch_batches(start_epoch, seed, batch_size, world_size, rank))
+        self.first = start_epoch * self.per_epoch + start_batch
+        self.end = max(epochs, start_epoch + 1) * self.per_epoch
+        self._plan: tuple[int, list[tuple[list[str], float]]] | None = None  # the last epoch's batches
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return max(0, self.end - self.first)
+
+    def batches(self, epoch: int) -> list[tuple[list[str], float]]:
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, self.data.epoch_batches(epoch, self.seed, self.batch_size, self.world_size,
+                                                         self.rank))
+        return self._plan[1]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        keys, weight = self.batches[index]
-        batch = self.data.load_batch(keys, self.epoch, self.seed, self.caption_rules)
-        batch["weight"] = weight
+        epoch, position = divmod(self.first + index, self.per_epoch)
+        keys, weight = self.batches(epoch)[position]
+        batch = self.data.load_batch(keys, epoch, self.seed, self.caption_rules)
+        batch.update(weight=weight, epoch=epoch, position=position, last_in_epoch=position == self.per_epoch - 1)
         return batch
 
 
@@ -235,7 +249,8 @@ def _whole_batch(items: list[Any]) -> Any:
     return items[0]  # each dataset item is a whole batch already
 
 
-def epoch_loader(dataset: EpochBatches, workers: int) -> torch.utils.data.DataLoader:
-    """Batches loaded in ``workers`` processes ahead of the training step (0: in the main process)."""
+def run_loader(dataset: RunBatches, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Batches loaded in ``workers`` processes ahead of the training step (0: in the main process); with
+    ``pin_memory`` (CUDA) the copies to the GPU do not block."""
     return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers,
-                                       collate_fn=_whole_batch)
+                                       collate_fn=_whole_batch, pin_memory=pin_memory)

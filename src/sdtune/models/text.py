@@ -67,15 +67,16 @@ def encode(
     """
     if clip_skip < 1:
         raise ValueError(f"clip_skip must be >= 1 (got {clip_skip})")
+    module = unwrap(text_encoder)
     batch, chunks, length = input_ids.shape
-    flat = input_ids.reshape(batch * chunks, length).to(text_encoder.device)
+    flat = input_ids.reshape(batch * chunks, length).to(module.device)
     if clip_skip == 1:
         states = text_encoder(flat, return_dict=True).last_hidden_state
     else:
         hidden = text_encoder(flat, output_hidden_states=True, return_dict=True).hidden_states
         if clip_skip >= len(hidden):
             raise ValueError(f"clip_skip {clip_skip} is more than the text encoder's {len(hidden) - 1} layers")
-        final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        final_norm = getattr(module, "text_model", module).final_layer_norm
         states = final_norm(hidden[-clip_skip])
     states = states.reshape(batch, chunks, length, -1)
     if chunks == 1:
@@ -84,12 +85,24 @@ def encode(
     for c in range(chunks):
         middle = states[:, c, 1:-1]
         if c > 0 and pad_token_id is not None and pad_token_id != eos_token_id:
-            empty = input_ids[:, c, 1] == eos_token_id  # <BOS> <EOS> <PAD>...: nothing in this chunk
-            if bool(empty.any()):
-                middle = middle.clone()
-                middle[empty, 0] = states[empty, c, 2]
+            # <BOS> <EOS> <PAD>...: nothing in this chunk; chosen per row on the device (no wait for the host)
+            empty = (flat.reshape(batch, chunks, length)[:, c, 1] == eos_token_id)[:, None]
+            first = torch.where(empty, states[:, c, 2], middle[:, 0])
+            middle = torch.cat([first[:, None], middle[:, 1:]], dim=1)
         middles.append(middle)
     return torch.cat([states[:, 0, :1], *middles, states[:, -1, -1:]], dim=1)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (which hides attributes such as final_layer_norm)."""
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def unused_layers(text_encoder: CLIPTextModel, clip_skip: int) -> list[torch.nn.Module]:
+    """The last ``clip_skip - 1`` encoder layers: with CLIP skip their output is never used, so they get no gradient
+    (and must be frozen, or DDP's reducer waits for their gradients forever)."""
+    layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
+    return list(layers[len(layers) - (clip_skip - 1):]) if clip_skip > 1 else []
 
 
 def encode_prompts(

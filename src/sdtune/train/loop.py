@@ -6,8 +6,11 @@ model frozen (:class:`HypernetworkTarget`). It names the trained modules (saved 
 ``--resume``), the optimizer's parameter groups and how a checkpoint is written; the loop is the same for both.
 
 The step body: batch -> text conditioning -> noise and timesteps -> prediction -> loss -> backward -> step. All
-randomness is derived from ``(seed, rank, step)`` or ``(seed, epoch, item)``, so ``--resume`` continues
-bit-exactly. Under ``accelerate launch`` / ``torchrun`` each rank trains on its own share of every epoch's
+randomness is derived from ``(seed, step, batch index)`` or ``(seed, epoch, item)``, so ``--resume`` continues
+bit-exactly and N processes train as one process with N-fold gradient accumulation. Mixed precision is
+``torch.autocast`` itself (on the CPU too, so the tests run the half-precision path a GPU runs), with dynamic loss
+scaling for fp16; the host waits for the device once per optimizer step (the loss, overflow and stop flags are read
+together). Under ``accelerate launch`` / ``torchrun`` each rank trains on its own share of every epoch's
 batches; only rank 0 writes files.
 """
 
@@ -19,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdtune.data.dataset import CaptionRules, EpochBatches, FineTuneData, epoch_loader
+from sdtune.data.dataset import CaptionRules, FineTuneData, RunBatches, run_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.attention import set_attention
@@ -38,15 +42,17 @@ from sdtune.models.io import SAVE_FORMATS, load_model, model_summary
 from sdtune.models.text import check_max_token_length, encode, tokenize
 from sdtune.options import opt
 from sdtune.train import noise as noise_lib
+from sdtune.train.interrupt import StopRequest, TolerantStream, TrainingStopped
 from sdtune.train.optim import (
     LR_SCHEDULERS,
     OPTIMIZERS,
-    LossScaler,
+    HalfWeightAdamW,
     build_lr_scheduler,
     build_optimizer,
     parse_optimizer_args,
 )
-from sdtune.train.rng import derived_seed, seeded_global_rng, step_generator
+from sdtune.train.precision import LossScaler, clip_coefficient, grad_norm
+from sdtune.train.rng import derived_seed, seeded_global_rng, step_batch_index, step_generator
 from sdtune.train.state import Progress, load_optimizer_and_scheduler, read_progress, save_state
 from sdtune.train.targets import hypernetwork_config, make_target
 
@@ -103,13 +109,14 @@ class TrainOptions:
     min_snr_gamma: Optional[float] = opt(None, "weight each sample's loss by min(SNR, gamma)/SNR (Min-SNR, 5 is "
                                          "typical): faster, steadier convergence; unset: off")
     seed: Optional[int] = opt(None, "random seed (default: drawn at random and printed; saved with the state)")
-    optimizer_type: str = opt("AdamW", "optimizer", choices=OPTIMIZERS)
+    optimizer_type: Optional[str] = opt(None, "optimizer (default AdamW)", choices=OPTIMIZERS)
     use_8bit_adam: bool = opt(False, "same as --optimizer_type AdamW8bit (bitsandbytes): optimizer state in "
                               "8 bits, saving about 75 % of its memory (5 GB for SD's U-Net)")
     optimizer_args: list[str] = opt(help="extra optimizer arguments, e.g. weight_decay=0.01 betas=0.9,0.99",
                                     default_factory=list)
     lr_scheduler: str = opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = opt(0, "steps of linear warm-up")
+    lr_warmup_steps: int = opt(0, "steps of linear warm-up (not with the constant schedule: use "
+                               "constant_with_warmup)")
     lr_scheduler_num_cycles: int = opt(1, "restarts for cosine_with_restarts")
     lr_scheduler_power: float = opt(1.0, "power for the polynomial schedule")
     # speed and memory
@@ -122,11 +129,18 @@ class TrainOptions:
                                        "(1.74 -> 0.29 GiB at 512 px, batch 1) for about 20-30 % more time per step")
     mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 speed up GPUs and cut activations by a "
                                "third, but keep half-precision weight copies (+1.3 GiB for SD 1.5); weights stay "
-                               "fp32", choices=("no", "fp16", "bf16"))
+                               "fp32; fp16 uses dynamic loss scaling", choices=("no", "fp16", "bf16"))
     full_fp16: bool = opt(False, "fp16 weights and gradients too (needs --mixed_precision fp16): halves weight "
-                          "and gradient memory; uses dynamic loss scaling; less precise updates")
+                          "and gradient memory (3.2 GiB for SD 1.5); AdamW keeps fp32 moments and compensates "
+                          "the rounding of the weights (see --half_weight_rounding); updates stay close to fp32's")
     full_bf16: bool = opt(False, "bf16 weights and gradients (needs --mixed_precision bf16): like --full_fp16 "
-                          "without loss scaling")
+                          "without loss scaling; bf16's 8-bit mantissa keeps small updates only through "
+                          "--half_weight_rounding")
+    half_weight_rounding: str = opt(
+        "kahan", "how AdamW writes updates into fp16/bf16 weights (--full_fp16/--full_bf16): kahan keeps each "
+        "weight's rounding error in a half-precision buffer and adds it back (+2 bytes a parameter, closest to "
+        "fp32); stochastic rounds up or down at random, unbiased (no memory, noisier)",
+        choices=("kahan", "stochastic"))
     # output
     output_dir: str = opt(None, "where checkpoints, state and samples go")
     output_name: Optional[str] = opt(None, "base name of the saved model files (default: last / epoch-N / step-N)")
@@ -212,6 +226,14 @@ def validate(opts: TrainOptions) -> None:
         raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
     if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
         raise SdtuneError(f"--min_snr_gamma must be positive (5 is typical), got {opts.min_snr_gamma}")
+    if opts.lr_warmup_steps and opts.lr_scheduler == "constant":
+        raise SdtuneError(f"--lr_warmup_steps {opts.lr_warmup_steps} does nothing with --lr_scheduler constant; use "
+                          "--lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
+    if opts.lr_warmup_steps < 0:
+        raise SdtuneError(f"--lr_warmup_steps must be 0 or more, got {opts.lr_warmup_steps}")
+    if opts.use_8bit_adam and opts.optimizer_type not in (None, "AdamW8bit"):
+        raise SdtuneError(f"--use_8bit_adam and --optimizer_type {opts.optimizer_type} name two optimizers; drop "
+                          "--use_8bit_adam, or use --optimizer_type AdamW8bit alone")
     if opts.clip_skip is not None and opts.clip_skip < 1:
         raise SdtuneError("--clip_skip must be 1 or more")
     if sum([opts.xformers or opts.diffusers_xformers, opts.mem_eff_attn, opts.sdpa]) > 1:
@@ -260,7 +282,11 @@ def attention_kind(opts: TrainOptions) -> str:
 
 
 def optimizer_name(opts: TrainOptions) -> str:
-    return "AdamW8bit" if opts.use_8bit_adam else opts.optimizer_type
+    return "AdamW8bit" if opts.use_8bit_adam else opts.optimizer_type or "AdamW"
+
+
+def autocast_dtype(opts: TrainOptions) -> Optional[torch.dtype]:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision)
 
 
 def check_distributed_type(accelerator: Any) -> None:
@@ -293,7 +319,9 @@ class Trainer:
         self.opts = opts
         # Under torchrun on a machine without a GPU, accelerate joins the processes (gloo) only when told cpu=True.
         cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(mixed_precision=opts.mixed_precision, cpu=cpu_ranks)
+        # Mixed precision is torch.autocast, entered by the loop itself: accelerate's autocast under fp16 on a CPU
+        # computes in float32, which would make every CPU test of the fp16 path a test of fp32.
+        self.accelerator = Accelerator(mixed_precision="no", cpu=cpu_ranks)
         check_distributed_type(self.accelerator)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -314,6 +342,8 @@ class Trainer:
         self.encodes_on_the_fly = 0
         self.writer = None
         self.saved: list[Path] = []
+        self.stop = StopRequest()
+        self.in_step = False
 
     def _check_resume_compatible(self) -> None:
         p, o = self.progress, self.opts
@@ -352,25 +382,29 @@ class Trainer:
         self.scaling_factor = float(model.vae.config.scaling_factor)
         model.vae.to("cpu")  # not needed any more: free the GPU memory
         self.noise_scheduler = model.noise_scheduler()
+        # on the device once: the noise coefficients are looked up every step without a copy
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
         set_attention(model.unet, attention_kind(opts))
         if opts.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             if opts.train_text_encoder:
                 model.text_encoder.gradient_checkpointing_enable()
-        self.target = make_target(opts, model, self.device, weight_dtype, self.seed)
+        self.target = make_target(opts, model, self.device, weight_dtype, self.seed, self.clip_skip)
         if opts.resume:
             self.target.load_state(Path(opts.resume))
 
         groups = self.target.param_groups
         self.trainable = [p for g in groups for p in g["params"]]
         extra = parse_optimizer_args(opts.optimizer_args)
-        if opts.full_fp16 and optimizer_name(opts) == "AdamW" and "eps" not in extra:
-            # AdamW's default eps (1e-8) is below fp16's smallest subnormal (6e-8): it rounds to 0, and a zero
-            # second moment then divides by zero. 1e-4 keeps the update finite.
-            extra["eps"] = 1e-4
-            logger.info("--full_fp16: AdamW eps raised to 1e-4 (1e-8 underflows in fp16)")
-        self.optimizer = build_optimizer(optimizer_name(opts), groups, opts.learning_rate, extra)
+        half_weights = weight_dtype != torch.float32
+        if half_weights and optimizer_name(opts) != "AdamW" and self.is_main:
+            logger.warning("--full_fp16/--full_bf16 with %s: the optimizer writes its updates into the half-precision "
+                           "weights rounded to nearest, and updates below half an ulp are lost; AdamW (the default) "
+                           "keeps them (--half_weight_rounding)", optimizer_name(opts))
+        self.optimizer = build_optimizer(optimizer_name(opts), groups, opts.learning_rate, extra,
+                                         half_weights=half_weights, seed=derived_seed(self.seed, 0x5352),
+                                         rounding=opts.half_weight_rounding)
         self.plan = self._plan()
         self.save_every_n_epochs = opts.save_every_n_epochs
         if opts.save_n_epoch_ratio:
@@ -378,7 +412,8 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
                                                self.plan.total_steps, opts.lr_scheduler_num_cycles,
                                                opts.lr_scheduler_power)
-        self.scaler = LossScaler() if opts.full_fp16 else None
+        # fp16 gradients underflow without loss scaling, under autocast as with fp16 weights; bf16 has fp32's range
+        self.scaler = LossScaler(self.device) if opts.mixed_precision == "fp16" else None
         if opts.resume:
             scaler_state = load_optimizer_and_scheduler(Path(opts.resume), self.optimizer, self.lr_scheduler)
             if self.scaler is not None and scaler_state:
@@ -398,22 +433,42 @@ class Trainer:
                     opts.train_batch_size * opts.gradient_accumulation_steps * self.world)
 
     # -------------------------------------------------------------------------------------------- the step
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = autocast_dtype(self.opts)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device; from pinned memory the copy does not make the host wait."""
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def conditioning(self, captions: list[str]) -> torch.Tensor:
         tok = self.model.tokenizer
-        ids = tokenize(tok, captions, self.opts.max_token_length).to(self.device)
-        with torch.set_grad_enabled(self.opts.train_text_encoder), self.accelerator.autocast():
+        ids = self.to_device(tokenize(tok, captions, self.opts.max_token_length))
+        with torch.set_grad_enabled(self.opts.train_text_encoder), self.autocast():
             return encode(self.text_encoder, ids, self.clip_skip, tok.eos_token_id, tok.pad_token_id)
 
-    def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        latents = batch["latents"].to(self.device, torch.float32) * self.scaling_factor
-        noise, timesteps = noise_lib.sample_noise_and_timesteps(
-            latents, self.noise_scheduler.config.num_train_timesteps, generator, self.opts.noise_offset,
+    def draw(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise and timesteps of one batch, from its generator."""
+        return noise_lib.sample_noise_and_timesteps(
+            batch["latents"], self.noise_scheduler.config.num_train_timesteps, generator, self.opts.noise_offset,
             self.opts.min_timestep, self.opts.max_timestep)
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        noise, timesteps = self.draw(batch, generator)
+        return self.loss_for(batch, noise.to(self.device), timesteps.to(self.device))
+
+    def loss_for(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch for the given noise and timesteps (a float32 scalar on the device)."""
+        latents = self.to_device(batch["latents"]).float() * self.scaling_factor
         noisy = noise_lib.add_noise(self.noise_scheduler, latents, noise, timesteps)
         target = noise_lib.target(self.model.prediction_type, self.noise_scheduler, latents, noise, timesteps)
         states = self.conditioning(batch["captions"])
         unet_dtype = next(self.model.unet.parameters()).dtype
-        with self.accelerator.autocast():
+        with self.autocast():
             pred = self.unet(noisy.to(unet_dtype), timesteps, states.to(unet_dtype)).sample
         if self.opts.min_snr_gamma is None:
             return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
@@ -423,52 +478,77 @@ class Trainer:
                                             self.opts.min_snr_gamma)
         return (per_sample * weights).mean()
 
-    def optimizer_step(self, group: list[dict[str, Any]]) -> float:
-        """One optimizer step over a group of micro-batches (gradient accumulation); returns the mean loss."""
-        total = 0.0
-        step = self.progress.global_step
+    def backward(self, group: list[dict[str, Any]]) -> torch.Tensor:
+        """Forward and backward of a step's micro-batches (gradient accumulation); their mean loss, on the device."""
+        step, total = self.progress.global_step, torch.zeros((), device=self.device)
         for i, batch in enumerate(group):
-            last = i == len(group) - 1
-            context = self.accelerator.no_sync(self.unet) if not last and self.world > 1 else contextlib.nullcontext()
-            with context, seeded_global_rng(derived_seed(self.seed, self.rank, step, i, 1), self.device):
-                loss = self.loss(batch, step_generator(self.seed, self.rank, step, i))
-                self._check_finite(loss)
-                scaled = loss * batch["weight"] / len(group)
-                if self.scaler is not None:
-                    scaled = scaled * self.scaler.scale
-                scaled.backward()
-            total += float(loss.detach())
-        self.target.reduce_gradients(self.accelerator)
-        finite = True
-        if self.scaler is not None:
-            finite = self.scaler.unscale_and_check(self.trainable)
-            self.scaler.update(finite)
-        if finite:
-            if self.opts.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.trainable, self.opts.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-        else:
-            logger.info("step %d: gradients overflowed in fp16; skipped, loss scale now %g", step + 1,
-                        self.scaler.scale)
-            # The schedule follows the step count, skipped steps included; PyTorch warns that the optimizer has not
-            # stepped yet when the very first step is the skipped one, which is intended here.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-                self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            index = step_batch_index(i, self.world, self.rank)
+            no_sync = i < len(group) - 1 and self.world > 1 and self.unet is not self.model.unet
+            with self.accelerator.no_sync(self.unet) if no_sync else contextlib.nullcontext(), \
+                    seeded_global_rng(derived_seed(self.seed, step, index, 1), self.device) \
+                    if self.target.uses_global_rng else contextlib.nullcontext():
+                loss = self.loss(batch, step_generator(self.seed, step, index, self.device))
+                scaled = loss * (batch["weight"] / len(group))
+                (self.scaler.scale_loss(scaled) if self.scaler is not None else scaled).backward()
+            total += loss.detach()
         return total / len(group)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).item() else 1.0, device=self.device)
+    def finish_gradients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Unscale (fp16), check for overflow and clip, without waiting for the device: returns the overflow flag
+        and the factor still to apply to the gradients (None: nothing to apply)."""
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        found_inf, factor = torch.zeros(1, device=self.device), None
+        if self.scaler is not None:
+            found_inf = self.scaler.unscale_(grads)
+            if any(g.dtype != torch.float32 for g in grads):  # left scaled: unscaled in fp32 by the optimizer
+                factor = self.scaler.inv_scale
+        if self.opts.max_grad_norm > 0:
+            norm = grad_norm(grads) if factor is None else grad_norm(grads) * factor
+            coefficient = clip_coefficient(norm, self.opts.max_grad_norm)
+            factor = coefficient if factor is None else factor * coefficient
+        return found_inf, factor
+
+    def optimizer_step(self, group: list[dict[str, Any]]) -> float:
+        """One optimizer step over a group of micro-batches; returns the mean loss (of all ranks). The host waits
+        for the device once: to read the loss, the overflow flag and whether any rank was asked to stop."""
+        loss = self.backward(group)
+        self.target.reduce_gradients(self.accelerator)
+        found_inf, factor = self.finish_gradients()
+        flags = torch.stack([loss, found_inf.reshape(()), torch.tensor(float(self.stop.requested),
+                                                                        device=self.device)])
         if self.world > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item() > 0:
+            flags = self.accelerator.reduce(flags, reduction="sum") / torch.tensor([self.world, 1, 1],
+                                                                                   device=self.device)
+        loss_value, overflow, stop = flags.tolist()
+        if not math.isfinite(loss_value):
             raise TrainingDiverged(
-                f"the loss became {float(loss.detach())} at step {self.progress.global_step + 1}; training stopped. "
-                "The last saved checkpoint is intact. Try a lower --learning_rate, --mixed_precision bf16, or "
-                "no --full_fp16."
-            )
+                f"the loss became {loss_value} at step {self.progress.global_step + 1}; training stopped. The last "
+                "saved checkpoint is intact. Try a lower --learning_rate, --mixed_precision bf16, or no --full_fp16.")
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+        if overflow:
+            self.skip_step()
+        else:
+            if isinstance(self.optimizer, HalfWeightAdamW):
+                self.optimizer.step(grad_multiplier=factor)
+            else:
+                if factor is not None:
+                    torch._foreach_mul_([p.grad for p in self.trainable if p.grad is not None], factor)
+                self.optimizer.step()
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if stop and not self.stop.requested:
+            self.stop.signal_name = "SIGINT"  # another rank was interrupted: stop together
+        return loss_value
+
+    def skip_step(self) -> None:
+        logger.info("step %d: gradients overflowed in fp16; skipped, loss scale now %g", self.progress.global_step + 1,
+                    self.scaler.scale)
+        # The schedule follows the step count, skipped steps included; PyTorch warns that the optimizer has not
+        # stepped yet when the very first step is the skipped one, which is intended here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.lr_scheduler.step()
 
     # -------------------------------------------------------------------------------------------- saving
     def _name(self, kind: str, number: int | None = None) -> str:
@@ -568,64 +648,51 @@ class Trainer:
             logger.info(line)
 
     # -------------------------------------------------------------------------------------------- the loop
+    def step_groups(self):
+        """The rest of the run's batches, grouped per optimizer step (a group never spans two epochs)."""
+        o, p = self.opts, self.progress
+        dataset = RunBatches(self.data, self.seed, o.train_batch_size, self.world, self.rank, self.caption_rules,
+                             self.plan.epochs, p.epoch, p.batch_in_epoch)
+        group: list[dict[str, Any]] = []
+        for batch in run_loader(dataset, o.max_data_loader_n_workers, pin_memory=self.device.type == "cuda"):
+            group.append(batch)
+            if len(group) == o.gradient_accumulation_steps or batch["last_in_epoch"]:
+                yield group
+                group = []
+
     def run(self) -> dict[str, Any]:
         self.setup()
         self.announce()
         self.open_logs()
         opts, progress, plan = self.opts, self.progress, self.plan
         bar = tqdm(total=plan.total_steps, initial=progress.global_step, desc="train", unit="step",
-                   disable=not self.is_main, dynamic_ncols=True)
+                   disable=not self.is_main, dynamic_ncols=True, file=TolerantStream(sys.stderr))
         losses: list[float] = []
+        epoch_losses: list[float] = []
         started = time.perf_counter()
-        try:
-            while progress.global_step < plan.total_steps:
-                epoch = progress.epoch
-                batches = self.data.epoch_batches(epoch, self.seed, opts.train_batch_size, self.world, self.rank)
-                loader = epoch_loader(EpochBatches(self.data, batches, epoch, self.seed, self.caption_rules,
-                                                   start=progress.batch_in_epoch),
-                                      opts.max_data_loader_n_workers)
-                epoch_losses: list[float] = []
-                group: list[dict[str, Any]] = []
-                accum = opts.gradient_accumulation_steps
-                remaining = len(batches) - progress.batch_in_epoch
-                for index, batch in enumerate(loader):
-                    group.append(batch)
-                    if len(group) < accum and index < remaining - 1:
-                        continue
+        with self.stop:
+            try:
+                for group in self.step_groups():
+                    if progress.global_step >= plan.total_steps:
+                        break
+                    self.in_step = True
                     loss = self.optimizer_step(group)
                     progress.global_step += 1
                     progress.batch_in_epoch += len(group)
-                    group = []
+                    self.in_step = False
                     losses.append(loss)
                     epoch_losses.append(loss)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}", epoch=epoch + 1)
-                    self.log({"loss/step": loss, **{f"lr/{name}": lr for name, lr in zip(
-                        self.target.group_names, self.lr_scheduler.get_last_lr())}}, progress.global_step)
-                    if opts.save_every_n_steps and progress.global_step % opts.save_every_n_steps == 0 \
-                            and progress.global_step < plan.total_steps:
-                        self.save(self._name("step", progress.global_step))
-                        self.remove_old_step_saves(progress.global_step)
+                    self.report(bar, loss)
+                    if self.stop.requested:
+                        raise TrainingStopped(self.stop.signal_name)
+                    self.step_saves()
                     self.after_step()
-                    if progress.global_step >= plan.total_steps:
-                        break
-                epoch_done = progress.batch_in_epoch >= len(batches)
-                if epoch_losses:
-                    self.log({"loss/epoch": float(np.mean(epoch_losses))}, epoch + 1)
-                if epoch_done:
-                    progress.epoch += 1
-                    progress.batch_in_epoch = 0
-                    if self.save_every_n_epochs and progress.epoch % self.save_every_n_epochs == 0 \
-                            and progress.global_step < plan.total_steps:
-                        self.save(self._name("epoch", progress.epoch))
-                        self.remove_old_epoch_saves(progress.epoch)
-                    self.after_epoch()
-        except KeyboardInterrupt:
-            bar.close()
-            if opts.save_state and self.is_main:
-                self.save_training_state(self.output_dir / "interrupted-state")
-                logger.info("interrupted: resume with --resume %s", self.output_dir / "interrupted-state")
-            raise
+                    if group[-1]["last_in_epoch"]:
+                        self.end_epoch(epoch_losses)
+                        epoch_losses = []
+            except KeyboardInterrupt as exc:
+                self.interrupted(exc, bar)
+                raise
         bar.close()
         elapsed = time.perf_counter() - started  # the training itself, not the final save
         final = self.save(self._name("last"))
@@ -645,6 +712,47 @@ class Trainer:
             if self.writer is not None:
                 logger.info("TensorBoard logs: %s (tensorboard --logdir %s)", self.log_dir, opts.logging_dir)
         return result
+
+    def report(self, bar: tqdm, loss: float) -> None:
+        step = self.progress.global_step
+        lrs = self.lr_scheduler.get_last_lr()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", epoch=self.progress.epoch + 1)
+        self.log({"loss/step": loss, **{f"lr/{name}": lr for name, lr in zip(self.target.group_names, lrs)}}, step)
+
+    def step_saves(self) -> None:
+        step, every = self.progress.global_step, self.opts.save_every_n_steps
+        if every and step % every == 0 and step < self.plan.total_steps:
+            self.save(self._name("step", step))
+            self.remove_old_step_saves(step)
+
+    def end_epoch(self, epoch_losses: list[float]) -> None:
+        progress = self.progress
+        if epoch_losses:
+            self.log({"loss/epoch": float(np.mean(epoch_losses))}, progress.epoch + 1)
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+        if self.save_every_n_epochs and progress.epoch % self.save_every_n_epochs == 0 \
+                and progress.global_step < self.plan.total_steps:
+            self.save(self._name("epoch", progress.epoch))
+            self.remove_old_epoch_saves(progress.epoch)
+        self.after_epoch()
+
+    def interrupted(self, exc: KeyboardInterrupt, bar: tqdm) -> None:
+        """Save the state (first: before any output, which may have nowhere to go) when the run stopped at a step
+        boundary; a second Ctrl-C in the middle of a step saves nothing, as that state would be inconsistent."""
+        state = self.output_dir / "interrupted-state"
+        saved = False
+        if self.opts.save_state and self.is_main and not self.in_step:
+            self.save_training_state(state)
+            saved = True
+        bar.close()
+        how = exc.signal_name if isinstance(exc, TrainingStopped) else "Ctrl-C"
+        if saved:
+            logger.info("stopped by %s after step %d: resume with --resume %s", how, self.progress.global_step, state)
+        elif self.is_main:
+            logger.info("stopped by %s at step %d%s", how, self.progress.global_step,
+                        "" if self.opts.save_state else " (no --save_state: nothing to resume from)")
 
     # -------------------------------------------------------------------------------------------- samples
     def sample(self) -> list[Path]:

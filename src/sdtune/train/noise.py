@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 
 def _abar(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """abar_t per sample, float32, on the timesteps' device."""
+    """abar_t per sample, float32, on the timesteps' device (the trainer moves ``alphas_cumprod`` to the training
+    device once, so this is no copy)."""
     return scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
 
 
@@ -63,11 +64,12 @@ def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, 
     per-channel constant is added to the noise (drawn after the rest, so the noise and timesteps of a run without
     the offset are unchanged)."""
     high = num_train_timesteps if max_timestep is None else max_timestep
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    timesteps = torch.randint(min_timestep, high, (latents.shape[0],), generator=generator).to(latents.device)
+    device = generator.device  # drawn where the generator lives (the training device): no copy, no wait
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32, device=device)
+    timesteps = torch.randint(min_timestep, high, (latents.shape[0],), generator=generator, device=device)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-    return noise.to(latents.device, latents.dtype), timesteps
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device)
+    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
 
 
 def min_snr_weights(prediction_type: str, scheduler: DDPMScheduler, timesteps: torch.Tensor,

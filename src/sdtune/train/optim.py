@@ -9,11 +9,14 @@ state against 1.7 GB for AdamW8bit.
 from __future__ import annotations
 
 import ast
+import math
 from typing import Any, Callable, Iterable
 
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.train.precision import stochastic_round
+from sdtune.train.rng import derived_seed
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "SGDNesterov")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -63,8 +66,112 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, extra: dict[str, Any]) -> torch.optim.Optimizer:
+class HalfWeightAdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter 2019; the update of ``torch.optim.AdamW``) for fp16/bf16 weights
+    (``--full_fp16`` / ``--full_bf16``): the moments are kept in fp32, where the second moment of small gradients
+    does not underflow (in fp16 it is 0 below |g| ~ 2e-4, and Adam becomes a scaled SGD), and the update is computed
+    in fp32. Writing it into a half-precision weight rounds away any update below half an ulp (most of SD's updates
+    at learning rates of 1e-6 .. 1e-5), so it is written back with one of:
+
+    * ``rounding="kahan"`` (compensated summation, Kahan 1965): the rounding error of each weight is kept in a
+      buffer of the weight's dtype and added to the next update, so the weight is always the exact fp32 trajectory
+      rounded to nearest; +2 bytes a parameter.
+    * ``rounding="stochastic"``: :func:`sdtune.train.precision.stochastic_round`, unbiased in expectation, no
+      memory, but each weight random-walks by up to an ulp.
+
+    State costs 8 bytes a parameter (fp32 moments), as fp32 AdamW.
+
+    ``step(grad_multiplier=t)`` multiplies each gradient by the device tensor ``t`` in fp32 first: the inverse loss
+    scale and the clipping factor, applied where small values survive. The rounding draws come from a generator
+    derived from ``seed`` and the step count (the same on every rank, restored with the state): runs and resumes
+    are exact.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, seed: int = 0, rounding: str = "kahan") -> None:
+        if rounding not in ("kahan", "stochastic"):
+            raise SdtuneError(f"unknown rounding {rounding!r}: kahan or stochastic")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self.seed, self.rounding = seed, rounding
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None, grad_multiplier: torch.Tensor | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.steps += 1
+        generators: dict[torch.device, torch.Generator] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.device not in generators and self.rounding == "stochastic":
+                    generators[p.device] = torch.Generator(p.device).manual_seed(
+                        derived_seed(self.seed, self.steps, p.device.index or 0))
+                self._update(p, group, grad_multiplier, generators.get(p.device))
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any], grad_multiplier: torch.Tensor | None,
+                generator: torch.Generator | None) -> None:
+        beta1, beta2 = group["betas"]
+        grad = p.grad.float()
+        if grad_multiplier is not None:
+            grad.mul_(grad_multiplier)
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            if self.rounding == "kahan":
+                state["compensation"] = torch.zeros_like(p)
+        state["step"] += 1
+        exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        weight = p.float()
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+        update = weight * (-group["lr"] * group["weight_decay"])
+        update.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**t))
+        if self.rounding == "stochastic":
+            p.copy_(stochastic_round(weight.add_(update), p.dtype, generator))
+            return
+        compensation = state["compensation"]
+        update.sub_(compensation.float())  # what earlier roundings left out
+        new = (weight + update).to(p.dtype)
+        compensation.copy_((new.float() - weight) - update)  # what this rounding leaves out
+        p.copy_(new)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["rounding"] = {"seed": self.seed, "steps": self.steps, "mode": self.rounding}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch's own loader casts floating-point state to the parameter's dtype; the moments must stay fp32, so
+        # the per-parameter state is put back here, matched by position as torch matches it.
+        state_dict = dict(state_dict)
+        rounding = state_dict.pop("rounding", {"seed": self.seed, "steps": 0})
+        saved = state_dict.pop("state")
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(ids, params))
+        for index, value in saved.items():
+            p = by_id[index]
+            self.state[p] = {k: v.to(p.device, p.dtype if k == "compensation" else torch.float32)
+                             if torch.is_tensor(v) else v for k, v in value.items()}
+        self.seed, self.steps = int(rounding["seed"]), int(rounding["steps"])
+
+
+def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, extra: dict[str, Any],
+                    half_weights: bool = False, seed: int = 0, rounding: str = "kahan") -> torch.optim.Optimizer:
+    """The optimizer called ``name``; with ``half_weights`` (fp16/bf16 parameters) AdamW is
+    :class:`HalfWeightAdamW`."""
     if name == "AdamW":
+        if half_weights:
+            return HalfWeightAdamW(param_groups, lr=lr, seed=seed, rounding=rounding, **extra)
         return torch.optim.AdamW(param_groups, lr=lr, **extra)
     if name == "AdamW8bit":
         try:
@@ -94,44 +201,3 @@ def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps
         raise SdtuneError(f"unknown --lr_scheduler {name!r}; choose one of {', '.join(LR_SCHEDULERS)}")
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          num_cycles=num_cycles, power=power)
-
-
-class LossScaler:
-    """Dynamic loss scaling for ``--full_fp16`` (fp16 weights and gradients), without patching PyTorch.
-
-    fp16 gradients of small losses underflow to zero; the loss is multiplied by ``scale`` before backward and the
-    gradients divided by it before the step. A step whose gradients overflowed (inf/nan) is skipped and the scale
-    halved; after ``growth_interval`` good steps it doubles (the schedule of torch.amp.GradScaler).
-    """
-
-    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000) -> None:
-        self.scale = scale
-        self.growth_interval = growth_interval
-        self.good_steps = 0
-
-    def unscale_and_check(self, params: list[torch.nn.Parameter]) -> bool:
-        """Divide gradients by the scale in place; True when all are finite (the step may proceed)."""
-        finite = True
-        for p in params:
-            if p.grad is None:
-                continue
-            p.grad.div_(self.scale)
-            if not torch.isfinite(p.grad).all():
-                finite = False
-        return finite
-
-    def update(self, finite: bool) -> None:
-        if finite:
-            self.good_steps += 1
-            if self.good_steps % self.growth_interval == 0:
-                self.scale *= 2.0
-        else:
-            self.scale /= 2.0
-            self.good_steps = 0
-
-    def state_dict(self) -> dict[str, float]:
-        return {"scale": self.scale, "good_steps": self.good_steps}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.scale = float(state["scale"])
-        self.good_steps = int(state["good_steps"])

@@ -63,6 +63,8 @@ class TrainTarget(abc.ABC):
     param_groups: list[dict[str, Any]]
     group_names: list[str]
     description: str
+    # True when the trained modules draw from torch's global RNG (dropout): the loop then seeds it per batch
+    uses_global_rng: bool = False
 
     @abc.abstractmethod
     def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
@@ -92,11 +94,15 @@ class FineTuneTarget(TrainTarget):
     """Full fine-tuning: the U-Net, and with --train_text_encoder the text encoder; checkpoints are whole models."""
 
     def __init__(self, opts: TrainOptions, model: StableDiffusion, device: torch.device,
-                 weight_dtype: torch.dtype) -> None:
+                 weight_dtype: torch.dtype, clip_skip: int = 1) -> None:
+        from sdtune.models.text import unused_layers
+
         self.opts, self.model = opts, model
         place(model.unet, device, weight_dtype).train()
         model.unet.requires_grad_(True)
         model.text_encoder.requires_grad_(opts.train_text_encoder)
+        for layer in unused_layers(model.text_encoder, clip_skip):
+            layer.requires_grad_(False)  # CLIP skip never reads them: no gradient, and DDP must not wait for one
         te_dtype = weight_dtype if opts.train_text_encoder else half_dtype(opts.mixed_precision)
         place(model.text_encoder, device, te_dtype)
         model.text_encoder.train(opts.train_text_encoder)
@@ -107,7 +113,7 @@ class FineTuneTarget(TrainTarget):
         if opts.train_text_encoder:
             self.modules["text_encoder"] = model.text_encoder
             self.param_groups.append({
-                "params": list(model.text_encoder.parameters()),
+                "params": [p for p in model.text_encoder.parameters() if p.requires_grad],
                 "lr": opts.learning_rate_te if opts.learning_rate_te is not None else opts.learning_rate})
             self.group_names.append("text_encoder")
             self.description = "training: the U-Net and the text encoder"
@@ -161,6 +167,7 @@ class HypernetworkTarget(TrainTarget):
         hypernetwork.requires_grad_(True)
         self.hypernetwork: Hypernetwork = hypernetwork
         self.hooks = hypernetwork.attach(model.unet)
+        self.uses_global_rng = any(p > 0 for p in hypernetwork.config.dropout_structure)
         self.modules = {"hypernetwork": hypernetwork}
         self.param_groups = [{"params": list(hypernetwork.parameters()), "lr": opts.learning_rate}]
         self.group_names = ["hypernetwork"]
@@ -231,7 +238,7 @@ class HypernetworkTarget(TrainTarget):
 
 
 def make_target(opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
-                seed: int) -> TrainTarget:
+                seed: int, clip_skip: int = 1) -> TrainTarget:
     if opts.hypernetwork_module:
         return HypernetworkTarget(opts, model, device, weight_dtype, seed)
-    return FineTuneTarget(opts, model, device, weight_dtype)
+    return FineTuneTarget(opts, model, device, weight_dtype, clip_skip)
