@@ -12,7 +12,7 @@ from sdtune.errors import SdtuneError
 from sdtune.models.attention import set_attention
 from sdtune.models.tiny import build_tiny
 from sdtune.train.loop import Trainer, train
-from sdtune.train.optim import build_lr_scheduler, build_optimizer
+from sdtune.train.optim import HalfWeightAdamW, build_lr_scheduler, build_optimizer
 from sdtune.train.precision import LossScaler
 from tests.train.test_train import options
 
@@ -68,9 +68,13 @@ def test_full_fp16_keeps_fp16_weights_and_gradients(prepared, tmp_path):
 
 
 def test_full_bf16_keeps_bf16_weights(prepared, tmp_path):
-    trainer = Trainer(options(prepared, tmp_path, mixed_precision="bf16", full_bf16=True, max_train_steps=2))
+    trainer = Trainer(options(prepared, tmp_path, mixed_precision="bf16", full_bf16=True, max_train_steps=2,
+                              half_weight_rounding="stochastic"))
     trainer.run()
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.unet.parameters())
+    # AdamW keeps fp32 moments and writes with the rounding asked for (tests/train/test_precision.py: fidelity)
+    assert isinstance(trainer.optimizer, HalfWeightAdamW) and trainer.optimizer.rounding == "stochastic"
+    assert all(s["exp_avg_sq"].dtype == torch.float32 for s in trainer.optimizer.state.values())
 
 
 def test_loss_scaler_skips_overflowing_steps_and_adapts():
