@@ -51,3 +51,47 @@ def test_full_size_model_converts_both_ways(tmp_path, name):
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
     assert back.family.name == name
     assert back.unet.config.cross_attention_dim == (1024 if name == "sd2-v" else 768)
+
+
+# ------------------------------------------------------------------------- prediction type of files from elsewhere
+@pytest.fixture(scope="module")
+def bare_full_sd2() -> dict[str, torch.Tensor]:
+    """A full-size random SD 2.x LDM state dict (fp16), built once for the cases below."""
+    return ldm_state_dict(random_full_size("sd2-v"), torch.float16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,expected,signal", [
+    # (a) the 512-base release's .ckpt carries only its step (diffusers single_file_utils: 875000 -> epsilon)
+    ("ckpt_global_step", "epsilon", "global_step 875000"),
+    # (b) Stability AI's model spec as sd-scripts writes it (sai_model_spec.py PRED_TYPE_EPSILON)
+    ("modelspec_epsilon", "epsilon", "modelspec.prediction_type=epsilon"),
+    # (c) ComfyUI's marker: model_base.py state_dict_for_saving adds unet_state_dict["v_pred"] = torch.tensor([])
+    ("comfyui_v_pred", "v_prediction", "v_pred"),
+])
+def test_full_size_sd2_without_sdtune_metadata_is_detected(tmp_path, bare_full_sd2, caplog, case, expected, signal):
+    import logging
+
+    from safetensors.torch import save_file
+
+    if case == "ckpt_global_step":
+        path = tmp_path / "512-base-ema.ckpt"
+        torch.save({"state_dict": bare_full_sd2, "epoch": 0, "global_step": 875000}, str(path))
+    elif case == "modelspec_epsilon":
+        path = tmp_path / "spec.safetensors"
+        save_file(bare_full_sd2, str(path), metadata={
+            "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-v2-512",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": "Checkpoint", "modelspec.resolution": "512x512", "modelspec.prediction_type": "epsilon"})
+    else:
+        path = tmp_path / "comfy.safetensors"
+        save_file({**bare_full_sd2, "v_pred": torch.tensor([])}, str(path))
+    with caplog.at_level(logging.INFO, logger="sdtune.models.prediction"):
+        model = load_model(path, dtype=torch.float16)
+    assert model.prediction_type == expected
+    assert model.family.name == ("sd2" if expected == "epsilon" else "sd2-v")
+    assert model.noise_scheduler().config.prediction_type == expected
+    decided = [r.getMessage() for r in caplog.records if path.name in r.getMessage()]
+    assert any(signal in m for m in decided), decided
+    reference = bare_full_sd2["model.diffusion_model.out.2.weight"]
+    torch.testing.assert_close(model.unet.conv_out.weight, reference)

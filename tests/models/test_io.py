@@ -75,7 +75,7 @@ def test_sd2_file_carries_full_openclip_layout(saved_model):
     assert sd[OPENCLIP_ROOT + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * width, width)
     assert not any(k.startswith("cond_stage_model.transformer.") for k in sd)
     assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v"
-    assert metadata["modelspec.prediction_type"] == "v_prediction"
+    assert metadata["modelspec.prediction_type"] == "v"  # the spec's value (sd-scripts: PRED_TYPE_V)
 
 
 def test_sd1_file_has_hf_clip_layout(saved_model):

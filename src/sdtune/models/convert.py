@@ -27,6 +27,7 @@ class ConvertOptions:
     tokenizer: Optional[str] = opt(None, "CLIP tokenizer folder for single files (default: the packaged vocabulary)")
     epoch: int = opt(0, "epoch to record in a .ckpt / metadata")
     global_step: int = opt(0, "step to record in a .ckpt / metadata")
+    title: Optional[str] = opt(None, "the model spec's modelspec.title to record (default: DST's file name)")
 
 
 def infer_format(dst: Path) -> str:
@@ -45,6 +46,7 @@ def convert_command(opts: ConvertOptions) -> int:
     model = load_model(opts.src, v2=opts.v2, v_parameterization=opts.v_parameterization, vae=opts.vae,
                        tokenizer=opts.tokenizer)
     logger.info("loaded %s: %s", opts.src, model_summary(model))
-    save_model(model, opts.dst, fmt, opts.save_precision, epoch=opts.epoch, global_step=opts.global_step)
+    save_model(model, opts.dst, fmt, opts.save_precision, epoch=opts.epoch, global_step=opts.global_step,
+               title=opts.title)
     logger.info("wrote %s (%s, %s)", opts.dst, fmt, opts.save_precision)
     return 0

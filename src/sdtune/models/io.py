@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -26,7 +28,7 @@ from safetensors.torch import save_file
 from sdtune import __version__
 from sdtune.atomic import atomic_dir, atomic_path
 from sdtune.errors import ConversionError, ModelLoadError
-from sdtune.models.families import SD1, SD2, SD2_V, Family, get_family
+from sdtune.models.families import FAMILIES, SD1, SD2, SD2_V, Family, get_family
 from sdtune.models.ldm_keys import (
     VAE_ROOT,
     build_key_map,
@@ -34,6 +36,15 @@ from sdtune.models.ldm_keys import (
     normalize_ldm_keys,
     normalize_text_keys,
     openclip_completion,
+)
+from sdtune.models.prediction import (
+    META_CONFIGS,
+    META_FAMILY,
+    META_PREDICTION,
+    MARKER_KEYS,
+    V as V_PREDICTION,
+    detect_prediction_type,
+    spec_prediction_type,
 )
 from sdtune.models.sd import StableDiffusion, build_modules, place, with_prediction_type
 from sdtune.models.tokenizer import load_tokenizer
@@ -46,21 +57,37 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_META_FAMILY = "sdtune.family"
-_META_CONFIGS = "sdtune.configs"
+_META_FAMILY = META_FAMILY
+_META_CONFIGS = META_CONFIGS
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
+@dataclass
+class Checkpoint:
+    """A single file as read: its tensors, its metadata (safetensors header metadata, or the ``sdtune`` entry of a
+    .ckpt) and, for a .ckpt, the top-level ``global_step`` (an int, else None)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    global_step: int | None = None
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a single-file checkpoint and its metadata (safetensors header metadata, or the
     ``sdtune`` entry of a .ckpt). Raises :class:`ModelLoadError` naming the file on anything unreadable."""
+    checkpoint = read_checkpoint(path)
+    return checkpoint.tensors, checkpoint.metadata
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """:func:`read_state_dict` plus a .ckpt's top-level ``global_step``."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty (an interrupted download or copy?); fetch it again")
     if path.suffix.lower() == ".safetensors":
-        return _read_safetensors(path)
+        return Checkpoint(*_read_safetensors(path))
     return _read_pickle(path)
 
 
@@ -76,7 +103,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_pickle(path: Path) -> Checkpoint:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -100,36 +127,50 @@ def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ModelLoadError(f"{path}: holds no tensors; it is not a model checkpoint")
-    return tensors, metadata
+    # The step the training run saved at (LDM's and sd-scripts' .ckpt layout), as diffusers reads it. Some tools
+    # store it as a tensor or a float.
+    step = obj.get("global_step")
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        step = step.item()
+    global_step = (int(step) if isinstance(step, (int, float)) and not isinstance(step, bool)
+                   and math.isfinite(step) and step == int(step) else None)
+    return Checkpoint(tensors, metadata, global_step)
 
 
 # ----------------------------------------------------------------------------------------------------------- family
 def _single_file_family(path: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                         v2: bool | None, v_parameterization: bool | None, global_step: int | None) -> Family:
+    """The family from the text encoder's layout (or sdtune's metadata), the prediction type from every signal
+    :mod:`sdtune.models.prediction` knows, in its order. ``global_step`` is a .ckpt's top-level one."""
     text_kind = detect_text_encoder(sd)
     if text_kind is None or not any(k.startswith("model.diffusion_model.") for k in sd):
         raise ModelLoadError(
             f"{path}: not a Stable Diffusion 1.x/2.x checkpoint (no U-Net and text-encoder weights in the LDM "
             "layout). For a LoRA, VAE or embedding file use the matching option instead (e.g. --vae)."
         )
-    if _META_FAMILY in metadata:
-        family = get_family(metadata[_META_FAMILY])
-    elif text_kind == "openclip":
-        # As diffusers does: SD 2.x is v-prediction unless it is the 512-base checkpoint (saved at step 875000).
-        family = SD2 if global_step == 875000 else SD2_V
-    else:
-        family = SD1
-    if v2 is not None and v2 != family.is_v2:
+    if v2 is not None and v2 != (text_kind == "openclip"):
         raise ModelLoadError(
             f"{path}: --v2 {'was' if v2 else 'was not'} given, but the weights have a "
             f"{'OpenCLIP (SD 2.x)' if text_kind == 'openclip' else 'CLIP (SD 1.x)'} text encoder; drop the option"
         )
-    if v_parameterization is not None:
-        family = with_prediction_type(family, "v_prediction" if v_parameterization else "epsilon")
-    return family
+    decision = detect_prediction_type(path, is_v2=text_kind == "openclip", metadata=metadata, keys=sd.keys(),
+                                      ckpt_global_step=global_step, override=v_parameterization)
+    if META_FAMILY in metadata:
+        try:
+            family = get_family(metadata[META_FAMILY])
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+    elif text_kind == "openclip":
+        family = SD2_V if decision.prediction_type == V_PREDICTION else SD2
+    else:
+        family = SD1
+    return with_prediction_type(family, decision.prediction_type)
 
 
-def _folder_family(configs: Mapping[str, Mapping[str, Any]], v2: bool | None, v_parameterization: bool | None) -> Family:
+def _folder_family(configs: Mapping[str, Mapping[str, Any]], v2: bool | None, v_parameterization: bool | None,
+                   recorded: str | None = None) -> Family:
+    """A diffusers folder states its prediction type in scheduler_config.json; ``recorded`` is the family name
+    sdtune wrote into sdtune.json (an SD 2.x 768 model trained with epsilon stays "sd2-v")."""
     is_v2 = configs["text_encoder"].get("hidden_act") == "gelu"  # OpenCLIP uses gelu, OpenAI CLIP quick_gelu
     if v2 is not None:
         is_v2 = v2
@@ -137,6 +178,8 @@ def _folder_family(configs: Mapping[str, Mapping[str, Any]], v2: bool | None, v_
     if v_parameterization is not None:
         prediction = "v_prediction" if v_parameterization else "epsilon"
     family = (SD2_V if prediction == "v_prediction" else SD2) if is_v2 else SD1
+    if recorded is not None and recorded in FAMILIES and get_family(recorded).is_v2 == is_v2:
+        family = get_family(recorded)
     return with_prediction_type(family, prediction)
 
 
@@ -235,7 +278,8 @@ def _load_diffusers(folder: Path, v2: bool | None, v_parameterization: bool | No
         "text_encoder": _read_json(folder / "text_encoder" / "config.json"),
         "scheduler": _read_json(scheduler_file) if scheduler_file.is_file() else {},
     }
-    family = _folder_family(configs, v2, v_parameterization)
+    own = folder / "sdtune.json"
+    family = _folder_family(configs, v2, v_parameterization, _read_json(own).get("family") if own.is_file() else None)
     weights = {
         "unet": _folder_weights(folder / "unet", _UNET_FILES),
         "vae": _folder_weights(folder / "vae", _UNET_FILES),
@@ -277,10 +321,11 @@ def _instantiate(configs: Mapping[str, Mapping[str, Any]], weights: Mapping[str,
 
 def _load_single_file(path: Path, v2: bool | None, v_parameterization: bool | None,
                       tokenizer: str | Path | None) -> StableDiffusion:
-    sd, metadata = read_state_dict(path)
-    sd = normalize_ldm_keys(sd)
-    step = int(metadata["global_step"]) if metadata.get("global_step", "").isdigit() else None
-    family = _single_file_family(path, sd, metadata, v2, v_parameterization, step)
+    checkpoint = read_checkpoint(path)
+    sd, metadata = normalize_ldm_keys(checkpoint.tensors), checkpoint.metadata
+    family = _single_file_family(path, sd, metadata, v2, v_parameterization, checkpoint.global_step)
+    for marker in MARKER_KEYS:  # read above; not weights
+        sd.pop(marker, None)
     if _META_CONFIGS in metadata:
         configs = json.loads(metadata[_META_CONFIGS])
     else:
@@ -401,27 +446,40 @@ def ldm_state_dict(model: StableDiffusion, dtype: torch.dtype = torch.float32) -
     return ldm
 
 
-def _metadata(model: StableDiffusion, epoch: int, global_step: int) -> dict[str, str]:
+def modelspec_architecture(is_v2: bool, prediction_type: str) -> str:
+    """The model-spec architecture id, chosen as sd-scripts' ``determine_architecture`` does: SD 2.x is
+    ``-768-v`` when it predicts v and ``-512`` otherwise; SD 1.x has one id for both objectives."""
+    if is_v2:
+        return "stable-diffusion-v2-768-v" if prediction_type == V_PREDICTION else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
+
+
+def _metadata(model: StableDiffusion, epoch: int, global_step: int, title: str) -> dict[str, str]:
     family = model.family
     return {
         _META_FAMILY: family.name,
+        META_PREDICTION: family.prediction_type,
         _META_CONFIGS: json.dumps(model.configs()),
         "sdtune.version": __version__,
         "epoch": str(epoch),
         "global_step": str(global_step),
-        # Stability AI's model-spec fields, read by UIs to tell model types apart.
+        # Stability AI's model spec (https://github.com/Stability-AI/ModelSpec; sd-scripts'
+        # library/sai_model_spec.py writes the same fields), read by UIs to tell model types apart.
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.architecture": modelspec_architecture(family.is_v2, family.prediction_type),
         "modelspec.implementation": "https://github.com/Stability-AI/stablediffusion" if family.is_v2
         else "https://github.com/CompVis/stable-diffusion",
-        "modelspec.prediction_type": family.prediction_type,
+        "modelspec.title": title,
+        "modelspec.prediction_type": spec_prediction_type(family.prediction_type),
         "modelspec.resolution": f"{family.resolution}x{family.resolution}",
     }
 
 
 def save_model(model: StableDiffusion, dest: str | Path, fmt: str = "safetensors", precision: str = "float",
-               epoch: int = 0, global_step: int = 0) -> Path:
-    """Write ``model`` as ``fmt`` (ckpt | safetensors | diffusers | diffusers_safetensors) atomically."""
+               epoch: int = 0, global_step: int = 0, title: str | None = None) -> Path:
+    """Write ``model`` as ``fmt`` (ckpt | safetensors | diffusers | diffusers_safetensors) atomically.
+
+    ``title`` is the model spec's required ``modelspec.title``; by default the file's stem."""
     if fmt not in SAVE_FORMATS:
         raise ValueError(f"unknown save format {fmt!r}; expected one of {', '.join(SAVE_FORMATS)}")
     if precision not in PRECISIONS:
@@ -432,7 +490,7 @@ def save_model(model: StableDiffusion, dest: str | Path, fmt: str = "safetensors
         _save_diffusers(model, dest, dtype, safetensors=(fmt == "diffusers_safetensors"))
         return dest
     ldm = ldm_state_dict(model, dtype)
-    metadata = _metadata(model, epoch, global_step)
+    metadata = _metadata(model, epoch, global_step, title or dest.stem)
     if fmt == "safetensors":
         with atomic_path(dest) as tmp:
             save_file(ldm, str(tmp), metadata=metadata)
