@@ -46,6 +46,8 @@ COMMANDS: tuple[Command, ...] = (
             "sdtune.generate", "GenerateOptions", "generate_command", "gen_img_diffusers.py"),
     Command("convert", "convert a model between .ckpt, .safetensors and diffusers formats",
             "sdtune.models.convert", "ConvertOptions", "convert_command", "tools/convert_diffusers20_original_sd.py"),
+    Command("review", "write a static page showing the dataset as training sees it (crops, buckets, tokens)",
+            "sdtune.review.command", "ReviewOptions", "review_command", ""),
     Command("demo", "run the whole pipeline on a generated dataset and a tiny model (no download)",
             "sdtune.demo", "DemoOptions", "demo_command", ""),
 )
