@@ -252,3 +252,37 @@ def test_tokenizer_option_is_used_for_single_files_with_the_familys_padding(tmp_
     assert load_model(saved_model("sd2-v", "safetensors")).tokenizer.model_max_length == 77
     with pytest.raises(ModelLoadError, match="nowhere"):
         load_model(saved_model("sd1", "safetensors"), tokenizer=tmp_path / "nowhere")
+
+
+# Key names of the training loss ldm's AutoencoderKL saves with its weights (ldm/modules/losses/contperceptual.py
+# LPIPSWithDiscriminator: logvar, perceptual_loss = LPIPS (scaling_layer, net.slice*, lin*), discriminator =
+# NLayerDiscriminator (main.*)), as in CompVis' kl-f8 model.ckpt.
+VAE_LOSS_KEYS = ("loss.logvar", "loss.perceptual_loss.scaling_layer.shift", "loss.perceptual_loss.net.slice1.0.weight",
+                 "loss.perceptual_loss.lin0.model.1.weight", "loss.discriminator.main.0.weight",
+                 "loss.discriminator.main.0.bias", "loss.discriminator.main.2.running_mean")
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_vae_with_training_loss_keys_loads_and_unknown_keys_are_still_refused(tmp_path, fmt):
+    other = build_tiny("sd1", seed=3)
+    ldm = {k.removeprefix("first_stage_model."): v for k, v in ldm_state_dict(other).items()
+           if k.startswith("first_stage_model.")}
+    with_loss = {**ldm, **{k: torch.randn(3) for k in VAE_LOSS_KEYS}}
+    path = tmp_path / f"kl-f8.{fmt}"
+    if fmt == "ckpt":
+        torch.save({"state_dict": with_loss, "global_step": 246803}, str(path))
+    else:
+        save_file(with_loss, str(path))
+    assert_same_weights(other.vae.state_dict(), load_vae(path).state_dict())
+    odd = tmp_path / f"odd.{fmt}"
+    extra = {**with_loss, "encoder.mystery.weight": torch.zeros(1)}
+    torch.save({"state_dict": extra}, str(odd)) if fmt == "ckpt" else save_file(extra, str(odd))
+    with pytest.raises(ModelLoadError, match=r"odd\..*encoder\.mystery"):
+        load_vae(odd)
+
+
+def test_full_checkpoint_with_vae_loss_keys_loads(tmp_path, saved_model):
+    sd, metadata = read_state_dict(saved_model("sd1", "safetensors"))
+    sd["first_stage_model.loss.logvar"] = torch.zeros(())
+    save_file(sd, str(tmp_path / "merged.safetensors"), metadata=metadata)
+    assert_same_weights(build_tiny("sd1").vae.state_dict(), load_model(tmp_path / "merged.safetensors").vae.state_dict())

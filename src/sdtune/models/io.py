@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VAE_TRAINING_PREFIXES = ("loss.",)
 _META_FAMILY = META_FAMILY
 _META_CONFIGS = META_CONFIGS
 
@@ -366,6 +367,13 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
         if any(k.startswith("model.diffusion_model.") for k in sd):  # a whole checkpoint: take its VAE part
             sd = {k: v for k, v in sd.items() if k.startswith(VAE_ROOT)}
         sd = {k.removeprefix(VAE_ROOT): v for k, v in sd.items() if not k.startswith("model_ema.")}
+        # Training-only tensors of ldm's AutoencoderKL (its LPIPSWithDiscriminator: loss.logvar,
+        # loss.perceptual_loss.*, loss.discriminator.*), as in CompVis' kl-f8 model.ckpt; sd-scripts' and diffusers'
+        # VAE converters copy only the weights they know. Any other unknown key is still refused below.
+        dropped = [k for k in sd if k.startswith(VAE_TRAINING_PREFIXES)]
+        if dropped:
+            logger.info("%s: ignoring %d training-only VAE tensor(s) (%s...)", path, len(dropped), dropped[0])
+            sd = {k: v for k, v in sd.items() if not k.startswith(VAE_TRAINING_PREFIXES)}
         if any(k.startswith("encoder.down.") for k in sd):  # LDM layout
             # sdtune's own files carry their configs; any other VAE's layout is read from its shapes
             config = (json.loads(metadata[_META_CONFIGS])["vae"] if _META_CONFIGS in metadata

@@ -37,7 +37,8 @@ _IGNORED_LDM_KEYS = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "v_pred", CLIP_ROOT + "embeddings.position_ids",
 }
-_IGNORED_LDM_PREFIXES = ("model_ema.",)
+# ... and the VAE's training loss (LPIPS and discriminator weights), which some merged checkpoints carry.
+_IGNORED_LDM_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 
 
 def _resnet_pairs(d: str, l: str) -> list[tuple[str, str]]:
