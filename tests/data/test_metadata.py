@@ -103,12 +103,28 @@ def test_recursive(tmp_path, make_image):
     assert set(read(tmp_path / "rec.json")["images"]) == {"top", "deep"}
 
 
-def test_sidecar_encoding_bom_and_first_line(tmp_path):
+def test_sidecar_encoding_bom_and_whole_text(tmp_path):
     p = tmp_path / "x.caption"
     p.write_bytes("\ufeff\n  héllo wörld  \nsecond line\n".encode("utf-8"))
-    assert read_sidecar(p) == "héllo wörld"
+    assert read_sidecar(p) == "héllo wörld  \nsecond line"
     p.write_bytes(b"")
     assert read_sidecar(p) == ""
+
+
+@pytest.mark.parametrize("content", ["one line\n", "first line\nsecond line\n", "\n\n1girl, solo,\nsmile\n\n",
+                                     "a\r\nb\r\n", "  spaced  \n"])
+def test_merge_keeps_the_whole_text_as_sd_scripts_does(folder, tmp_path, caplog, content):
+    """sd-scripts' finetune/merge_captions_to_metadata.py: ``caption_path.read_text(encoding="utf-8").strip()``."""
+    (folder / "a.caption").write_bytes(content.encode("utf-8"))
+    reference = (folder / "a.caption").read_text(encoding="utf-8").strip()  # universal newlines, as sd-scripts reads
+    caplog.set_level("INFO")
+    summary = merge_folder(folder, tmp_path / "m.json", "caption", ".caption")
+    assert read(tmp_path / "m.json")["images"]["a"]["caption"] == reference
+    if "\n" in reference:
+        assert [p.name for p in summary.multiline] == ["a.caption"]
+        assert "several lines" in caplog.text and str(folder / "a.caption") in caplog.text
+    else:
+        assert not summary.multiline
 
 
 def test_unreadable_and_empty_sidecars_are_skipped_named_and_counted(folder, tmp_path, caplog):

@@ -28,8 +28,10 @@ Versions and migrations: version 0 is sd-scripts' flat layout, ``{"<image key>":
 the current version. ``MIGRATIONS[n]`` turns a version-``n`` document into version ``n + 1``; a file from a newer
 sdtune raises.
 
-Sidecar files are read as UTF-8 (a byte-order mark is tolerated); the first non-blank line is used, stripped, as
-sd-scripts uses the first line.
+Sidecar files are read as UTF-8 (a byte-order mark is tolerated) and kept whole, stripped of surrounding whitespace,
+as sd-scripts' finetune/merge_captions_to_metadata.py and merge_dd_tags_to_metadata.py do
+(``read_text(encoding="utf-8").strip()``); line endings become ``\n``. Files of several lines are named in the
+closing summary.
 """
 
 from __future__ import annotations
@@ -230,7 +232,8 @@ def normalize_extension(extension: str) -> str:
 
 
 def read_sidecar(path: Path) -> str:
-    """The first non-blank line of a caption/tag file, stripped; '' for an empty file.
+    """The whole text of a caption/tag file, stripped, line endings as ``\n`` (sd-scripts' merge scripts keep the
+    whole text too); '' for an empty file.
 
     UTF-8 with an optional byte-order mark (Windows Notepad writes one); anything else raises ``SidecarError``.
     """
@@ -242,7 +245,7 @@ def read_sidecar(path: Path) -> str:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SidecarError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 @dataclass
@@ -254,6 +257,7 @@ class MergeSummary:
     missing: list[Path] = field(default_factory=list)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
     empty: list[Path] = field(default_factory=list)
+    multiline: list[Path] = field(default_factory=list)  # kept whole; named so a stray line is noticed
 
     def log(self, log: logging.Logger = logger) -> None:
         """The closing summary: counts, then every problem file by name."""
@@ -261,6 +265,9 @@ class MergeSummary:
         if self.empty:
             log.warning("%d %s file(s) were empty (stored as ''): %s", len(self.empty), self.kind,
                         _listing(self.empty))
+        if self.multiline:
+            log.warning("%d %s file(s) have several lines, kept whole (as sd-scripts does): %s", len(self.multiline),
+                        self.kind, _listing(self.multiline))
         if self.missing:
             log.warning("%d image(s) have no %s file: %s", len(self.missing), self.kind, _listing(self.missing))
         if self.unreadable:
@@ -295,6 +302,8 @@ def merge_sidecars_into(
             continue
         if not text:
             summary.empty.append(sidecar)
+        elif "\n" in text:
+            summary.multiline.append(sidecar)
         images.setdefault(index.key_for(image), {})[field_name] = text
         summary.merged += 1
     return summary
