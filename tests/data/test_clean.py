@@ -117,3 +117,49 @@ def test_bad_rules_name_the_file_and_problem(tmp_path, text, message, capsys):
 def test_empty_deletion_removes_one_space(tmp_path):
     rules = parse_rules('[caption]\nreplace = [["very", ""]]\n')
     assert clean_caption("a very very big dog, very", rules) == "a big dog,"
+
+
+# ---------------------------------------------------------------------------------------------- against sd-scripts
+# sd-scripts' finetune/clean_captions_and_tags.py, written out here as the reference (its underscore step and its
+# caption replacements; only rules whose outcome does not depend on substring vs whole-word matching are used).
+def seed_underscores(tags: str) -> str:
+    return tags.replace("^_^", "^@@@^").replace("_", " ").replace("^@@@^", "^_^")
+
+
+SEED_CAPTION_REPLACEMENTS = [
+    ("anime anime", "anime"), ("young ", ""), ("anime girl", "girl"), ("cartoon female", "girl"),
+    ("cartoon lady", "girl"), ("cartoon character", "girl"), ("cartoon woman", "girl"), ("cartoon women", "girls"),
+    ("cartoon girl", "girl"), ("anime female", "girl"), ("anime lady", "girl"), ("anime character", "girl"),
+    ("anime woman", "girl"), ("anime women", "girls"), ("lady", "girl"), ("female", "girl"), ("woman", "girl"),
+    ("women", "girls"), ("people", "girls"), ("person", "girl"), ("a cartoon figure", "a figure"),
+    ("a cartoon image", "an image"), ("a cartoon picture", "a picture"), ("an anime cartoon image", "an image"),
+    ("a cartoon anime drawing", "a drawing"), ("a cartoon drawing", "a drawing"), ("girl girl", "girl"),
+]
+
+
+def seed_clean_caption(caption: str) -> str:
+    for rf, rt in SEED_CAPTION_REPLACEMENTS:
+        replaced = True
+        while replaced:
+            bef = caption
+            caption = caption.replace(rf, rt)
+            replaced = bef != caption
+    return caption
+
+
+@pytest.mark.parametrize("tag", ["hand_to_own_mouth", "looking_to_the_side", "x_x_x_pattern", "go_to_o_o",
+                                 "arms_behind_back", "^_^", "long_hair"])
+def test_underscores_as_sd_scripts_emoticons_only_as_whole_tags(tag):
+    rules = load_rules()
+    assert clean_tags(tag, rules) == seed_underscores(tag)
+    for emoticon in ("o_o", "x_x", "T_T", "^_^"):
+        assert clean_tags(f"smile, {emoticon}", rules) == f"smile, {emoticon}"
+
+
+@pytest.mark.parametrize("caption", [
+    "two females standing in a field", "a cartoon female with a sword", "anime girls on a beach",
+    "a group of persons", "three anime females", "cartoon girls dancing", "anime characters in a room",
+    "two women and a person",
+])
+def test_caption_plurals_as_sd_scripts(caption):
+    assert clean_caption(caption, load_rules()) == seed_clean_caption(caption).strip()

@@ -57,7 +57,17 @@ class TagGroup:
 class Replacement:
     source: str
     target: str
-    pattern: re.Pattern[str]
+    pattern: re.Pattern[str]  # group "plural": the source's words followed by an "s" ("females")
+
+    def apply(self, caption: str) -> str:
+        return self.pattern.sub(self._replace, caption)
+
+    def _replace(self, m: re.Match[str]) -> str:
+        # The seed's substring replacement turns "females" into "girls" ("female" -> "girl", the "s" stays); whole
+        # words keep that: a plural of the source becomes the plural of the target.
+        if m.group("plural") and not self.target.endswith("s"):
+            return self.target + "s"
+        return self.target
 
 
 @dataclass(frozen=True)
@@ -70,8 +80,6 @@ class CleanRules:
     redundant_one_word: bool = False
     redundant_also: frozenset[str] = frozenset()
     caption_replace: tuple[Replacement, ...] = ()
-    # Derived: one pattern finding any protected emoticon, so that the rest of the tag can lose its underscores.
-    _keep_pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
 
 # ------------------------------------------------------------------------------------------------ rules file
@@ -111,9 +119,11 @@ def _compile(pattern: Any, where: str, source: str | Path) -> re.Pattern[str]:
 
 
 def _word_pattern(words: str, delete: bool) -> re.Pattern[str]:
-    """Whole-word match of ``words`` (any run of spaces between them); a deletion also eats one following space."""
+    """Whole-word match of ``words`` (any run of spaces between them), or of their plural with an "s" (group
+    ``plural``; not for deletions); a deletion also eats one following space."""
     body = r"\s+".join(re.escape(w) for w in words.split())
-    return re.compile(rf"(?<!{_WORD_CHAR}){body}(?!{_WORD_CHAR})" + (r" ?" if delete else ""))
+    plural = "(?P<plural>(?!))?" if delete else "(?P<plural>s)?"
+    return re.compile(rf"(?<!{_WORD_CHAR}){body}{plural}(?!{_WORD_CHAR})" + (r" ?" if delete else ""))
 
 
 def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
@@ -167,7 +177,6 @@ def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
         replacements.append(Replacement(pair[0], pair[1], pattern))
 
     keep = tuple(_strings(tags.get("keep_underscores", []), "tags.keep_underscores", source))
-    keep_pattern = re.compile("|".join(re.escape(k) for k in sorted(keep, key=len, reverse=True))) if keep else None
     return CleanRules(
         underscores_to_spaces=underscores,
         keep_underscores=keep,
@@ -178,7 +187,6 @@ def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
         redundant_one_word=one_word,
         redundant_also=frozenset(_strings(redundant.get("also", []), "tags.redundant.also", source)),
         caption_replace=tuple(replacements),
-        _keep_pattern=keep_pattern,
     )
 
 
@@ -206,15 +214,8 @@ def split_tags(tags: str) -> list[str]:
 
 
 def _underscores_to_spaces(tag: str, rules: CleanRules) -> str:
-    if rules._keep_pattern is None:
-        return tag.replace("_", " ")
-    out, last = [], 0
-    for m in rules._keep_pattern.finditer(tag):
-        out.append(tag[last:m.start()].replace("_", " "))
-        out.append(m.group())
-        last = m.end()
-    out.append(tag[last:].replace("_", " "))
-    return "".join(out)
+    """Only a tag that is wholly an emoticon keeps its underscores: "o_o" inside "hand_to_own_mouth" is not one."""
+    return tag if tag in rules.keep_underscores else tag.replace("_", " ")
 
 
 def clean_tag_list(tags: list[str], rules: CleanRules) -> list[str]:
@@ -257,7 +258,7 @@ def clean_caption(caption: str, rules: CleanRules) -> str:
         # Each pass shortens the caption or leaves it unchanged for rules that shrink text; the bound guards
         # a user's rule that keeps rewriting without ever settling.
         for _ in range(len(caption) + 2):
-            new = rep.pattern.sub(rep.target, caption)
+            new = rep.apply(caption)
             if new == caption:
                 break
             caption = new
