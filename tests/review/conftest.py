@@ -14,7 +14,9 @@ from sdtune.data.latents import PrepareOptions, prepare_latents
 from sdtune.data.metadata import load_metadata, save_metadata
 
 # (stem, (width, height), caption or None, tags or None)
-LONG_CAPTION = ", ".join(f"detail number {i}" for i in range(80))  # 80 * 3 + 79 commas = 319 tokens
+# 222 one-token words, a 5-token word (tokens 223-227: the 225-token cut-off falls inside it), 10 more: 237 tokens
+LONG_CAPTION = "cat " * 222 + "supercalifragilistic" + " dog" * 10
+LONG_CUT = len("cat " * 222)  # where the cut-off is drawn: the start of the word it splits
 XSS_CAPTION = "a cat <script>window.__pwned = 1</script> <img src=x onerror=\"window.__pwned = 2\"> & co"
 SIZES = {
     "a_square": (64, 64), "b_wide": (96, 48), "c_tall": (48, 96), "d_square": (64, 64), "e_wide": (120, 64),

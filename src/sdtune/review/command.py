@@ -6,6 +6,7 @@ import functools
 import http.server
 import logging
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -45,11 +46,19 @@ def write_review(options: ReviewOptions) -> tuple[Path, Review]:
     return page, review
 
 
-def serve(folder: Path, host: str, port: int) -> None:
-    """Serve ``folder`` over HTTP until Ctrl-C."""
+def make_server(folder: Path, host: str = "127.0.0.1", port: int = 0) -> http.server.ThreadingHTTPServer:
+    """An HTTP server for ``folder`` (port 0: any free one; ``server.server_address[1]`` says which)."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach this machine can read the page and its thumbnails", host)
-    server = http.server.ThreadingHTTPServer((host, port), _quiet_handler(str(folder)))
+    server_class = http.server.ThreadingHTTPServer
+    if ":" in host:  # an IPv6 address
+        server_class = type("ThreadingHTTPServer6", (server_class,), {"address_family": socket.AF_INET6})
+    return server_class((host, port), _quiet_handler(str(folder)))
+
+
+def serve(folder: Path, host: str, port: int) -> None:
+    """Serve ``folder`` over HTTP until Ctrl-C."""
+    server = make_server(folder, host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving http://{shown}:{server.server_address[1]}/{PAGE_FILE} (Ctrl-C stops)", flush=True)
     try:
@@ -68,4 +77,4 @@ def review_command(options: ReviewOptions) -> int:
     return 0
 
 
-__all__ = ["ReviewOptions", "review_command", "serve", "write_review"]
+__all__ = ["ReviewOptions", "make_server", "review_command", "serve", "write_review"]
