@@ -1,7 +1,10 @@
 """Run by tests/train/test_distributed.py under torchrun: trains and records what this rank saw.
 
-Usage: torchrun --nproc_per_node 2 tests/train/ddp_worker.py MODEL TRAIN_DIR META OUT_DIR
-Writes OUT_DIR/rank<r>.json: the (epoch, image keys, weight) of every batch and a digest of the final U-Net.
+Usage: torchrun --nproc_per_node 2 tests/train/ddp_worker.py MODEL TRAIN_DIR META OUT_DIR [OPTIONS_JSON]
+Writes OUT_DIR/rank<r>.json: the (epoch, image keys, weight) of every batch and a digest of the final U-Net, and
+OUT_DIR/rank<r>.safetensors: the final U-Net and text encoder weights (``unet.*``, ``te.*``), and
+OUT_DIR/rank<r>-step1.safetensors: the same after the first optimizer step. OPTIONS_JSON overrides TrainOptions
+fields.
 """
 
 from __future__ import annotations
@@ -11,12 +14,23 @@ import json
 import sys
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from sdtune.data.dataset import FineTuneData
 from sdtune.train.loop import TrainOptions, Trainer
 
 
+def save_weights(trainer: Trainer, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unet = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
+    text = trainer.accelerator.unwrap_model(trainer.text_encoder).state_dict()
+    save_file({**{f"unet.{k}": v.contiguous() for k, v in unet.items()},
+               **{f"te.{k}": v.contiguous() for k, v in text.items()}}, str(path))
+
+
 def main() -> None:
     model, train_dir, meta, out = sys.argv[1:5]
+    overrides = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
     seen: list[dict] = []
     original = FineTuneData.load_batch
 
@@ -25,10 +39,20 @@ def main() -> None:
         return original(self, keys, epoch, seed, caption_rules)
 
     FineTuneData.load_batch = recording
+    settings = {"train_batch_size": 2, "max_train_steps": 5, "learning_rate": 1e-3, "seed": 7,
+                "max_data_loader_n_workers": 0, **overrides}
     trainer = Trainer(TrainOptions(pretrained_model_name_or_path=model, train_data_dir=train_dir, in_json=meta,
-                                   output_dir=out, train_batch_size=2, max_train_steps=5, learning_rate=1e-3,
-                                   seed=7, max_data_loader_n_workers=0))
+                                   output_dir=out, **settings))
+    after_step = trainer.after_step
+
+    def snapshot() -> None:
+        if trainer.progress.global_step == 1:
+            save_weights(trainer, Path(out, f"rank{trainer.rank}-step1.safetensors"))
+        after_step()
+
+    trainer.after_step = snapshot
     result = trainer.run()
+    save_weights(trainer, Path(out, f"rank{trainer.rank}.safetensors"))
     weights = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
     digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
     plan = {e: trainer.data.epoch_batches(e, trainer.seed, 2, trainer.world, trainer.rank) for e in range(3)}
