@@ -94,7 +94,8 @@ def test_npz_keys_are_the_documented_ones(dataset, tiny_vae):
     prepare_latents(options(train, meta), vae=tiny_vae)
     with np.load(train / "wide.npz", allow_pickle=False) as z:
         assert sorted(z.files) == sorted(["latents", "original_size", "resized_size", "crop_ltrb", "train_resolution",
-                                          "vae_fingerprint", "cache_key", "format_version"])  # no flip: no mirror
+                                          "vae_fingerprint", "cache_key", "format_version", "image_hash",
+                                          "image_bytes", "image_mtime_ns"])  # no flip: no mirror
     assert load_latent_file(train / "wide.npz").latents_flipped is None
 
 
@@ -443,3 +444,45 @@ def test_nan_latents_are_not_cached(dataset, tiny_vae, monkeypatch):
     assert summary.encoded == 2 and len(summary.skipped) == 1 and "NaN" in summary.skipped[0][1]
     assert sorted(p.name for p in train.glob("*.npz")) == ["small.npz", "tall.npz"]
     assert "train_resolution" not in load_metadata(meta.with_name("meta_lat.json"))["wide"]
+
+
+# ---------------------------------------------------------------------------------- training notices stale caches
+def _fine_tune_data(train: Path, meta: Path):
+    from sdtune.data.dataset import FineTuneData
+
+    return FineTuneData.from_metadata(load_metadata(meta.with_name("meta_lat.json")), train)
+
+
+@pytest.mark.parametrize("old_file", [False, True], ids=["current", "without-image-fields"])
+def test_training_reencodes_caches_of_edited_images_and_of_another_vae(dataset, tiny_vae, make_image, caplog,
+                                                                       old_file):
+    import os
+
+    from sdtune.models.tiny import build_tiny
+
+    train, meta = dataset
+    prepare_latents(options(train, meta, flip_aug=old_file), vae=tiny_vae)
+    if old_file:  # as prepare wrote them before the image fields existed: validity through cache_key alone
+        for npz in train.glob("*.npz"):
+            with np.load(npz, allow_pickle=False) as z:
+                kept = {k: z[k] for k in z.files if not k.startswith("image_")}
+            np.savez(npz, **kept)
+    assert _fine_tune_data(train, meta).encode_missing(tiny_vae) == 0
+
+    st = (train / "wide.png").stat()
+    os.utime(train / "wide.png", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # touched, same bytes
+    assert _fine_tune_data(train, meta).encode_missing(tiny_vae) == 0
+
+    make_image(train / "small.png", 50, 40, seed=9)  # edited: same size, other pixels
+    caplog.set_level("WARNING")
+    data = _fine_tune_data(train, meta)
+    assert data.encode_missing(tiny_vae) == 1
+    assert "small.npz: stale latent cache" in caplog.text and "changed since it was cached" in caplog.text
+    _, bucket, resized, crop = EXPECTED["small"]
+    reference = encode(tiny_vae, expected_crop(train / "small.png", resized, crop))  # the new image, not the cache
+    torch.testing.assert_close(data.in_memory["small"], torch.from_numpy(reference), atol=2e-5, rtol=0)
+
+    caplog.clear()
+    other = build_tiny("sd1", seed=5).vae
+    assert _fine_tune_data(train, meta).encode_missing(other) == 3
+    assert caplog.text.count("another VAE") == 3

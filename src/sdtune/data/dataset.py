@@ -22,7 +22,8 @@ import torch
 from sdtune.data.buckets import AspectBuckets, Reso, cover
 from sdtune.data.images import list_images, open_image
 from sdtune.data.latents import (
-    LatentFileError, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels)
+    LatentFileError, cache_staleness, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels, vae_fingerprint,
+)
 from sdtune.data.metadata import Images, KeyIndex
 from sdtune.errors import SdtuneError
 
@@ -125,8 +126,11 @@ class FineTuneData:
         return cls(examples, buckets, repeats, skipped=skipped)
 
     def encode_missing(self, vae, batch_size: int = 4) -> int:
-        """Encode (in memory) the images whose latent file is missing or unreadable; returns how many."""
+        """Encode (in memory) the images whose latent file is missing, unreadable or stale for this model's VAE
+        (see ``latents.cache_staleness``: bucket, VAE fingerprint, image size/mtime, then its hash); returns how
+        many. Every such file is named in the log."""
         missing = []
+        vae_print = vae_fingerprint(vae)
         for key, ex in self.examples.items():
             if not ex.latents.is_file():
                 missing.append(key)
@@ -137,9 +141,10 @@ class FineTuneData:
                 logger.warning("%s", exc)
                 missing.append(key)
                 continue
-            if tuple(cached.train_resolution) != ex.bucket:
-                logger.warning("%s: cached for bucket %s but the metadata says %s; encoding it again",
-                               ex.latents, cached.train_resolution, ex.bucket)
+            reason = cache_staleness(cached, ex.image, ex.bucket, vae_print)
+            if reason is not None:
+                logger.warning("%s: stale latent cache (%s); encoding it again (run sdtune prepare to cache it)",
+                               ex.latents, reason)
                 missing.append(key)
         for start in range(0, len(missing), batch_size):
             keys = missing[start:start + batch_size]

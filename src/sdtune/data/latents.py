@@ -20,6 +20,9 @@ Latent file (``.npz``, format version 1; ``np.load(path)`` reads it, no pickle):
     vae_fingerprint    str         hash of the VAE's config and weights
     cache_key          str         hash of everything the latents depend on (see ``cache_key``)
     format_version     int64       1
+    image_hash         str         hash of the image file's bytes            (optional: files from before they
+    image_bytes        int64       the image file's size in bytes             were added lack them; validity is
+    image_mtime_ns     int64       its modification time, ns                  then checked through cache_key)
 
 Choices, documented here because training relies on them:
 
@@ -32,6 +35,9 @@ Choices, documented here because training relies on them:
 * ``--skip_existing`` reuses a file only when its ``cache_key`` matches: a hash of the image file's bytes, the
   bucket, resized size and crop, the flip flag, the VAE fingerprint, the precision and this format version. Any
   other file (stale, damaged, from another VAE) is encoded again.
+* **Training checks every cache before using it** (``cache_staleness``): the bucket against the metadata, the VAE
+  fingerprint against the model's VAE, and the image: when its size and modification time are those stored, it is
+  taken as unchanged; otherwise its bytes are hashed and compared. A stale file is encoded again in memory and named.
 * Images smaller than their bucket are enlarged to cover it. With ``--bucket_no_upscale`` they are never
   enlarged; an image whose bucket would have a side under ``--min_bucket_reso`` is skipped and reported.
 """
@@ -89,6 +95,9 @@ class LatentCache:
     vae_fingerprint: str
     cache_key: str
     format_version: int
+    image_hash: str | None = None
+    image_bytes: int | None = None
+    image_mtime_ns: int | None = None
 
 
 class LatentFileError(SdtuneError):
@@ -119,6 +128,9 @@ def load_latent_file(path: str | Path) -> LatentCache:
                 vae_fingerprint=str(z["vae_fingerprint"]),
                 cache_key=str(z["cache_key"]),
                 format_version=version,
+                image_hash=str(z["image_hash"]) if "image_hash" in z.files else None,
+                image_bytes=int(z["image_bytes"]) if "image_bytes" in z.files else None,
+                image_mtime_ns=int(z["image_mtime_ns"]) if "image_mtime_ns" in z.files else None,
             )
     except FileNotFoundError:
         raise LatentFileError(f"{path}: latent file does not exist; run sdtune prepare") from None
@@ -165,6 +177,10 @@ def write_latent_file(path: Path, cache: LatentCache) -> None:
         "cache_key": np.array(cache.cache_key),
         "format_version": np.array(cache.format_version, dtype=np.int64),
     }
+    for name in ("image_hash", "image_bytes", "image_mtime_ns"):
+        value = getattr(cache, name)
+        if value is not None:
+            arrays[name] = np.array(value) if name == "image_hash" else np.array(value, dtype=np.int64)
     if cache.latents_flipped is not None:
         arrays["latents_flipped"] = np.ascontiguousarray(cache.latents_flipped, dtype=np.float32)
     with atomic_path(path) as tmp:  # keeps the .npz suffix, so numpy does not append another
@@ -196,6 +212,33 @@ def cache_key(image_hash: str, placement: Placement, flip_aug: bool, vae_print: 
         "vae": vae_print, "precision": precision, "latent": "mean",
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cache_staleness(cache: LatentCache, image: Path, bucket: Reso, vae_print: str) -> str | None:
+    """Why ``cache`` is not valid for ``image`` in ``bucket`` with the VAE printed ``vae_print``; None if it is.
+
+    Cheap first: the bucket and the VAE fingerprint are compared as stored; the image counts as unchanged when its
+    size and modification time are those stored, and only otherwise is it read and hashed (a touched but identical
+    image stays valid). Files without the image fields (older ones) are checked by recomputing their cache_key.
+    """
+    if tuple(cache.train_resolution) != tuple(bucket):
+        return f"cached for bucket {cache.train_resolution} but the metadata says {tuple(bucket)}"
+    if cache.vae_fingerprint != vae_print:
+        return "encoded with another VAE than the model's (--vae or the model changed)"
+    try:
+        st = image.stat()
+        if (cache.image_bytes, cache.image_mtime_ns) == (st.st_size, st.st_mtime_ns):
+            return None
+        digest = content_hash(image.read_bytes())
+    except OSError as exc:
+        return f"its image {image} cannot be read ({exc.strerror or exc})"
+    if cache.image_hash is not None:
+        return None if digest == cache.image_hash else f"{image} changed since it was cached"
+    placement = Placement(tuple(bucket), cache.resized_size, cache.crop_ltrb, 0.0)
+    flip = cache.latents_flipped is not None
+    if any(cache_key(digest, placement, flip, vae_print, precision) == cache.cache_key for precision in PRECISIONS):
+        return None
+    return f"{image} changed since it was cached"
 
 
 # ------------------------------------------------------------------------------------------------ pixels
@@ -238,6 +281,8 @@ class Loaded:
 
     index: int
     cache_key: str = ""
+    image_hash: str = ""
+    image_stat: tuple[int, int] = (0, 0)  # size in bytes, mtime in ns, taken before the bytes were read
     pixels: np.ndarray | None = None
     reused: bool = False
     error: str = ""
@@ -265,10 +310,12 @@ class ImageJobs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Loaded:
         job = self.jobs[i]
         try:
+            st = job.path.stat()  # before reading: a change after this shows as a changed stat next time
             data = job.path.read_bytes()
         except OSError as exc:
             return Loaded(i, error=f"{job.path}: cannot be read ({exc.strerror or exc})")
-        key = cache_key(content_hash(data), job.placement, self.flip_aug, self.vae_print, self.precision)
+        digest = content_hash(data)
+        key = cache_key(digest, job.placement, self.flip_aug, self.vae_print, self.precision)
         if self.skip_existing and stored_cache_key(latent_path(job.path)) == key:
             return Loaded(i, key, reused=True)
         try:
@@ -278,7 +325,7 @@ class ImageJobs(torch.utils.data.Dataset):
         if image.size != job.original_size:
             return Loaded(i, error=f"{job.path}: changed while preparing ({job.original_size} -> {image.size}); run "
                                    "prepare again")
-        return Loaded(i, key, pixels=resize_and_crop(image, job.placement))
+        return Loaded(i, key, digest, (st.st_size, st.st_mtime_ns), pixels=resize_and_crop(image, job.placement))
 
 
 def _as_list(batch: list[Loaded]) -> list[Loaded]:
@@ -465,6 +512,7 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
                         original_size=job.original_size, resized_size=job.placement.resized,
                         crop_ltrb=job.placement.crop_ltrb, train_resolution=job.placement.bucket,
                         vae_fingerprint=fingerprint, cache_key=item.cache_key, format_version=LATENT_FORMAT_VERSION,
+                        image_hash=item.image_hash, image_bytes=item.image_stat[0], image_mtime_ns=item.image_stat[1],
                     ))
                     succeeded[job.key] = job.placement
                     summary.encoded += 1
