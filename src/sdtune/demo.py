@@ -11,6 +11,7 @@ Stages (each through the same library function its sub-command uses)::
               TensorBoard logs saved
     export    the trained model as .ckpt, .safetensors and a diffusers folder
     generate  images from the exported model (diffusers folder), and one from the .ckpt to show both agree
+    review    the dataset page (sdtune review): crops, buckets, captions and tokens as training saw them
 
 The tiny model learns colour blobs, not shapes: the point is to see every stage work and every file appear, in well
 under a minute on a laptop CPU. ``--workdir`` (default ``./sdtune-demo``) holds everything. The demo marks its
@@ -44,9 +45,9 @@ SUMMARY_FILE = "demo-summary.json"
 # Everything a demo run creates at the top of its workdir; only these are ever deleted.
 DEMO_ENTRIES = (
     "dataset", "base-model", "meta_cap.json", "meta_cap_dd.json", "meta_clean.json", "meta_lat.json", "output",
-    "logs", "exports", "images", "prompts.txt", SUMMARY_FILE,
+    "logs", "exports", "images", "prompts.txt", "review", SUMMARY_FILE,
 )
-STAGES = ("dataset", "model", "merge", "clean", "prepare", "train", "export", "generate")
+STAGES = ("dataset", "model", "merge", "clean", "prepare", "train", "export", "generate", "review")
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (50, 80, 220), "yellow": (235, 205, 40)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
@@ -117,6 +118,8 @@ class DemoSummary:
             lines.append("the .ckpt and the diffusers export give " + (
                 "the same image for the same seed" if self.exports_agree else "DIFFERENT images for one seed")
                 + f" (largest pixel difference {self.exports_max_difference} of 255)")
+        if "review" in self.files:
+            lines.append(f"Dataset review: open {self.workdir / self.files['review'][0]} in a browser")
         lines.append(f"TensorBoard: tensorboard --logdir {self.workdir / 'logs'}")
         lines.append(f"PNG metadata: sdtune generate writes the prompt and settings into each image "
                      f"({self.workdir / 'images'})")
@@ -260,6 +263,7 @@ def _run_demo(opts: DemoOptions) -> DemoSummary:
     stage(7, "export", "saving the trained model as .ckpt, .safetensors and a diffusers folder",
           lambda: _stage_export(workdir))
     stage(8, "generate", "images from the exported model", lambda: _stage_generate(workdir, opts.seed, summary))
+    stage(9, "review", "the dataset page, as training saw the data", lambda: _stage_review(workdir, opts))
     write_json_atomic(workdir / SUMMARY_FILE, summary.to_json())
     return summary
 
@@ -378,6 +382,20 @@ def _stage_generate(workdir: Path, seed: int, summary: DemoSummary) -> list[Path
     summary.exports_max_difference = int(difference.max())
     summary.exports_agree = summary.exports_max_difference <= AGREE_LEVELS
     return [*paths, *check]
+
+
+def _stage_review(workdir: Path, opts: DemoOptions) -> list[Path]:
+    from sdtune.review.collect import ReviewOptions
+    from sdtune.review.command import write_review
+
+    # the options training and prepare ran with above, so the page shows that run's crops and batches
+    page, _review = write_review(ReviewOptions(
+        in_json=workdir / "meta_lat.json", train_data_dir=workdir / "dataset", out=workdir / "review",
+        pretrained_model_name_or_path=str(workdir / "base-model"), train_batch_size=opts.train_batch_size,
+        seed=opts.seed, max_resolution="64,64", min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
+        workers=0,
+    ))
+    return [page]
 
 
 def demo_command(opts: DemoOptions) -> int:

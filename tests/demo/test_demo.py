@@ -74,6 +74,10 @@ def test_demo_end_to_end(tmp_path, capsys):
         for name in stage_files:
             assert (workdir / name).exists(), name
     assert (workdir / MARKER).is_file()
+    # it ends with the dataset review page
+    assert summary["files"]["review"] == ["review/index.html"] and "Dataset review: open" in report
+    page = (workdir / "review" / "index.html").read_text(encoding="utf-8")
+    assert '<dd id="sum-images">12</dd>' in page and '<dd id="sum-buckets">3</dd>' in page
 
 
 def test_a_second_run_starts_clean_and_keeps_other_files(tmp_path):

@@ -224,6 +224,7 @@ JS = r"""
   document.getElementById("prev").addEventListener("click", function () { state.page -= 1; render(); });
   document.getElementById("next").addEventListener("click", function () { state.page += 1; render(); });
   render();
+  document.body.dataset.readyMs = String(Math.round(performance.now()));  // read by bench/bench_review.py
   document.body.dataset.ready = "true";
 })();
 """
