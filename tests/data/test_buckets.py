@@ -100,15 +100,85 @@ def test_placement_without_upscaling(size):
     p = buckets.place(*size)
     assert (p.bucket, p.resized) == (bucket, resized)
     assert resized[0] <= size[0] and resized[1] <= size[1]  # never enlarged
-    assert bucket[0] * bucket[1] <= buckets.max_area and max(bucket) <= 1024
+    assert bucket[0] * bucket[1] <= buckets.max_area
     assert bucket[0] % 64 == 0 and bucket[1] % 64 == 0
 
 
-@pytest.mark.parametrize("size", [(200, 200), (255, 600), (3000, 300)])
+@pytest.mark.parametrize("size", [(50, 40), (63, 600), (30000, 40)])
 def test_too_small_without_upscaling(size):
-    with pytest.raises(TooSmall, match="min_bucket_reso"):
+    """Only a side under one step is refused (sd-scripts would make a 0-px bucket of it and fail)."""
+    with pytest.raises(TooSmall, match="bucket_reso_steps"):
         AspectBuckets(no_upscale=True).place(*size)
     AspectBuckets().place(*size)  # with upscaling they are placed
+
+
+# ---------------------------------------------------------------------------------------------- against sd-scripts
+# sd-scripts' code, written out here as the reference: library/model_util.py make_bucket_resolutions and
+# library/train_util.py BucketManager.select_bucket (its no_upscale branch, with round_to_steps).
+def seed_make_bucket_resolutions(max_reso, min_size=256, max_size=1024, divisible=64):
+    import math
+
+    max_width, max_height = max_reso
+    max_area = max_width * max_height
+    resos = set()
+    width = int(math.sqrt(max_area) // divisible) * divisible
+    resos.add((width, width))
+    width = min_size
+    while width <= max_size:
+        height = min(max_size, int((max_area // width) // divisible) * divisible)
+        if height >= min_size:
+            resos.add((width, height))
+            resos.add((height, width))
+        width += divisible
+    return sorted(resos)
+
+
+def seed_select_bucket_no_upscale(image_width, image_height, max_area, reso_steps=64):
+    import math
+
+    def round_to_steps(x):
+        x = int(x + 0.5)
+        return x - x % reso_steps
+
+    aspect_ratio = image_width / image_height
+    if image_width * image_height > max_area:
+        resized_width = math.sqrt(max_area * aspect_ratio)
+        resized_height = max_area / resized_width
+        b_width_rounded = round_to_steps(resized_width)
+        b_height_in_wr = round_to_steps(b_width_rounded / aspect_ratio)
+        ar_width_rounded = b_width_rounded / b_height_in_wr
+        b_height_rounded = round_to_steps(resized_height)
+        b_width_in_hr = round_to_steps(b_height_rounded * aspect_ratio)
+        ar_height_rounded = b_width_in_hr / b_height_rounded
+        if abs(ar_width_rounded - aspect_ratio) < abs(ar_height_rounded - aspect_ratio):
+            resized_size = (b_width_rounded, int(b_width_rounded / aspect_ratio + 0.5))
+        else:
+            resized_size = (int(b_height_rounded * aspect_ratio + 0.5), b_height_rounded)
+    else:
+        resized_size = (image_width, image_height)
+    bucket_width = resized_size[0] - resized_size[0] % reso_steps
+    bucket_height = resized_size[1] - resized_size[1] % reso_steps
+    return (bucket_width, bucket_height), resized_size
+
+
+@pytest.mark.parametrize("max_resolution", [(512, 512), (600, 600), (768, 768), (512, 768), (700, 500), (1000, 1000)])
+def test_bucket_list_as_sd_scripts(max_resolution):
+    max_size = max(1024, *max_resolution)
+    assert make_bucket_resolutions(max_resolution, 256, max_size, 64) == \
+        seed_make_bucket_resolutions(max_resolution, 256, max_size, 64)
+
+
+NO_UPSCALE_SIZES = [(300, 200), (200, 300), (255, 600), (200, 200), (64, 64), (3000, 300), (4000, 500), (500, 4000),
+                    (2000, 100), (1024, 1024), (1920, 1080), (777, 333), (6000, 4000), (513, 511), (100, 1000)]
+
+
+@pytest.mark.parametrize("max_resolution", [(512, 512), (600, 600), (768, 768)])
+def test_no_upscale_keeps_every_image_sd_scripts_trains(max_resolution):
+    buckets = AspectBuckets(max_resolution=max_resolution, no_upscale=True)
+    for size in NO_UPSCALE_SIZES:
+        bucket, resized = seed_select_bucket_no_upscale(*size, max_resolution[0] * max_resolution[1])
+        p = buckets.place(*size)  # never TooSmall for an image sd-scripts trains
+        assert (p.bucket, p.resized) == (bucket, resized), size
 
 
 def _assigned(n: int, sizes=((512, 512), (640, 384), (384, 640), (1024, 256))) -> AspectBuckets:

@@ -273,7 +273,7 @@ def test_cli_end_to_end_with_every_kind_of_bad_input(tmp_path, make_image, tiny_
     exif = rotated.getexif()
     exif[0x0112] = 6
     rotated.save(train / "rotated.jpg", exif=exif)  # stored 96x48, shown 48x96
-    make_image(train / "tiny.png", 20, 20)  # under the minimum bucket side (32) with --bucket_no_upscale
+    make_image(train / "tiny.png", 20, 20)  # a side under one step (32): no bucket with --bucket_no_upscale
     make_image(train / "bomb.png", 200, 150)  # 30,000 pixels, over --max_image_pixels 20000
     for name in good:
         (train / name).with_suffix(".caption").write_text(f"caption of {name}")

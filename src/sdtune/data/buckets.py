@@ -12,11 +12,12 @@ about the same area, and each batch holds images of one resolution.
 * **Placement** (``AspectBuckets.place``): an image goes to the bucket whose aspect ratio is nearest its own (a
   bucket of exactly its size wins a tie), is resized (keeping its aspect ratio) to the smallest size covering the
   bucket, and centre-cropped to it. Small images are therefore enlarged.
-* **No upscaling** (``no_upscale=True``, ``--bucket_no_upscale``): an image is never enlarged. It is shrunk only
-  when it is larger than the area of ``max_resolution`` or a side is longer than ``max_bucket_reso``; its bucket
-  is its (shrunk) size floored to the step, so every image gets a bucket of its own shape and buckets are created
-  as needed. An image whose bucket would have a side under ``min_bucket_reso`` is refused (``TooSmall``): it
-  would have to be enlarged, which the option forbids.
+* **No upscaling** (``no_upscale=True``, ``--bucket_no_upscale``), as sd-scripts does it: an image is never
+  enlarged. It is shrunk only when it is larger than the area of ``max_resolution``; its bucket is its (shrunk)
+  size floored to the step, so every image gets a bucket of its own shape and buckets are created as needed.
+  ``min_bucket_reso`` and ``max_bucket_reso`` do not apply (sd-scripts ignores them in this mode, and an image it
+  trains must not be dropped): a 300x200 image gets 256x192, a 4000x500 one 1024x128. Only an image with a side
+  under one step is refused (``TooSmall``): its bucket would have a side of 0 px.
 * **Batches** (``AspectBuckets.batches``): see there. Every image is in exactly one batch per epoch.
 """
 
@@ -41,14 +42,18 @@ class TooSmall(SdtuneError):
 def make_bucket_resolutions(
     max_resolution: Reso = (512, 512), min_bucket_reso: int = 256, max_bucket_reso: int = 1024, step: int = 64
 ) -> list[Reso]:
-    """The predefined bucket resolutions, sorted by width then height (see the module docstring)."""
+    """The predefined bucket resolutions, sorted by width then height (see the module docstring).
+
+    As sd-scripts' library/model_util.py ``make_bucket_resolutions``: the area is that of ``max_resolution`` as
+    given (600,600 bounds buckets by 360000 px, not by 576x576), and each height is floored to the step.
+    """
     check_bucket_limits(max_resolution, min_bucket_reso, max_bucket_reso, step)
-    max_area_units = (max_resolution[0] // step) * (max_resolution[1] // step)
+    max_area = max_resolution[0] * max_resolution[1]
     resos: set[Reso] = set()
-    side = min(max(math.isqrt(max_area_units) * step, min_bucket_reso), max_bucket_reso)
+    side = math.isqrt(max_area) // step * step
     resos.add((side, side))
     for width in range(min_bucket_reso, max_bucket_reso + 1, step):
-        height = min(max_bucket_reso, (max_area_units // (width // step)) * step)
+        height = min(max_bucket_reso, max_area // width // step * step)
         if height >= min_bucket_reso:
             resos.add((width, height))
             resos.add((height, width))
@@ -163,22 +168,22 @@ class AspectBuckets:
         return cover(width, height, bucket)
 
     def _place_no_upscale(self, width: int, height: int, aspect: float) -> Placement:
+        """sd-scripts' no-upscale placement (library/train_util.py ``BucketManager.select_bucket``): shrink only an
+        image larger than the area of ``max_resolution``; the bucket is the (shrunk) size floored to the step.
+        ``min_bucket_reso`` / ``max_bucket_reso`` do not apply, as in sd-scripts, so every image it trains is kept
+        (a 300x200 image gets 256x192). Only an image with a side under one step is refused: its bucket would have
+        a side of 0 px."""
         step = self.bucket_reso_steps
-        # Shrink only: to the maximum area, and so that no side exceeds the largest bucket side.
-        scale = min(1.0, math.sqrt(self.max_area / (width * height)),
-                    self.max_bucket_reso / width, self.max_bucket_reso / height)
-        if scale >= 1.0:
-            resized = (width, height)
+        if width * height > self.max_area:
+            target_w = math.sqrt(self.max_area * aspect)
+            resized = self._shrunk_size(target_w, self.max_area / target_w, aspect)
         else:
-            resized = self._shrunk_size(width * scale, height * scale, aspect)
+            resized = (width, height)
         bucket = (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
-        # Rounding can leave the floored bucket a step over the area: take a step off the longer side.
-        while bucket[0] * bucket[1] > self.max_area:
-            bucket = (bucket[0] - step, bucket[1]) if bucket[0] >= bucket[1] else (bucket[0], bucket[1] - step)
-        if min(bucket) < self.min_bucket_reso:
-            raise TooSmall(f"{width}x{height} is too small (or too narrow) for --bucket_no_upscale: its bucket would "
-                           f"be {bucket[0]}x{bucket[1]}, a side under --min_bucket_reso {self.min_bucket_reso}; "
-                           "allow upscaling or lower --min_bucket_reso")
+        if min(bucket) < step:
+            raise TooSmall(f"{width}x{height} is too small for --bucket_no_upscale: its bucket would be "
+                           f"{bucket[0]}x{bucket[1]} (a side under --bucket_reso_steps {step}); allow upscaling, "
+                           "or lower --bucket_reso_steps")
         return Placement(bucket, resized, _centre_crop(resized, bucket), bucket[0] / bucket[1] - aspect)
 
     def _shrunk_size(self, target_w: float, target_h: float, aspect: float) -> Reso:

@@ -39,7 +39,8 @@ Choices, documented here because training relies on them:
   fingerprint against the model's VAE, and the image: when its size and modification time are those stored, it is
   taken as unchanged; otherwise its bytes are hashed and compared. A stale file is encoded again in memory and named.
 * Images smaller than their bucket are enlarged to cover it. With ``--bucket_no_upscale`` they are never
-  enlarged; an image whose bucket would have a side under ``--min_bucket_reso`` is skipped and reported.
+  enlarged and get a bucket of their own size, as in sd-scripts (``--min_bucket_reso``/``--max_bucket_reso`` do not
+  apply); only an image with a side under ``--bucket_reso_steps`` is skipped and reported.
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ class PrepareOptions:
     max_bucket_reso: int = opt(1024, "largest bucket side")
     bucket_reso_steps: int = opt(64, "bucket sides are multiples of this")
     bucket_no_upscale: bool = opt(False, "never enlarge images: each gets a bucket of its own size (floored to the "
-                                         "step); images too small for --min_bucket_reso are skipped")
+                                         "step; --min/max_bucket_reso do not apply, as in sd-scripts)")
     mixed_precision: str = opt("no", "precision the VAE runs in", choices=("no", "fp16", "bf16"))
     full_path: bool = opt(False, "metadata keys are absolute image paths (as written by merge --full_path)")
     flip_aug: bool = opt(False, "also cache the latents of the horizontally mirrored image")
