@@ -62,3 +62,30 @@ def wait_ready(driver: Any, timeout: float = 60) -> None:
 
 def console_errors(driver: Any) -> list[dict[str, Any]]:
     return [e for e in driver.get_log("browser") if e.get("level") in ("SEVERE", "ERROR")]
+
+
+def screenshot(page: Path, target: Path, width: int = 1400, height: int = 1800) -> None:
+    """A PNG of the page's top ``height`` pixels (docs/review.png is made so); written atomically."""
+    from sdtune.atomic import atomic_path
+
+    browser, missing = find_browser()
+    if browser is None:
+        raise RuntimeError(f"no headless browser for the screenshot: {missing}")
+    driver = start_chrome(browser, width, height)
+    try:
+        driver.get(page_url(page))
+        wait_ready(driver)
+        driver.execute_script("return Promise.all(Array.from(document.images).map("
+                              "i => i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; })))")
+        with atomic_path(target) as tmp:
+            if not driver.save_screenshot(str(tmp)):
+                raise RuntimeError(f"the browser did not write the screenshot {target}")
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":  # python -m sdtune.review.browser PAGE PNG [WIDTH HEIGHT]
+    import sys
+
+    sizes = [int(v) for v in sys.argv[3:5]]
+    screenshot(Path(sys.argv[1]), Path(sys.argv[2]), *sizes)
