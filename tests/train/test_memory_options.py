@@ -52,7 +52,8 @@ def test_8bit_adam_keeps_uint8_state(prepared, tmp_path):
     assert state  # every parameter has state after a step
 
 
-def test_full_fp16_keeps_fp16_weights_and_gradients(prepared, tmp_path):
+def test_full_fp16_keeps_fp16_weights_and_gradients(prepared, tmp_path, caplog):
+    caplog.set_level("INFO", logger="sdtune")
     trainer = Trainer(options(prepared, tmp_path, mixed_precision="fp16", full_fp16=True, max_train_steps=3,
                               learning_rate=1e-4))
     with warnings.catch_warnings(record=True) as caught:
@@ -63,6 +64,7 @@ def test_full_fp16_keeps_fp16_weights_and_gradients(prepared, tmp_path):
     # The first steps overflow at the initial scale and are skipped; the schedule still moves on, without PyTorch's
     # misleading "lr_scheduler.step() before optimizer.step()" warning reaching the user.
     assert trainer.scaler.scale < LossScaler().scale
+    assert "step 1: gradients overflowed in fp16; skipped, loss scale now 32768" in caplog.text  # 2^16 halved
     assert not [w for w in caught if "lr_scheduler.step" in str(w.message)]
     assert all(torch.isfinite(torch.tensor(x)) for x in result["losses"])
 

@@ -510,16 +510,18 @@ class Trainer:
 
     def optimizer_step(self, group: list[dict[str, Any]]) -> float:
         """One optimizer step over a group of micro-batches; returns the mean loss (of all ranks). The host waits
-        for the device once: to read the loss, the overflow flag and whether any rank was asked to stop."""
+        for the device once: to read the loss, the overflow flag, the loss scale and whether any rank was asked to
+        stop (tests/train/test_syncs.py counts it)."""
         loss = self.backward(group)
         self.target.reduce_gradients(self.accelerator)
         found_inf, factor = self.finish_gradients()
+        scale = self.scaler.scale_tensor if self.scaler is not None else torch.ones((), device=self.device)
         flags = torch.stack([loss, found_inf.reshape(()), torch.tensor(float(self.stop.requested),
-                                                                        device=self.device)])
-        if self.world > 1:
-            flags = self.accelerator.reduce(flags, reduction="sum") / torch.tensor([self.world, 1, 1],
+                                                                        device=self.device), scale.float()])
+        if self.world > 1:  # the mean loss; any rank's overflow or stop; the scale (the same on every rank)
+            flags = self.accelerator.reduce(flags, reduction="sum") / torch.tensor([self.world, 1, 1, self.world],
                                                                                    device=self.device)
-        loss_value, overflow, stop = flags.tolist()
+        loss_value, overflow, stop, scale_value = flags.tolist()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
                 f"the loss became {loss_value} at step {self.progress.global_step + 1}; training stopped. The last "
@@ -527,7 +529,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update(found_inf)
         if overflow:
-            self.skip_step()
+            self.skip_step(scale_value * self.scaler.backoff_factor)
         else:
             if isinstance(self.optimizer, HalfWeightAdamW):
                 self.optimizer.step(grad_multiplier=factor)
@@ -541,9 +543,9 @@ class Trainer:
             self.stop.signal_name = "SIGINT"  # another rank was interrupted: stop together
         return loss_value
 
-    def skip_step(self) -> None:
+    def skip_step(self, new_scale: float) -> None:
         logger.info("step %d: gradients overflowed in fp16; skipped, loss scale now %g", self.progress.global_step + 1,
-                    self.scaler.scale)
+                    new_scale)
         # The schedule follows the step count, skipped steps included; PyTorch warns that the optimizer has not
         # stepped yet when the very first step is the skipped one, which is intended here.
         with warnings.catch_warnings():

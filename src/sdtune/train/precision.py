@@ -43,6 +43,11 @@ class LossScaler:
         return float(self._scale)
 
     @property
+    def scale_tensor(self) -> torch.Tensor:
+        """The current scale as a device tensor (read together with a step's other values: one wait)."""
+        return self._scale
+
+    @property
     def inv_scale(self) -> torch.Tensor:
         return self._scale.double().reciprocal().float()
 
