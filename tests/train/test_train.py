@@ -338,3 +338,36 @@ def test_timestep_range_reaches_the_training_step(prepared, tmp_path, monkeypatc
     monkeypatch.setattr(loop.noise_lib, "sample_noise_and_timesteps", recording)
     train(options(prepared, tmp_path, max_train_steps=4, min_timestep=700, max_timestep=710))
     assert len(seen) >= 4 and all(700 <= t < 710 for t in seen)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr_warmup_steps", "10"], "--lr_warmup_steps 10 does nothing with --lr_scheduler constant"),
+    (["--use_8bit_adam", "--optimizer_type", "Lion"], "--use_8bit_adam and --optimizer_type Lion name two optimizers"),
+])
+def test_options_that_would_be_ignored_are_refused(prepared, tmp_path, capsys, args, message):
+    """sd-scripts refuses warm-up with the constant schedule; --use_8bit_adam used to replace an explicit
+    --optimizer_type without a word."""
+    model, train_dir, meta = prepared("sd1")
+    code = main(["train", "--pretrained_model_name_or_path", str(model), "--in_json", str(meta),
+                 "--train_data_dir", str(train_dir), "--output_dir", str(tmp_path / "out"), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_loader_workers_start_once_for_the_whole_run(prepared, tmp_path, monkeypatch):
+    """3 epochs, 2 worker processes: one DataLoader iteration (one start of the workers) for the run, and the
+    same batches as loading in the main process."""
+    starts = []
+    original = torch.utils.data.DataLoader.__iter__
+
+    def iterate(self):
+        starts.append(self.num_workers)
+        return original(self)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iterate)
+    in_workers = train(options(prepared, tmp_path / "w", max_train_steps=12, max_data_loader_n_workers=2))
+    assert in_workers["epoch"] == 3
+    assert starts == [2]
+    in_main = train(options(prepared, tmp_path / "m", max_train_steps=12, max_data_loader_n_workers=0))
+    assert in_workers["losses"] == in_main["losses"]
