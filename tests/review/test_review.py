@@ -246,3 +246,49 @@ def test_options_are_checked_first(review_dataset, tmp_path):
         collect(options(review_dataset, tmp_path, train_batch_size=0))
     with pytest.raises(SdtuneError, match="image folder"):
         collect(ReviewOptions(in_json=review_dataset.meta, train_data_dir=tmp_path / "no", out=tmp_path))
+
+
+def test_worker_processes_start_under_spawn(tmp_path):
+    """Windows and macOS start workers with spawn: jobs and results must pickle, the worker must import cleanly."""
+    import multiprocessing
+
+    from sdtune.review.thumbs import ImageJob, _pooled, inspect_image
+
+    (tmp_path / "thumbs").mkdir()
+    jobs = []
+    for i in range(3):
+        draw((64, 32 + 16 * i), i).save(tmp_path / f"p{i}.png")
+        jobs.append(ImageJob(tmp_path / f"p{i}.png", None, tmp_path / "thumbs", 64, 10**8))
+    spawned = list(_pooled(jobs, 2, multiprocessing.get_context("spawn")))
+    assert [(f.size, f.thumb, f.latent) for f in spawned] == [(f.size, f.thumb, f.latent) for f in map(inspect_image, jobs)]
+
+
+def test_images_sharing_a_stem_are_reported(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    draw((64, 64), 1).save(folder / "same.png")
+    draw((64, 64), 2).save(folder / "same.jpg")
+    meta = tmp_path / "meta.json"
+    save_metadata(meta, {"same": {"caption": "x", "train_resolution": [64, 64]}})
+    items = by_name(collect(ReviewOptions(in_json=meta, train_data_dir=folder, out=tmp_path / "out", workers=0,
+                                          **PREPARE)))
+    used = FineTuneData.from_metadata(load_metadata(meta), folder).examples["same"].image.name
+    other = ({"same.png", "same.jpg"} - {used}).pop()
+    assert items[used].trained and not items[other].trained
+    assert f"training uses {used}" in items[other].skip
+    assert "shares its file stem" in items[used].error
+
+
+def test_find_browser_says_what_is_missing(monkeypatch):
+    from sdtune.review import browser
+
+    monkeypatch.setattr(browser.importlib.util, "find_spec", lambda name: None)
+    found, missing = browser.find_browser()
+    assert found is None and "pip install selenium" in missing
+    monkeypatch.undo()
+    monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+    monkeypatch.delenv("SDTUNE_CHROMIUM", raising=False)
+    monkeypatch.delenv("SDTUNE_CHROMEDRIVER", raising=False)
+    if browser.importlib.util.find_spec("selenium") is not None:
+        found, missing = browser.find_browser()
+        assert found is None and "apt-get install chromium chromium-driver" in missing

@@ -126,7 +126,6 @@ class Review:
     items: list[Item]
     tokenizer_note: str
     batches: list[tuple[Reso, int]]  # (bucket, batch size) of every batch of epoch 0
-    extra_skipped: list[tuple[str, str]] = field(default_factory=list)  # not images: (name, reason)
     problems: list[str] = field(default_factory=list)  # dataset-wide notes (no trainable images, ...)
     tokenizer_ok: bool = True
 
@@ -164,7 +163,7 @@ class Review:
             "mean_aspect_error": sum(errors) / len(errors) if errors else None,
             "over_limit": sum(t > limit for t in tokens),
             "max_tokens": max(tokens) if tokens else None,
-            "skipped": sum(1 for i in self.items if i.skip) + len(self.extra_skipped),
+            "skipped": sum(1 for i in self.items if i.skip),
             "no_caption": sum(i.caption_state == "none" for i in trained),
             "empty_caption": sum(i.caption_state == "empty" for i in trained),
             "duplicates": sum(bool(i.duplicates) for i in self.items),
@@ -253,7 +252,6 @@ def collect(options: ReviewOptions) -> Review:
             elif "train_resolution" not in images[key]:
                 item.skip = "no train_resolution in the metadata: not prepared, training skips it"
             items[f"\x00{key}"] = item
-    extra: list[tuple[str, str]] = []
 
     _fill_captions(items.values(), images, options)
     _fill_images(items, path_of, images, buckets, options)
@@ -262,7 +260,7 @@ def collect(options: ReviewOptions) -> Review:
 
     tokenizer, note = load_review_tokenizer(options.pretrained_model_name_or_path, options.tokenizer)
     _fill_tokens(list(items.values()), tokenizer, options)
-    review = Review(options, list(items.values()), note, batches, extra, problems, tokenizer is not None)
+    review = Review(options, list(items.values()), note, batches, problems, tokenizer is not None)
     logger.info("review: %d images trained of %d entries, %d buckets", len(review.trained), len(items),
                 review.summary()["buckets"])
     return review
@@ -304,7 +302,7 @@ def _fill_images(items: dict[str, Item], path_of: dict[str, Path], images, bucke
 def _apply_facts(item: Item, facts: ImageFacts, entry: dict[str, Any], buckets: AspectBuckets) -> None:
     item.content_hash, item.size, item.thumb = facts.content_hash, facts.size, facts.thumb
     item.latent, item.latent_note, item.flipped = facts.latent, facts.latent_note, facts.flipped
-    item.error = facts.error
+    item.error = "; ".join(e for e in (item.error, facts.error) if e)
     resolution = entry.get("train_resolution")
     if facts.size is None:
         item.skip = item.skip or f"the image cannot be used: {facts.error}"

@@ -173,7 +173,7 @@ def _tag_section(tag_counts: list[tuple[str, int]], tag_index: dict[str, int]) -
 
 
 def _skipped_section(review: Review) -> str:
-    rows = [(i.name, i.skip) for i in review.items if i.skip] + review.extra_skipped
+    rows = [(i.name, i.skip) for i in review.items if i.skip]
     if not rows:
         return '<p class="note" id="skipped-none">Nothing is skipped: every image is trained.</p>'
     body = "".join(f"<tr><td>{esc(n)}</td><td>{esc(r)}</td></tr>" for n, r in rows)

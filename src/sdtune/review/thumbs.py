@@ -133,6 +133,7 @@ def inspect_images(jobs: list[ImageJob], workers: int) -> Iterable[ImageFacts]:
     return _pooled(jobs, workers)
 
 
-def _pooled(jobs: list[ImageJob], workers: int) -> Iterable[ImageFacts]:
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+def _pooled(jobs: list[ImageJob], workers: int, mp_context=None) -> Iterable[ImageFacts]:
+    """``mp_context``: the multiprocessing start method (default: the platform's; Windows and macOS spawn)."""
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context) as pool:
         yield from pool.map(inspect_image, jobs, chunksize=32)
