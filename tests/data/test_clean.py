@@ -79,8 +79,7 @@ def test_clean_command_end_to_end(tmp_path):
     out = tmp_path / "clean.json"
     assert main(["clean", str(src), str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["images"] == {"img": {"caption": "a girl", "tags": "1girl, blue eyes"}}
-    assert doc["sdtune_metadata_version"] == 1
+    assert doc == {"img": {"caption": "a girl", "tags": "1girl, blue eyes"}}  # sd-scripts' layout
 
 
 def test_user_rules_file_replaces_the_defaults(tmp_path):
@@ -90,7 +89,7 @@ def test_user_rules_file_replaces_the_defaults(tmp_path):
     src.write_text(json.dumps({"img": {"caption": "a cat and a woman", "tags": "watermark, long_hair"}}))
     assert main(["clean", str(src), str(src), "--rules", str(rules)]) == 0
     # only the user's rules apply: no underscore replacement, no "woman" -> "girl"
-    assert json.loads(src.read_text())["images"]["img"] == {"caption": "a kitty and a woman", "tags": "long_hair"}
+    assert json.loads(src.read_text())["img"] == {"caption": "a kitty and a woman", "tags": "long_hair"}
 
 
 @pytest.mark.parametrize("text, message", [

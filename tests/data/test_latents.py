@@ -486,3 +486,26 @@ def test_training_reencodes_caches_of_edited_images_and_of_another_vae(dataset, 
     other = build_tiny("sd1", seed=5).vae
     assert _fine_tune_data(train, meta).encode_missing(other) == 3
     assert caplog.text.count("another VAE") == 3
+
+
+def _sd_scripts_npz(path: Path) -> None:
+    """As sd-scripts' prepare_buckets_latents.py / train_util.save_latents_to_disk write it: np.savez(npz_path,
+    latents=..., original_size=np.array(...), crop_ltrb=np.array(...))."""
+    np.savez(path, latents=np.ones((4, 8, 12), np.float32), original_size=np.array((130, 70)),
+             crop_ltrb=np.array((0, 2, 128, 66)))
+
+
+def test_another_tools_npz_is_reported_and_never_overwritten(dataset, tiny_vae, caplog):
+    train, meta = dataset
+    _sd_scripts_npz(train / "wide.npz")
+    before = (train / "wide.npz").read_bytes()
+    with pytest.raises(LatentFileError, match=r"wide\.npz: a latent file written by another tool.*sd-scripts") as info:
+        load_latent_file(train / "wide.npz")
+    assert "damaged" not in str(info.value)
+    caplog.set_level("INFO")
+    summary = prepare_latents(options(train, meta, skip_existing=True), vae=tiny_vae)
+    assert (train / "wide.npz").read_bytes() == before  # the other tool's file is left as it was
+    assert [p.name for p, _ in summary.skipped] == ["wide.png"]
+    assert "written by another tool" in summary.skipped[0][1] and "Move it elsewhere" in summary.skipped[0][1]
+    assert "train_resolution" not in load_metadata(meta.with_name("meta_lat.json"))["wide"]
+    assert summary.encoded == 2

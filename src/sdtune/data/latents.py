@@ -109,9 +109,31 @@ def _pair(a: np.ndarray) -> tuple[int, int]:
     return int(a[0]), int(a[1])
 
 
+def foreign_latent_file(path: Path) -> str | None:
+    """A description of the ``.npz`` at ``path`` when it is a readable NumPy archive that sdtune did not write
+    (sd-scripts' finetune/prepare_buckets_latents.py writes ``<image stem>.npz`` too, with ``latents``,
+    ``original_size``, ``crop_ltrb``); None when there is no such file, it is sdtune's, or it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = sorted(z.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None  # damaged, not foreign: an unreadable file of ours is re-encoded
+    if "format_version" in files or "cache_key" in files:
+        return None
+    guess = " (sd-scripts' prepare_buckets_latents.py writes these)" if {"latents", "crop_ltrb"} <= set(files) else ""
+    return (f"{path}: a latent file written by another tool (keys {', '.join(files)}){guess}; sdtune neither reads "
+            "nor overwrites it. Move it elsewhere (sdtune caches <image stem>.npz beside the image) and run sdtune "
+            "prepare again")
+
+
 def load_latent_file(path: str | Path) -> LatentCache:
     """Read a latent file written by ``prepare``; raises ``LatentFileError`` naming the file when it cannot."""
     path = Path(path)
+    foreign = foreign_latent_file(path)
+    if foreign is not None:
+        raise LatentFileError(foreign)
     try:
         with np.load(path, allow_pickle=False) as z:
             version = int(z["format_version"])
@@ -310,6 +332,9 @@ class ImageJobs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Loaded:
         job = self.jobs[i]
+        foreign = foreign_latent_file(latent_path(job.path))
+        if foreign is not None:  # never overwritten: it may be the user's only copy of another tool's cache
+            return Loaded(i, error=foreign)
         try:
             st = job.path.stat()  # before reading: a change after this shows as a changed stat next time
             data = job.path.read_bytes()

@@ -2,18 +2,20 @@
 between ``merge-captions`` / ``merge-tags`` / ``clean`` / ``prepare`` and ``train``. This docstring is the schema's
 single source; docs/metadata.md is the user-facing copy.
 
-Schema, version 1::
+On disk it is sd-scripts' layout, so that sd-scripts' ``FineTuningDataset`` (library/train_util.py) reads sdtune's
+files and sdtune reads sd-scripts'::
 
     {
-      "sdtune_metadata_version": 1,
-      "images": {
-        "<image key>": {
-          "caption": "a girl standing in a field",          # str, from merge-captions (.caption sidecars)
-          "tags": "1girl, long hair, field",                  # str, from merge-tags (.txt sidecars), comma-separated
-          "train_resolution": [512, 512]                      # [width, height] of the bucket, from prepare
-        }
-      }
+      "<image key>": {
+        "caption": "a girl standing in a field",          # str, from merge-captions (.caption sidecars)
+        "tags": "1girl, long hair, field",                  # str, from merge-tags (.txt sidecars), comma-separated
+        "train_resolution": [512, 512],                     # [width, height] of the bucket, from prepare
+        "image_size": [1024, 1024]                          # [width, height] of the image (sd-scripts' wd14 tagger
+      }                                                     #  --output_path writes it; sdtune keeps it)
     }
+
+or, for a file named ``*.jsonl``, sd-scripts' JSON Lines layout: one object a line, ``{"image_path": "<image key>",
+"caption": ..., "tags": ..., "image_size": [w, h], "train_resolution": [w, h]}``.
 
 Every per-image key is optional; no others are allowed (a typo such as ``"caption "`` raises instead of being
 silently ignored at training time). An entry without ``train_resolution`` has not been prepared (or its image
@@ -22,15 +24,16 @@ failed in ``prepare``) and is not trained on.
 Image keys: by default the file stem (``img_001`` for ``train/img_001.png``), as sd-scripts does; the image is
 found in the training folder by that stem. With ``--full_path`` the key is the image's absolute path, so several
 training folders can share one JSON (and two images with the same stem in different folders do not collide).
+sd-scripts' tagger writes image paths as keys: read such files with ``--full_path``.
 
-Versions and migrations: version 0 is sd-scripts' flat layout, ``{"<image key>": {"caption": ..., "tags": ...,
-"train_resolution": [w, h]}}`` without the version wrapper; such files are read as they are and written back as
-the current version. ``MIGRATIONS[n]`` turns a version-``n`` document into version ``n + 1``; a file from a newer
-sdtune raises.
+Versions and migrations: the flat layout is version 0, the schema of the entries above. Earlier sdtune versions
+wrapped it, ``{"sdtune_metadata_version": 1, "images": {...}}``; such files are read (``MIGRATIONS[n]`` turns a
+version-``n`` document into version ``n + 1``) and written back flat, since sd-scripts cannot read the wrapper. A
+wrapper with a version above ``METADATA_VERSION`` comes from a newer sdtune and raises.
 
 Sidecar files are read as UTF-8 (a byte-order mark is tolerated) and kept whole, stripped of surrounding whitespace,
 as sd-scripts' finetune/merge_captions_to_metadata.py and merge_dd_tags_to_metadata.py do
-(``read_text(encoding="utf-8").strip()``); line endings become ``\n``. Files of several lines are named in the
+(``read_text(encoding="utf-8").strip()``); line endings become ``\\n``. Files of several lines are named in the
 closing summary.
 """
 
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtune.atomic import write_json_atomic
+from sdtune.atomic import write_json_atomic, write_text_atomic
 from sdtune.data.images import list_images
 from sdtune.errors import SdtuneError
 from sdtune.options import opt
@@ -58,12 +61,15 @@ VERSION_KEY = "sdtune_metadata_version"
 IMAGE_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "caption": ("a string", lambda v: isinstance(v, str)),
     "tags": ("a string", lambda v: isinstance(v, str)),
-    "train_resolution": (
-        "[width, height], two positive integers",
-        lambda v: isinstance(v, (list, tuple)) and len(v) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
-    ),
+    "train_resolution": ("[width, height], two positive integers", lambda v: _is_size(v)),
+    "image_size": ("[width, height], two positive integers", lambda v: _is_size(v)),
 }
+JSONL_PATH_KEY = "image_path"  # sd-scripts' JSONL: the image key of each line
+
+
+def _is_size(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
 
 Images = dict[str, dict[str, Any]]
 
@@ -142,8 +148,30 @@ def parse_metadata(text: str, source: str | Path = "<metadata>") -> Images:
     return validate_images(doc.get("images", {}), source)
 
 
+def parse_jsonl(text: str, source: str | Path = "<metadata>") -> Images:
+    """sd-scripts' JSON Lines metadata: ``{"image_path": key, "caption": ..., ...}`` a line (blank lines skipped)."""
+    images: Images = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MetadataError(f"{source}: line {number} is not valid JSON ({exc.msg}); fix the line or delete "
+                                "it") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get(JSONL_PATH_KEY), str):
+            raise MetadataError(f"{source}: line {number} must be an object with an {JSONL_PATH_KEY!r} string, as "
+                                "sd-scripts writes it")
+        key = entry.pop(JSONL_PATH_KEY)
+        if key in images:
+            raise MetadataError(f"{source}: line {number} repeats image {key!r}; keep one of the lines")
+        images[key] = entry
+    return validate_images(images, source)
+
+
 def load_metadata(path: str | Path) -> Images:
-    """Read a metadata JSON of any known version (sd-scripts' flat files included); returns ``{key: entry}``."""
+    """Read a metadata file of any known version and layout (sd-scripts' JSON and JSONL included);
+    returns ``{key: entry}``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -154,13 +182,21 @@ def load_metadata(path: str | Path) -> Images:
             from None
     except OSError as exc:
         raise MetadataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if path.suffix.lower() == ".jsonl":
+        return parse_jsonl(text, path)
     return parse_metadata(text, path)
 
 
 def save_metadata(path: str | Path, images: Images) -> None:
-    """Write ``images`` as a current-version metadata JSON, atomically (a crash leaves the old file or none)."""
+    """Write ``images`` in sd-scripts' layout (flat JSON, or JSON Lines for ``*.jsonl``), atomically (a crash
+    leaves the old file or none)."""
+    path = Path(path)
     validate_images(images, path)
-    write_json_atomic(path, {VERSION_KEY: METADATA_VERSION, "images": images})
+    if path.suffix.lower() == ".jsonl":
+        write_text_atomic(path, "".join(json.dumps({JSONL_PATH_KEY: key, **entry}, ensure_ascii=False) + "\n"
+                                        for key, entry in images.items()))
+    else:
+        write_json_atomic(path, images)
 
 
 # ------------------------------------------------------------------------------------------------ image keys
