@@ -7,8 +7,9 @@ the scheme of sd-scripts and AUTOMATIC1111, so that ``max_token_length`` 75 is e
 
 SD 1.x pads with <EOS>, SD 2.x (OpenCLIP) with "!" (id 0). An empty chunk of an SD2 prompt therefore reads
 <BOS> <EOS> <PAD> ...; its <EOS> state would sit in the middle of the joined sequence, where a 75-token prompt has
-padding, so it is replaced by the state of the padding after it (as sd-scripts does). SD1 needs no such fix: its
-padding *is* <EOS>.
+padding, so it is replaced by the state of the padding after it: what sd-scripts' ``get_hidden_states`` sets out to
+do (its check compares the token ids with ``tokenizer.eos_token``, the token's *string*, so there it never fires;
+sdtune compares ids). SD1 needs no such fix: its padding *is* <EOS>.
 """
 
 from __future__ import annotations
