@@ -225,6 +225,9 @@ def test_cli_writes_the_page_and_prints_its_path(review_dataset, tmp_path, capsy
     (tmp_path / "file").write_text("x", encoding="utf-8")
     assert main(["review", str(review_dataset.meta), "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+    assert main(["review", str(review_dataset.meta), "--out", str(tmp_path / "t"), "--tokenizer",
+                 str(tmp_path / "no-tokenizer")]) == 2
+    assert "no-tokenizer" in capsys.readouterr().err and not (tmp_path / "t").exists()  # before any work
 
 
 def test_serve_binds_localhost(review_dataset, tmp_path):

@@ -213,6 +213,8 @@ def _display_name(path: Path, root: Path | None) -> str:
 def collect(options: ReviewOptions) -> Review:
     """Everything the page shows, for ``options``; writes the thumbnails into ``<out>/thumbs``."""
     buckets = validate(options)
+    # before any image is read: a --tokenizer or model that cannot be read fails at once
+    tokenizer, note = load_review_tokenizer(options.pretrained_model_name_or_path, options.tokenizer)
     images = load_metadata(options.in_json)
     root = Path(options.train_data_dir) if options.train_data_dir is not None else None
     index = KeyIndex(images, options.full_path)
@@ -257,8 +259,6 @@ def collect(options: ReviewOptions) -> Review:
     _fill_images(items, path_of, images, buckets, options)
     batches, problems = _batches(items, images, root, options)
     _fill_duplicates(items.values())
-
-    tokenizer, note = load_review_tokenizer(options.pretrained_model_name_or_path, options.tokenizer)
     _fill_tokens(list(items.values()), tokenizer, options)
     review = Review(options, list(items.values()), note, batches, problems, tokenizer is not None)
     logger.info("review: %d images trained of %d entries, %d buckets", len(review.trained), len(items),
