@@ -134,3 +134,32 @@ def test_list_images(tmp_path, make_image):
     assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)][-1] == "sub/f.png"
     with pytest.raises(SdtuneError, match="does not exist"):
         list_images(tmp_path / "nope")
+
+
+
+def test_files_of_other_image_extensions_are_named(tmp_path, make_image, caplog):
+    make_image(tmp_path / "a.png", 8, 8)
+    for name in ("b.gif", "c.jxl", "d.TIFF", "e.heic"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not an image")
+    caplog.set_level("WARNING")
+    assert [p.name for p in list_images(tmp_path)] == ["a.png"]
+    assert "4 image file(s)" in caplog.text and "Convert them to PNG" in caplog.text
+    for name in ("b.gif", "c.jxl", "d.TIFF", "e.heic"):
+        assert name in caplog.text
+    assert "notes.txt" not in caplog.text
+
+
+def test_every_stage_follows_one_exit_rule(tmp_path, make_image, caplog):
+    """merge (like caption and tag) exits 1 when an input failed, after writing what it could; a missing caption
+    file is not a failure."""
+    from sdtune.cli import main
+
+    make_image(tmp_path / "a.png", 8, 8)
+    make_image(tmp_path / "b.png", 8, 8)
+    make_image(tmp_path / "c.png", 8, 8)
+    (tmp_path / "a.caption").write_text("fine")
+    assert main(["merge-captions", str(tmp_path), str(tmp_path / "m.json")]) == 0  # b, c: no caption file
+    (tmp_path / "b.caption").write_bytes(b"caf\xe9")  # not UTF-8
+    assert main(["merge-captions", str(tmp_path), str(tmp_path / "m.json")]) == 1
+    assert (tmp_path / "m.json").is_file() and "b.caption" in caplog.text

@@ -287,15 +287,17 @@ def test_cli_end_to_end_with_every_kind_of_bad_input(tmp_path, make_image, tiny_
     assert str(bad_json) in err and "not valid JSON" in err and "Traceback" not in err
 
     caplog.set_level("INFO")
-    assert main(["merge-captions", str(train), str(meta)]) == 0
+    # one rule for every stage: the rest is processed and written, and a failed input makes the exit status 1
+    assert main(["merge-captions", str(train), str(meta)]) == 1
     assert "1 caption file(s) could not be read" in caplog.text and str(train / "cmyk.caption") in caplog.text
+    assert "exit status 1" in caplog.text
     caplog.clear()
 
     out = tmp_path / "meta_lat.json"
     code = main(["prepare", str(train), str(meta), str(out), str(tiny_model_dir), *CLI_BUCKET_ARGS,
                  "--bucket_no_upscale", "--max_image_pixels", "20000", "--max_data_loader_n_workers", "2",
                  "--batch_size", "2", "--flip_aug"])
-    assert code == 0
+    assert code == 1  # images were skipped (each named below); the others were prepared
     processed = {"good1", "good2", "good3", "cmyk", "palette", "gray16", "transparent", "rotated"}
     skipped = {"truncated.png": "truncated", "corrupt.jpg": "", "zero.png": "empty", "text.png": "not an image",
                "tiny.png": "too small", "bomb.png": "decompression bomb"}

@@ -22,6 +22,7 @@ half grey: better skipped and reported than trained on).
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import warnings
 from pathlib import Path
@@ -31,8 +32,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdtune.errors import SdtuneError
 
+logger = logging.getLogger(__name__)
+
 #: File name extensions treated as images (compared case-insensitively).
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+def _avif_readable() -> bool:
+    from PIL import features
+
+    return bool(features.check("avif"))  # Pillow >= 11.2 built with libavif; sd-scripts reads it via pillow_avif
+
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + ((".avif",) if _avif_readable() else ())
+#: Extensions of image files that sdtune does not read (sd-scripts' list is the one above). They are named, never
+#: skipped without a word: ``list_images`` logs them with the fix.
+OTHER_IMAGE_EXTENSIONS: frozenset[str] = frozenset({
+    ".gif", ".tif", ".tiff", ".jxl", ".heic", ".heif", ".avif", ".jfif", ".jp2", ".apng", ".psd", ".tga", ".ico",
+    ".svg", ".dds", ".exr", ".qoi", ".pcx", ".ppm", ".pgm", ".pbm", ".raw", ".dng", ".cr2", ".nef", ".arw",
+}) - frozenset(IMAGE_EXTENSIONS)
 
 #: PIL's default ``Image.MAX_IMAGE_PIXELS``: about 13,400 x 13,400.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -63,11 +78,15 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise SdtuneError(f"image folder {folder} does not exist or is not a folder; pass the folder of training "
                           "images")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p for p in candidates
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
+    candidates = [p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                  if not p.name.startswith(".") and p.is_file()]
+    others = sorted(p for p in candidates if p.suffix.lower() in OTHER_IMAGE_EXTENSIONS)
+    if others:
+        shown = ", ".join(str(p) for p in others[:20]) + (f" (and {len(others) - 20} more)" if len(others) > 20 else "")
+        logger.warning("%d image file(s) in %s have an extension sdtune does not read (it reads %s) and are left "
+                       "out: %s. Convert them to PNG, JPEG or WebP to use them.", len(others), folder,
+                       " ".join(IMAGE_EXTENSIONS), shown)
+    return sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _open_checked(path: Path, max_pixels: int, data: bytes | None = None) -> Image.Image:

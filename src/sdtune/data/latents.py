@@ -63,7 +63,8 @@ from tqdm import tqdm
 from sdtune.atomic import atomic_path
 from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket_table
 from sdtune.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, open_image
-from sdtune.data.metadata import Images, KeyIndex, check_unique_keys, load_metadata, save_metadata
+from sdtune.data.metadata import (
+    Images, KeyIndex, check_unique_keys, failure_exit_code, load_metadata, save_metadata)
 from sdtune.devices import resolve_device
 from sdtune.errors import SdtuneError
 from sdtune.options import opt
@@ -583,7 +584,7 @@ def prepare_command(options: PrepareOptions) -> int:
     summary = prepare_latents(options)
     summary.log()
     logger.info("wrote %s", options.out_json)
-    return 0
+    return failure_exit_code(len(summary.skipped), "image(s) were skipped")
 
 
 __all__ = [

@@ -387,12 +387,23 @@ def merge_folder(
 
 
 def merge_captions_command(options: MergeOptions) -> int:
-    merge_folder(options.train_data_dir, options.out_json, "caption", options.caption_extension,
-                 options.in_json, options.full_path, options.recursive)
-    return 0
+    summary = merge_folder(options.train_data_dir, options.out_json, "caption", options.caption_extension,
+                           options.in_json, options.full_path, options.recursive)
+    return failure_exit_code(len(summary.unreadable), "caption file(s) could not be read")
 
 
 def merge_tags_command(options: MergeTagsOptions) -> int:
-    merge_folder(options.train_data_dir, options.out_json, "tags", options.caption_extension,
-                 options.in_json, options.full_path, options.recursive)
+    summary = merge_folder(options.train_data_dir, options.out_json, "tags", options.caption_extension,
+                           options.in_json, options.full_path, options.recursive)
+    return failure_exit_code(len(summary.unreadable), "tag file(s) could not be read")
+
+
+def failure_exit_code(failed: int, what: str, log: logging.Logger = logger) -> int:
+    """The one exit-code rule of every stage (merge, prepare, caption, tag): the stage processes everything it can
+    and writes its output, then exits 1 when any input failed (each was named above), 0 otherwise. Inputs that
+    are absent rather than broken (an image with no caption file, files of other extensions) are named but are
+    not failures. Bad options or unreadable required files exit 2 before any work (sdtune.cli)."""
+    if failed:
+        log.error("%d %s (named above); the others were processed; exit status 1", failed, what)
+        return 1
     return 0
