@@ -122,7 +122,8 @@ def test_keep_tokens_marks_the_fixed_parts(review_dataset, tmp_path):
     assert item.fixed_tokens == 4
 
 
-def test_latent_cache_states(review_dataset, tmp_path):
+def test_latent_cache_states(review_dataset, tmp_path, saved_model):
+    same_vae = saved_model("sd1", "diffusers_safetensors")  # seed 0's model: the dataset was prepared with its VAE
     folder = tmp_path / "train"
     shutil.copytree(review_dataset.folder, folder)
     meta = tmp_path / "meta.json"
@@ -136,9 +137,20 @@ def test_latent_cache_states(review_dataset, tmp_path):
     items = by_name(result)
     assert items["a_square.png"].latent == "missing"
     assert items["b_wide.png"].latent == "damaged" and "b_wide.npz" in items["b_wide.png"].latent_note
-    assert items["d_square.png"].latent == "wrong bucket"
-    assert items["e_wide.png"].latent == "image changed"
-    assert items["c_tall.png"].latent == "valid"
+    assert items["d_square.png"].latent == "stale" and "bucket" in items["d_square.png"].latent_note
+    assert items["e_wide.png"].latent == "stale" and "changed since it was cached" in items["e_wide.png"].latent_note
+    assert items["c_tall.png"].latent == "valid" and "VAE is not checked" in items["c_tall.png"].latent_note
+    # with a model, its VAE is checked too: the one prepare used, then another
+    from sdtune.models.io import save_model
+    from sdtune.models.tiny import build_tiny
+
+    other = tmp_path / "other-model"
+    save_model(build_tiny("sd1", seed=1), other, "diffusers_safetensors")
+    for model, state, note in ((same_vae, "valid", "matches the image"), (other, "stale", "another VAE")):
+        checked = by_name(collect(ReviewOptions(in_json=meta, train_data_dir=folder, out=tmp_path / "out2",
+                                                workers=0, pretrained_model_name_or_path=str(model), **PREPARE)))
+        assert checked["c_tall.png"].latent == state and note in checked["c_tall.png"].latent_note
+        assert "not checked" not in checked["c_tall.png"].latent_note
     # a cache training does not use: the crop is the one training's start-up encoding makes
     assert items["d_square.png"].crop == cover(64, 64, (80, 48)).crop_ltrb
     assert result.summary()["cache_problems"] == 4 and "cache" in items["a_square.png"].flags(75)

@@ -28,7 +28,7 @@ from sdtune.data.metadata import KeyIndex, duplicate_stems, load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, check_max_token_length
 from sdtune.options import opt
-from sdtune.review.thumbs import IMAGE_CHANGED, VALID, ImageFacts, ImageJob, inspect_images
+from sdtune.review.thumbs import VALID, ImageFacts, ImageJob, inspect_images
 from sdtune.review.tokens import count_tokens, find_cuts, load_review_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class ReviewOptions:
     pretrained_model_name_or_path: Optional[str] = opt(None, "model whose tokenizer counts the tokens, as in train")
     tokenizer: Optional[str] = opt(None, "CLIP tokenizer folder (as in train; default: the model's, else the "
                                    "packaged vocabulary)")
+    vae: Optional[str] = opt(None, "the train option: the VAE training encodes with (default: the model's), for "
+                             "checking the latent caches were made with it")
     max_token_length: int = opt(75, "the train option: tokens kept of each caption", choices=ALLOWED_TOKEN_LENGTHS)
     train_batch_size: int = opt(1, "the train option: images per batch, for the batch counts per bucket")
     dataset_repeats: int = opt(1, "the train option: times each image appears per epoch")
@@ -215,6 +217,7 @@ def collect(options: ReviewOptions) -> Review:
     buckets = validate(options)
     # before any image is read: a --tokenizer or model that cannot be read fails at once
     tokenizer, note = load_review_tokenizer(options.pretrained_model_name_or_path, options.tokenizer)
+    vae_print = _vae_fingerprint(options)
     images = load_metadata(options.in_json)
     root = Path(options.train_data_dir) if options.train_data_dir is not None else None
     index = KeyIndex(images, options.full_path)
@@ -256,7 +259,7 @@ def collect(options: ReviewOptions) -> Review:
             items[f"\x00{key}"] = item
 
     _fill_captions(items.values(), images, options)
-    _fill_images(items, path_of, images, buckets, options)
+    _fill_images(items, path_of, images, buckets, options, vae_print)
     batches, problems = _batches(items, images, root, options)
     _fill_duplicates(items.values())
     _fill_tokens(list(items.values()), tokenizer, options)
@@ -281,8 +284,22 @@ def _fill_captions(items, images, options: ReviewOptions) -> None:
             item.fixed_parts = min(options.keep_tokens, len(item.parts))
 
 
+def _vae_fingerprint(options: ReviewOptions) -> str | None:
+    """The fingerprint of the VAE training would encode with (``--vae``, else the model's), as its cache check
+    compares it; None without a local model (the caches' VAE is then not checked)."""
+    source = options.vae or options.pretrained_model_name_or_path
+    if source is None or not Path(source).exists():
+        if source is not None:
+            logger.warning("%s is not a local file or folder: the latent caches' VAE is not checked", source)
+        return None
+    from sdtune.data.latents import vae_fingerprint
+    from sdtune.models.io import load_vae
+
+    return vae_fingerprint(load_vae(source))
+
+
 def _fill_images(items: dict[str, Item], path_of: dict[str, Path], images, buckets: AspectBuckets,
-                 options: ReviewOptions) -> None:
+                 options: ReviewOptions, vae_print: str | None) -> None:
     thumb_dir = Path(options.out) / THUMB_DIR
     thumb_dir.mkdir(parents=True, exist_ok=True)
     keys = list(path_of)
@@ -290,7 +307,7 @@ def _fill_images(items: dict[str, Item], path_of: dict[str, Path], images, bucke
     for k in keys:
         resolution = images.get(items[k].key, {}).get("train_resolution")
         jobs.append(ImageJob(path_of[k], tuple(resolution) if resolution else None, thumb_dir, options.thumb_size,
-                             options.max_image_pixels))
+                             options.max_image_pixels, vae_print))
     for k, facts in zip(keys, inspect_images(jobs, options.workers)):
         _apply_facts(items[k], facts, images.get(items[k].key, {}), buckets)
     for item in items.values():
@@ -310,7 +327,7 @@ def _apply_facts(item: Item, facts: ImageFacts, entry: dict[str, Any], buckets: 
     w, h = facts.size
     if resolution:
         item.bucket = (int(resolution[0]), int(resolution[1]))
-        if facts.cached_crop is not None and facts.latent in (VALID, IMAGE_CHANGED):
+        if facts.cached_crop is not None and facts.latent == VALID:
             item.resized, item.crop, item.crop_from = facts.cached_resized, facts.cached_crop, "latent cache"
         else:
             placement = cover(w, h, item.bucket)

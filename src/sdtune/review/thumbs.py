@@ -17,15 +17,14 @@ import numpy as np
 from PIL import Image
 
 from sdtune.atomic import atomic_path
-from sdtune.data.buckets import Placement, Reso
+from sdtune.data.buckets import Reso
 from sdtune.data.images import ImageError, image_size, open_image
-from sdtune.data.latents import PRECISIONS, LatentFileError, cache_key, content_hash, latent_path, load_latent_file
+from sdtune.data.latents import LatentFileError, cache_staleness, content_hash, latent_path, load_latent_file
 
 THUMB_QUALITY = 85
 
 # Latent cache states, in the words the page uses.
-VALID, MISSING, DAMAGED, WRONG_BUCKET, IMAGE_CHANGED, UNUSED = (
-    "valid", "missing", "damaged", "wrong bucket", "image changed", "not used")
+VALID, MISSING, DAMAGED, STALE, UNUSED = "valid", "missing", "damaged", "stale", "not used"
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,7 @@ class ImageJob:
     thumb_dir: Path
     thumb_size: int
     max_pixels: int
+    vae_print: str | None = None  # fingerprint of the VAE training will use (None: not checked)
 
 
 @dataclass
@@ -63,12 +63,12 @@ def make_thumbnail(image: Image.Image, target: Path, size: int) -> None:
         thumb.save(tmp, "JPEG", quality=THUMB_QUALITY)
 
 
-def check_latents(path: Path, digest: str, size: Reso | None, bucket: Reso | None) -> tuple[str, str, object]:
-    """(state, note, cache or None) of ``path``'s latent file, judged as training uses it.
+def check_latents(path: Path, bucket: Reso | None, vae_print: str | None) -> tuple[str, str, object]:
+    """(state, note, the cache when training would use it as it is) of ``path``'s latent file.
 
-    Training (``FineTuneData.encode_missing``) re-encodes a missing, unreadable or wrong-bucket file in memory at
-    start-up, and otherwise trains on the file as it is, so "image changed" (the file's ``cache_key`` does not
-    match the image's current bytes for any precision) means training would use latents of an older image.
+    Judged by training's own check (``latents.cache_staleness``, as ``FineTuneData.encode_missing`` runs it): a
+    missing, unreadable or stale file is encoded again in memory at start-up. ``vae_print`` is the fingerprint of
+    the VAE training will use; None (no model given) takes the file's own, so the VAE is then not checked.
     """
     file = latent_path(path)
     if not file.is_file():
@@ -79,19 +79,16 @@ def check_latents(path: Path, digest: str, size: Reso | None, bucket: Reso | Non
         return DAMAGED, f"{exc}; training encodes it again at start-up", None
     if bucket is None:
         return UNUSED, f"{file.name} exists but the metadata has no train_resolution, so training skips the image", None
-    if tuple(cache.train_resolution) != tuple(bucket):
-        return WRONG_BUCKET, (f"{file.name} is for bucket {cache.train_resolution[0]}x{cache.train_resolution[1]}, "
-                              f"the metadata says {bucket[0]}x{bucket[1]}: training encodes it again"), None
     expected = (cache.latents.shape[0], bucket[1] // 8, bucket[0] // 8) if cache.latents.ndim == 3 else None
-    if cache.latents.shape != expected or not np.isfinite(cache.latents).all():
-        return DAMAGED, f"{file.name}: latents of shape {tuple(cache.latents.shape)} or not finite; run prepare again", None
-    placement = Placement(cache.train_resolution, cache.resized_size, cache.crop_ltrb, 0.0)
-    flipped = cache.latents_flipped is not None
-    keys = {cache_key(digest, placement, flipped, cache.vae_fingerprint, p) for p in PRECISIONS}
-    if (size is not None and tuple(cache.original_size) != tuple(size)) or cache.cache_key not in keys:
-        return IMAGE_CHANGED, (f"{file.name} was made from another version of the image: training would use its "
-                               "latents as they are; run sdtune prepare again"), cache
-    return VALID, f"{file.name} matches the image, its bucket and crop", cache
+    if tuple(cache.train_resolution) == tuple(bucket) and (
+            cache.latents.shape != expected or not np.isfinite(cache.latents).all()):
+        return DAMAGED, (f"{file.name}: latents of shape {tuple(cache.latents.shape)} or not finite; training would "
+                         "use them as they are: run sdtune prepare again"), None
+    reason = cache_staleness(cache, path, bucket, vae_print if vae_print is not None else cache.vae_fingerprint)
+    if reason is not None:
+        return STALE, f"{file.name}: {reason}; training encodes it again at start-up", None
+    vae_note = "" if vae_print is not None else " (the VAE is not checked: no model given)"
+    return VALID, f"{file.name} matches the image, its bucket and crop{vae_note}", cache
 
 
 def inspect_image(job: ImageJob) -> ImageFacts:
@@ -114,7 +111,7 @@ def inspect_image(job: ImageJob) -> ImageFacts:
         facts.thumb = name
     except ImageError as exc:
         facts.error = exc.reason
-    facts.latent, facts.latent_note, cache = check_latents(job.path, facts.content_hash, facts.size, job.bucket)
+    facts.latent, facts.latent_note, cache = check_latents(job.path, job.bucket, job.vae_print)
     if cache is not None:
         facts.cached_resized = tuple(cache.resized_size)
         facts.cached_crop = tuple(cache.crop_ltrb)
