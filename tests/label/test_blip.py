@@ -35,10 +35,23 @@ def test_beam_search_writes_what_the_model_generates(images: Path, tiny_blip_dir
     tokenizer = AutoTokenizer.from_pretrained(tiny_blip_dir)
     paths = sorted(p for p in images.iterdir() if p.suffix != ".caption")
     pixels = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    # BLIP's own generate (salesforce/BLIP models/blip.py BLIP_Decoder.generate), written out on the text decoder:
+    # prompt 'a picture of ', first token -> bos, last ([SEP]) dropped, beam search with repetition_penalty 1.0,
+    # eos = [SEP], and the prompt cut from the decoded caption.
+    prompt = "a picture of "
     with torch.no_grad():
-        ids = model.generate(pixel_values=pixels, num_beams=3, max_length=20, min_length=5, do_sample=False)
-    expected = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    assert [written[p.stem + ".caption"] for p in paths] == [t + "\n" for t in expected]
+        image_embeds = model.vision_model(pixel_values=pixels)[0]
+        image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long)
+        input_ids = tokenizer([prompt] * len(paths), return_tensors="pt").input_ids
+        input_ids[:, 0] = tokenizer.bos_token_id
+        input_ids = input_ids[:, :-1]
+        outputs = model.text_decoder.generate(input_ids=input_ids, max_length=20, min_length=5, num_beams=3,
+                                              eos_token_id=tokenizer.sep_token_id,
+                                              pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
+                                              encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
+    expected = [tokenizer.decode(output, skip_special_tokens=True)[len(prompt):] for output in outputs]
+    assert [written[p.stem + ".caption"] for p in paths] == [t.strip() + "\n" for t in expected]
+    assert not any(text.startswith("a picture of") for text in written.values())
     for text in written.values():
         words = text.split()
         assert words and set(words) <= set(BLIP_WORDS)
@@ -113,7 +126,8 @@ def test_bad_model_folder_and_options(images: Path, tmp_path: Path, capsys: pyte
 
 def test_decoding_settings() -> None:
     sampling = _generate_kwargs(CaptionOptions(train_data_dir=Path("."), top_p=0.8))
-    assert sampling["do_sample"] and sampling["top_p"] == 0.8 and sampling["top_k"] == 0
+    assert sampling["do_sample"] and sampling["top_p"] == 0.8
+    assert sampling["top_k"] == 50 and sampling["repetition_penalty"] == 1.1  # BLIP: no top_k, i.e. HF's 50
     beams = _generate_kwargs(CaptionOptions(train_data_dir=Path("."), beam_search=True, num_beams=4))
     assert not beams["do_sample"] and beams["num_beams"] == 4
     assert beams["max_length"] == 75 and beams["min_length"] == 5

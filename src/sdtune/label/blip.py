@@ -5,8 +5,12 @@ layout (``BlipForConditionalGeneration`` + a BERT tokenizer + ``preprocessor_con
 folder; the default is ``Salesforce/blip-image-captioning-large``, the model sd-scripts' ``model_large_caption.pth``
 was converted from.
 
-Decoding follows the original BLIP ``generate`` (salesforce/BLIP models/blip.py): nucleus sampling with
-``top_k`` disabled and a repetition penalty of 1.1 by default, or beam search with ``--beam_search``.
+Decoding follows the original BLIP ``generate`` (salesforce/BLIP models/blip.py, ``BLIP_Decoder.generate``), which
+sd-scripts' make_captions.py calls: the decoder starts from BLIP's prompt "a picture of " (its first token replaced
+by the [DEC] bos token, the closing [SEP] dropped) -- the captioning weights were fine-tuned with that prefix -- and
+the prompt is cut from the decoded text. Nucleus sampling (``top_p`` 0.9, transformers' ``top_k`` 50, which BLIP
+leaves at its default, repetition penalty 1.1) by default, or beam search (repetition penalty 1.0) with
+``--beam_search``. ``--max_length``/``--min_length`` count the prompt's tokens too, as in BLIP and sd-scripts.
 Sampling is reproducible: each batch draws from its own generator state derived from ``--seed`` and the batch's
 index, so the same images, batch size, seed and device give the same captions.
 """
@@ -43,8 +47,11 @@ from sdtune.options import opt
 logger = logging.getLogger(__name__)
 
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-large"
-# BLIP's own sampling settings (salesforce/BLIP models/blip.py, BLIP_Decoder.generate).
+# BLIP's own settings (salesforce/BLIP models/blip.py, BLIP_Decoder: prompt='a picture of '; generate: sampling
+# with repetition_penalty=1.1 and no top_k, so transformers' default 50 applies).
+BLIP_PROMPT = "a picture of "
 SAMPLING_REPETITION_PENALTY = 1.1
+SAMPLING_TOP_K = 50
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -61,8 +68,8 @@ class CaptionOptions:
     beam_search: bool = opt(False, "beam search instead of nucleus sampling (deterministic)")
     num_beams: int = opt(1, "beams for --beam_search (1 is greedy decoding)")
     top_p: float = opt(0.9, "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p")
-    max_length: int = opt(75, "longest caption, in tokens")
-    min_length: int = opt(5, "shortest caption, in tokens")
+    max_length: int = opt(75, "longest caption, in tokens (counting BLIP's 4-token prompt, as BLIP and sd-scripts do)")
+    min_length: int = opt(5, "shortest caption, in tokens (counting the prompt)")
     seed: int | None = opt(42, "seed for sampling; the same seed, images, batch size and device repeat the captions")
     recursive: bool = opt(False, "also caption images in sub-folders")
     overwrite: bool = opt(False, "caption images that already have a caption file, replacing it (without it they are skipped)")
@@ -177,8 +184,9 @@ def _generate_kwargs(options: CaptionOptions) -> dict[str, Any]:
     if options.beam_search:
         kwargs.update(do_sample=False, num_beams=options.num_beams, repetition_penalty=1.0)
     else:
-        # top_k=0 disables transformers' default top-k=50, so that the nucleus alone decides (as in BLIP).
-        kwargs.update(do_sample=True, num_beams=1, top_p=options.top_p, top_k=0,
+        # BLIP passes no top_k: transformers' default 50 applied. Given explicitly, so that a model folder's
+        # generation_config.json cannot change it.
+        kwargs.update(do_sample=True, num_beams=1, top_p=options.top_p, top_k=SAMPLING_TOP_K,
                       repetition_penalty=SAMPLING_REPETITION_PENALTY)
     return kwargs
 
@@ -188,16 +196,28 @@ def caption_batch(blip: BlipModel, pixel_values: np.ndarray, options: CaptionOpt
     import torch
 
     pixels = torch.from_numpy(pixel_values).to(blip.device, dtype=blip.model.dtype)
-    kwargs = _generate_kwargs(options)
+    # transformers' BlipForConditionalGeneration.generate does BLIP's prompt handling: it sets the first token
+    # ([CLS]) to the bos token and drops the last ([SEP]).
+    prompt = blip.tokenizer([BLIP_PROMPT] * len(pixel_values), return_tensors="pt")
+    kwargs = dict(_generate_kwargs(options), pixel_values=pixels, input_ids=prompt.input_ids.to(blip.device),
+                  attention_mask=prompt.attention_mask.to(blip.device))
     with torch.inference_mode():
         if options.beam_search or options.seed is None:
-            ids = blip.model.generate(pixel_values=pixels, **kwargs)
+            ids = blip.model.generate(**kwargs)
         else:
             with _forked_rng(blip.device):
                 torch.manual_seed(_batch_seed(options.seed, batch_index))
-                ids = blip.model.generate(pixel_values=pixels, **kwargs)
+                ids = blip.model.generate(**kwargs)
         ids = ids.cpu()
-    return [text.strip() for text in blip.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return [strip_prompt(text) for text in blip.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def strip_prompt(decoded: str) -> str:
+    """The caption without BLIP's prompt, as BLIP cuts it (``caption[len(self.prompt):]``)."""
+    if not decoded.startswith(BLIP_PROMPT.strip()):
+        raise LabelError(f"the BLIP model's output {decoded!r} does not start with its prompt {BLIP_PROMPT!r}; is "
+                         "--model a BLIP captioning model?")
+    return decoded[len(BLIP_PROMPT):].strip()
 
 
 def run_captioning(options: CaptionOptions) -> LabelReport:
