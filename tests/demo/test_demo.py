@@ -78,6 +78,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert summary["files"]["review"] == ["review/index.html"] and "Dataset review: open" in report
     page = (workdir / "review" / "index.html").read_text(encoding="utf-8")
     assert '<dd id="sum-images">12</dd>' in page and '<dd id="sum-buckets">3</dd>' in page
+    assert '<dd id="sum-cache">0</dd>' in page  # every cache valid for the model's VAE
 
 
 def test_a_second_run_starts_clean_and_keeps_other_files(tmp_path):
