@@ -112,3 +112,11 @@ def test_markup_in_captions_and_tags_is_shown_as_text(loaded):
     assert element.find_elements("css selector", "script, b, .caption img") == []
     assert any(b.text == "<b>bold</b>" for b in loaded.find_elements("css selector", "button.tag"))
     assert console_errors(loaded) == []
+
+
+def test_thumbnails_say_in_words_what_the_outline_shows(loaded):
+    alt = card(loaded, "b_wide.png").find_element("css selector", ".thumb img").get_attribute("alt")
+    assert alt == "b_wide.png, 96\u00d748, trained as bucket 80x48, crop outlined: x 8-88, y 0-48 of the image " \
+                  "resized to 96\u00d748"
+    headers = loaded.find_elements("css selector", "#bucket-table thead th[scope=col], #tag-table thead th[scope=col]")
+    assert len(headers) == 8

@@ -130,7 +130,9 @@ JS = r"""
       var img = el("img");
       img.src = it.thumb; img.loading = "lazy"; img.decoding = "async";
       img.width = Math.round(w * scale); img.height = Math.round(h * scale);
-      img.alt = it.name + ", " + w + "\u00d7" + h + (it.bucket ? ", trained as bucket " + it.bucket + (it.crop ? " (crop outlined)" : "") : "");
+      img.alt = it.name + ", " + w + "\u00d7" + h + (it.bucket ? ", trained as bucket " + it.bucket : "") +
+        (it.crop && it.resized ? ", crop outlined: x " + it.crop_px[0] + "-" + it.crop_px[2] + ", y " + it.crop_px[1] +
+         "-" + it.crop_px[3] + " of the image resized to " + it.resized[0] + "\u00d7" + it.resized[1] : "");
       box.appendChild(img);
       if (it.crop) {
         var r = el("div", "crop");

@@ -114,7 +114,7 @@ class Item:
         if self.tokens is not None and self.tokens > max_token_length:
             out.append("over token limit")
         if self.trained and self.latent != VALID:
-            out.append("cache")
+            out.append("cache not valid")
         if self.upscaled:
             out.append("upscaled")
         if self.skip:

@@ -18,7 +18,8 @@ from sdtune import __version__
 from sdtune.review.assets import CSS, JS
 from sdtune.review.collect import THUMB_DIR, Item, Review, token_histogram
 
-FLAG_FILTERS = ("no caption", "empty caption", "duplicate", "over token limit", "cache", "upscaled", "skipped")
+FLAG_FILTERS = ("no caption", "empty caption", "duplicate", "over token limit", "cache not valid", "upscaled",
+                "skipped")
 
 
 def esc(value: Any) -> str:
