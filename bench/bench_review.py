@@ -4,8 +4,8 @@
 
 A generated dataset of ``--entries`` JPEGs (48-200 px, several aspect ratios) with captions and WD14-style tags
 (300 distinct, a few captions over 75 tokens, some duplicates), its metadata with ``train_resolution`` from the
-bucket code, and a latent cache file per image (zeros of the right shape, with the cache key ``prepare`` would
-write, so each one is checked as a valid cache). Then:
+bucket code, and a latent cache file per image (zeros of the right shape, with the cache key and image fields
+``prepare`` writes, so each one is checked as a valid cache). Then:
 
 1. page generation, cold (every thumbnail made) with ``--workers`` processes and warm (thumbnails reused);
 2. in headless Chromium (selenium; skipped with a note when missing): time until the page's script has drawn the
@@ -63,11 +63,13 @@ def make_dataset(root: Path, n: int) -> tuple[Path, Path]:
         caption = f"a picture number {i}" + (", with a very long description" * 20 if i % 50 == 0 else "")
         images[stem] = {"caption": caption, "tags": tags, "train_resolution": list(placement.bucket)}
         bw, bh = placement.bucket
+        st = (train / f"{stem}.jpg").stat()
         write_latent_file(train / f"{stem}.npz", LatentCache(
             latents=np.zeros((4, bh // 8, bw // 8), np.float32), latents_flipped=None, original_size=size,
             resized_size=placement.resized, crop_ltrb=placement.crop_ltrb, train_resolution=placement.bucket,
             vae_fingerprint="bench", format_version=LATENT_FORMAT_VERSION,
-            cache_key=cache_key(content_hash(data), placement, False, "bench", "no")))
+            cache_key=cache_key(content_hash(data), placement, False, "bench", "no"),
+            image_hash=content_hash(data), image_bytes=st.st_size, image_mtime_ns=st.st_mtime_ns))  # as prepare does
     meta = root / "meta_lat.json"
     save_metadata(meta, images)
     return train, meta
