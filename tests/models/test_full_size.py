@@ -95,3 +95,19 @@ def test_full_size_sd2_without_sdtune_metadata_is_detected(tmp_path, bare_full_s
     assert any(signal in m for m in decided), decided
     reference = bare_full_sd2["model.diffusion_model.out.2.weight"]
     torch.testing.assert_close(model.unet.conv_out.weight, reference)
+
+
+@pytest.mark.slow
+def test_prepare_and_training_see_the_same_vae_of_a_file_from_elsewhere(tmp_path, bare_full_sd2):
+    """prepare loads only the VAE (load_vae), training the whole model (load_model): the same fingerprint, or every
+    latent cache of an SD 2.x 768-v file would look stale to training."""
+    from safetensors.torch import save_file
+
+    from sdtune.data.latents import vae_fingerprint
+    from sdtune.models.io import load_vae
+
+    path = tmp_path / "v2-768.safetensors"
+    save_file(bare_full_sd2, str(path))
+    alone = load_vae(path, dtype=torch.float16)
+    assert alone.config.sample_size == 768
+    assert vae_fingerprint(alone) == vae_fingerprint(load_model(path, dtype=torch.float16).vae)

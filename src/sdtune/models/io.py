@@ -363,8 +363,16 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
         config = _read_json(folder / "config.json")
         weights = _folder_weights(folder, _UNET_FILES)
     elif path.is_file():
-        sd, metadata = read_state_dict(path)
+        checkpoint = read_checkpoint(path)
+        sd, metadata = checkpoint.tensors, checkpoint.metadata
+        family_vae = None
         if any(k.startswith("model.diffusion_model.") for k in sd):  # a whole checkpoint: take its VAE part
+            if _META_CONFIGS not in metadata and detect_text_encoder(sd) is not None:
+                # The config load_model gives this file's VAE, so that prepare (which loads only the VAE) and
+                # training print the same VAE fingerprint and the latent caches stay valid.
+                family = _single_file_family(path, normalize_ldm_keys(sd), metadata, None, None,
+                                             checkpoint.global_step)
+                family_vae = family.configs()["vae"]
             sd = {k: v for k, v in sd.items() if k.startswith(VAE_ROOT)}
         sd = {k.removeprefix(VAE_ROOT): v for k, v in sd.items() if not k.startswith("model_ema.")}
         # Training-only tensors of ldm's AutoencoderKL (its LPIPSWithDiscriminator: loss.logvar,
@@ -376,8 +384,13 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
             sd = {k: v for k, v in sd.items() if not k.startswith(VAE_TRAINING_PREFIXES)}
         if any(k.startswith("encoder.down.") for k in sd):  # LDM layout
             # sdtune's own files carry their configs; any other VAE's layout is read from its shapes
-            config = (json.loads(metadata[_META_CONFIGS])["vae"] if _META_CONFIGS in metadata
-                      else _infer_vae_config(sd, path))
+            if _META_CONFIGS in metadata:
+                config = json.loads(metadata[_META_CONFIGS])["vae"]
+            else:
+                config = _infer_vae_config(sd, path)
+                # the same layout but the family's sample_size (which sizes tiles only): take the family's config
+                if family_vae is not None and {**config, "sample_size": family_vae["sample_size"]} == family_vae:
+                    config = family_vae
             key_map = build_key_map({"unet": _EMPTY_UNET, "vae": config, "text_encoder": {"num_hidden_layers": 0}}, "clip")
             try:
                 converted, _ = key_map.to_diffusers({VAE_ROOT + k: v for k, v in sd.items()})
