@@ -251,6 +251,8 @@ def test_serve_binds_localhost(review_dataset, tmp_path):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/index.html", timeout=10) as r:
             assert r.read() == page.read_bytes()
+        with pytest.raises(SdtuneError, match="choose another --port"):
+            make_server(tmp_path, port=server.server_address[1])  # taken
     finally:
         server.shutdown()
         server.server_close()

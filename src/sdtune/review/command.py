@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from sdtune.atomic import write_text_atomic
+from sdtune.errors import SdtuneError
 from sdtune.review.collect import PAGE_FILE, THUMB_DIR, Review, ReviewOptions, collect
 from sdtune.review.page import render
 
@@ -53,7 +54,11 @@ def make_server(folder: Path, host: str = "127.0.0.1", port: int = 0) -> http.se
     server_class = http.server.ThreadingHTTPServer
     if ":" in host:  # an IPv6 address
         server_class = type("ThreadingHTTPServer6", (server_class,), {"address_family": socket.AF_INET6})
-    return server_class((host, port), _quiet_handler(str(folder)))
+    try:
+        return server_class((host, port), _quiet_handler(str(folder)))
+    except OSError as exc:
+        raise SdtuneError(f"cannot serve {folder} on {host}:{port} ({exc.strerror or exc}); choose another --port "
+                          "(0: any free one) or --host") from None
 
 
 def serve(folder: Path, host: str, port: int) -> None:
