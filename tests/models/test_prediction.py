@@ -169,3 +169,14 @@ def test_ckpt_global_step_as_other_tools_store_it(tmp_path, bare_sd2):
                            (float("inf"), None), (True, None)):
         torch.save({"state_dict": {"a": torch.zeros(1)}, "global_step": step}, str(tmp_path / "s.ckpt"))
         assert read_checkpoint(tmp_path / "s.ckpt").global_step == expected, step
+
+
+def test_disagreeing_signals_are_named(tmp_path, bare_sd2, caplog):
+    metadata = {"modelspec.prediction_type": "epsilon", "modelspec.predict_key": "bogus"}
+    with caplog.at_level(logging.INFO, logger="sdtune.models.prediction"):
+        family = io._single_file_family(tmp_path / "mixed.safetensors", {**bare_sd2, "v_pred": torch.tensor([])},
+                                        metadata, None, None, None)
+    assert family.prediction_type == EPS
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("ComfyUI's v_pred marker key says v_prediction" in w for w in warnings), warnings
+    assert any("'bogus'" in w and "ignored" in w for w in warnings), warnings

@@ -31,7 +31,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Mapping
+from typing import Callable, Collection, Mapping
 
 from sdtune.errors import ModelLoadError
 
@@ -103,42 +103,63 @@ def _sdtune_signal(path: Path, metadata: Mapping[str, str]) -> Decision | None:
 
 def detect_prediction_type(path: Path, *, is_v2: bool, metadata: Mapping[str, str], keys: Collection[str],
                            ckpt_global_step: int | None, override: bool | None) -> Decision:
-    """The prediction type of a single file (see the module docstring for the order), logged with its signal."""
-    decision = dataclasses.replace(_decide(path, is_v2, metadata, keys, ckpt_global_step, override),
-                                   ztsnr="ztsnr" in keys)
+    """The prediction type of a single file (see the module docstring for the order), logged with its signal.
+    Later signals that disagree with the deciding one are named in a warning."""
+    decision: Decision | None = None
+    disagree = []
+    for signal in _signals(path, metadata, keys, override):
+        if decision is None:
+            decision = signal()  # an unreadable deciding signal raises, naming the file and the fix
+            continue
+        try:
+            later = signal()
+        except ModelLoadError as exc:  # an unreadable later signal cannot change the decision; say so
+            logger.warning("%s (ignored: %s decided)", exc, decision.signal)
+            continue
+        if later is not None and later.prediction_type != decision.prediction_type:
+            disagree.append(f"{later.signal} says {later.prediction_type}")
+    decision = dataclasses.replace(decision or _default(is_v2, ckpt_global_step), ztsnr="ztsnr" in keys)
     logger.info("%s: %s prediction, decided by %s", path, decision.prediction_type, decision.signal)
+    if disagree:
+        logger.warning("%s: %s decided %s, but %s", path, decision.signal, decision.prediction_type,
+                       "; ".join(disagree))
     if decision.ztsnr:
         logger.warning("%s: ComfyUI marks this model as trained with zero terminal SNR (ztsnr); sdtune trains and "
                        "samples with SD's standard noise schedule", path)
     return decision
 
 
-def _decide(path: Path, is_v2: bool, metadata: Mapping[str, str], keys: Collection[str],
-            ckpt_global_step: int | None, override: bool | None) -> Decision:
+def _signals(path: Path, metadata: Mapping[str, str], keys: Collection[str], override: bool | None
+             ) -> list[Callable[[], Decision]]:
+    """Every explicit signal present, in the order of the module docstring, each read when called."""
+    out: list[Callable[[], Decision]] = []
     if override is not None:
-        return Decision(V if override else EPSILON, f"--v_parameterization {str(override).lower()}")
-    own = _sdtune_signal(path, metadata)
-    if own is not None:
-        return own
-    if metadata.get("modelspec.prediction_type"):
-        value = metadata["modelspec.prediction_type"]
-        return Decision(_spec_value(path, "modelspec.prediction_type", value),
-                        f"SAI model spec (modelspec.prediction_type={value})")
-    architecture = metadata.get("modelspec.architecture", "").strip().lower()
-    if architecture.startswith("stable-diffusion-v2-768-v"):
-        return Decision(V, f"SAI model spec (modelspec.architecture={architecture})")
-    if architecture.startswith("stable-diffusion-v2-512"):
-        return Decision(EPSILON, f"SAI model spec (modelspec.architecture={architecture})")
-    if metadata.get("modelspec.predict_key"):
-        value = metadata["modelspec.predict_key"]
-        return Decision(_spec_value(path, "modelspec.predict_key", value),
-                        f"ComfyUI metadata (modelspec.predict_key={value})")
+        out.append(lambda: Decision(V if override else EPSILON, f"--v_parameterization {str(override).lower()}"))
+    if any(k in metadata for k in (META_PREDICTION, META_CONFIGS, META_FAMILY)):
+        out.append(lambda: _sdtune_signal(path, metadata))
+    for key, tool in (("modelspec.prediction_type", "SAI model spec"), ("modelspec.predict_key", "ComfyUI metadata")):
+        value = metadata.get(key, "")
+        if value:
+            out.append(lambda key=key, tool=tool, value=value: Decision(
+                _spec_value(path, key, value), f"{tool} ({key}={value})"))
+        if key == "modelspec.prediction_type":  # the architecture id comes right after the spec's own key
+            architecture = metadata.get("modelspec.architecture", "").strip().lower()
+            for prefix, kind in (("stable-diffusion-v2-768-v", V), ("stable-diffusion-v2-512", EPSILON)):
+                if architecture.startswith(prefix):
+                    out.append(lambda kind=kind, architecture=architecture: Decision(
+                        kind, f"SAI model spec (modelspec.architecture={architecture})"))
     if "v_pred" in keys:
-        return Decision(V, "ComfyUI's v_pred marker key")
+        out.append(lambda: Decision(V, "ComfyUI's v_pred marker key"))
     version = metadata.get("ss_base_model_version", "").strip()
     match = _SS_VERSION.match(version)
     if match:
-        return Decision(V if match.group(2) else EPSILON, f"sd-scripts metadata (ss_base_model_version={version})")
+        out.append(lambda: Decision(V if match.group(2) else EPSILON,
+                                    f"sd-scripts metadata (ss_base_model_version={version})"))
+    return out
+
+
+def _default(is_v2: bool, ckpt_global_step: int | None) -> Decision:
+    """No explicit signal: SD 1.x is epsilon; SD 2.x by the .ckpt's step, as diffusers decides."""
     if not is_v2:
         return Decision(EPSILON, "no signal in the file: SD 1.x defaults to epsilon")
     if ckpt_global_step == BASE_512_GLOBAL_STEP:
