@@ -309,3 +309,22 @@ def test_find_browser_says_what_is_missing(monkeypatch):
     if browser.importlib.util.find_spec("selenium") is not None:
         found, missing = browser.find_browser()
         assert found is None and "apt-get install chromium chromium-driver" in missing
+
+
+@pytest.mark.parametrize("words", [1, 7, 8, 9, 40, 160])
+def test_cuts_agree_with_prefix_counts(words):
+    """Against the slow, obvious method: the tokens of each prefix that ends at a word."""
+    tok = packaged_tokenizer("<|endoftext|>")
+    vocabulary = ["cat", "supercalifragilistic", "1girl", "red,", "a", "blue-sky", "(masterpiece:1.2)", "ok"]
+    caption = " ".join(vocabulary[(i * 5) % len(vocabulary)] for i in range(words))
+    (total,) = count_tokens(tok, [caption])
+    limits = (1, 2, 5, 17, 75, 150, 225)
+    (cuts,) = find_cuts(tok, [caption], [total], limits)
+    spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", caption)]
+    expected = []
+    for limit in limits:
+        if total > limit:
+            k = next(k for k, (_s, e) in enumerate(spans) if count_tokens(tok, [caption[:e]])[0] > limit)
+            before = count_tokens(tok, [caption[:spans[k - 1][1]]])[0] if k else 0
+            expected.append((limit, spans[k][0], before < limit))
+    assert [(c.limit, c.offset, c.inside_word) for c in cuts] == expected

@@ -11,6 +11,8 @@ cut-off is found from the token counts of the caption's prefixes instead.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import re
 from dataclasses import dataclass
@@ -84,36 +86,68 @@ def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     return [len(i) for i in ids]
 
 
+_GROUP = 8  # words tokenized together in the first pass (one tokenizer item per word costs more than its tokens)
+
+
 def find_cuts(tokenizer: Any, captions: Sequence[str], totals: Sequence[int],
               limits: Sequence[int] = ALLOWED_TOKEN_LENGTHS) -> list[list[Cut]]:
-    """For each caption, a ``Cut`` for every limit its token count exceeds."""
+    """For each caption, a ``Cut`` for every limit its token count exceeds.
+
+    Two passes, each one batched tokenizer call: groups of ``_GROUP`` words (spans of the caption from a word's start
+    to a later word's end, so their tokens are the words' tokens), then the single words of the groups a limit
+    falls in. A caption whose groups or words do not add up to its own count is done from its prefixes instead.
+    """
     out: list[list[Cut]] = [[] for _ in captions]
     todo = [i for i, total in enumerate(totals) if total > min(limits)]
-    words = {i: [(m.start(), m.group()) for m in _WORD.finditer(captions[i])] for i in todo}
-    flat = [w for i in todo for _start, w in words[i]]
-    counts = iter(count_tokens(tokenizer, flat))
+    spans = {i: [(m.start(), m.end()) for m in _WORD.finditer(captions[i])] for i in todo}
+    groups = {i: [spans[i][k:k + _GROUP] for k in range(0, len(spans[i]), _GROUP)] for i in todo}
+    counts = iter(count_tokens(tokenizer, [captions[i][g[0][0]:g[-1][1]] for i in todo for g in groups[i]]))
+    group_cum = {i: list(itertools.accumulate(next(counts) for _ in groups[i])) for i in todo}
+    needed: dict[tuple[int, int], None] = {}
     for i in todo:
-        starts = [s for s, _w in words[i]]
-        cumulative, running = [], 0
-        for _ in starts:
-            running += next(counts)
-            cumulative.append(running)
-        if running != totals[i]:
-            logger.debug("caption %d: its words' tokens (%d) differ from the caption's (%d); using prefixes",
-                         i, running, totals[i])
-            text = captions[i]
-            ends = [s + len(w) for s, w in words[i]]
-            memo: dict[int, int] = {}
-
-            def upto(k: int, text: str = text, ends: list[int] = ends, memo: dict[int, int] = memo) -> int:
-                if k not in memo:
-                    memo[k] = count_tokens(tokenizer, [text[:ends[k]]])[0]
-                return memo[k]
-
-            out[i] = _cuts(upto, starts, totals[i], limits)
-        else:
-            out[i] = _cuts(cumulative.__getitem__, starts, totals[i], limits)
+        if group_cum[i] and group_cum[i][-1] == totals[i]:
+            for limit in limits:
+                if totals[i] > limit:
+                    needed[i, bisect.bisect_right(group_cum[i], limit)] = None
+    counts = iter(count_tokens(tokenizer, [captions[i][s:e] for i, g in needed for s, e in groups[i][g]]))
+    word_counts = {(i, g): [next(counts) for _ in groups[i][g]] for i, g in needed}
+    for i in todo:
+        cuts = _cuts_by_group(i, totals[i], limits, groups[i], group_cum[i], word_counts)
+        if cuts is None:
+            logger.debug("caption %d: its words' tokens differ from the caption's (%d); using prefixes", i, totals[i])
+            cuts = _cuts_by_prefix(tokenizer, captions[i], spans[i], totals[i], limits)
+        out[i] = cuts
     return out
+
+
+def _cuts_by_group(i: int, total: int, limits: Sequence[int], groups: list[list[tuple[int, int]]],
+                   group_cum: list[int], word_counts: dict[tuple[int, int], list[int]]) -> list[Cut] | None:
+    if not group_cum or group_cum[-1] != total:
+        return None
+    cuts = []
+    for limit in limits:
+        if total <= limit:
+            continue
+        g = bisect.bisect_right(group_cum, limit)  # the first group whose end passes the limit
+        base = group_cum[g - 1] if g else 0
+        cum = list(itertools.accumulate(word_counts[i, g], initial=base))  # cum[j]: tokens before word j
+        if cum[-1] != group_cum[g]:
+            return None
+        j = next(k for k in range(len(groups[g])) if cum[k + 1] > limit)
+        cuts.append(Cut(limit, groups[g][j][0], cum[j] < limit))
+    return cuts
+
+
+def _cuts_by_prefix(tokenizer: Any, text: str, spans: list[tuple[int, int]], total: int,
+                    limits: Sequence[int]) -> list[Cut]:
+    memo: dict[int, int] = {}
+
+    def upto(k: int) -> int:
+        if k not in memo:
+            memo[k] = count_tokens(tokenizer, [text[:spans[k][1]]])[0]
+        return memo[k]
+
+    return _cuts(upto, [s for s, _e in spans], total, limits)
 
 
 def _cuts(upto: Callable[[int], int], starts: list[int], total: int, limits: Sequence[int]) -> list[Cut]:
