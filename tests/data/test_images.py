@@ -163,3 +163,15 @@ def test_every_stage_follows_one_exit_rule(tmp_path, make_image, caplog):
     (tmp_path / "b.caption").write_bytes(b"caf\xe9")  # not UTF-8
     assert main(["merge-captions", str(tmp_path), str(tmp_path / "m.json")]) == 1
     assert (tmp_path / "m.json").is_file() and "b.caption" in caplog.text
+
+
+def test_merge_and_prepare_summaries_name_files_of_other_extensions(tmp_path, make_image, caplog):
+    from sdtune.data.metadata import merge_folder
+
+    make_image(tmp_path / "a.png", 8, 8)
+    (tmp_path / "a.caption").write_text("x")
+    (tmp_path / "anim.gif").write_bytes(b"GIF89a")
+    caplog.set_level("WARNING")
+    summary = merge_folder(tmp_path, tmp_path / "m.json", "caption", ".caption")
+    assert [p.name for p in summary.other_images] == ["anim.gif"]
+    assert any("anim.gif" in r.getMessage() and "Convert them" in r.getMessage() for r in caplog.records)

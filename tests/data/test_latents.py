@@ -511,3 +511,13 @@ def test_another_tools_npz_is_reported_and_never_overwritten(dataset, tiny_vae, 
     assert "written by another tool" in summary.skipped[0][1] and "Move it elsewhere" in summary.skipped[0][1]
     assert "train_resolution" not in load_metadata(meta.with_name("meta_lat.json"))["wide"]
     assert summary.encoded == 2
+
+
+def test_prepare_summary_names_files_of_other_extensions(dataset, tiny_vae, caplog):
+    train, meta = dataset
+    (train / "scan.tiff").write_bytes(b"II*\x00")
+    summary = prepare_latents(options(train, meta), vae=tiny_vae)
+    assert [p.name for p in summary.other_images] == ["scan.tiff"] and summary.encoded == 3
+    caplog.set_level("WARNING")
+    summary.log()
+    assert "scan.tiff" in caplog.text and "Convert them to PNG" in caplog.text

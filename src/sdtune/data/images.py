@@ -72,21 +72,32 @@ class ImageError(SdtuneError):
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     """The image files in ``folder`` (sub-folders too when ``recursive``), sorted by path.
 
-    Hidden files (names starting with ``.``: editor backups, our own temporary files) are not images.
+    Hidden files (names starting with ``.``: editor backups, our own temporary files) are not images. Image files
+    of extensions sdtune does not read are named in a warning (``list_image_files`` returns them instead).
     """
+    images, others = list_image_files(folder, recursive)
+    if others:
+        logger.warning("%s", other_images_message(others, folder))
+    return images
+
+
+def list_image_files(folder: str | Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """(images sdtune reads, image files of other extensions) in ``folder``, each sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SdtuneError(f"image folder {folder} does not exist or is not a folder; pass the folder of training "
                           "images")
     candidates = [p for p in (folder.rglob("*") if recursive else folder.iterdir())
                   if not p.name.startswith(".") and p.is_file()]
-    others = sorted(p for p in candidates if p.suffix.lower() in OTHER_IMAGE_EXTENSIONS)
-    if others:
-        shown = ", ".join(str(p) for p in others[:20]) + (f" (and {len(others) - 20} more)" if len(others) > 20 else "")
-        logger.warning("%d image file(s) in %s have an extension sdtune does not read (it reads %s) and are left "
-                       "out: %s. Convert them to PNG, JPEG or WebP to use them.", len(others), folder,
-                       " ".join(IMAGE_EXTENSIONS), shown)
-    return sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return (sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS),
+            sorted(p for p in candidates if p.suffix.lower() in OTHER_IMAGE_EXTENSIONS))
+
+
+def other_images_message(others: list[Path], folder: str | Path, limit: int = 20) -> str:
+    shown = ", ".join(str(p) for p in others[:limit]) + (f" (and {len(others) - limit} more)"
+                                                          if len(others) > limit else "")
+    return (f"{len(others)} image file(s) in {folder} have an extension sdtune does not read (it reads "
+            f"{' '.join(IMAGE_EXTENSIONS)}) and were left out: {shown}. Convert them to PNG, JPEG or WebP to use them.")
 
 
 def _open_checked(path: Path, max_pixels: int, data: bytes | None = None) -> Image.Image:

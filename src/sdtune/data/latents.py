@@ -62,7 +62,8 @@ from tqdm import tqdm
 
 from sdtune.atomic import atomic_path
 from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket_table
-from sdtune.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_images, open_image
+from sdtune.data.images import (
+    DEFAULT_MAX_PIXELS, ImageError, image_size, list_image_files, list_images, open_image, other_images_message)
 from sdtune.data.metadata import (
     Images, KeyIndex, check_unique_keys, failure_exit_code, load_metadata, save_metadata)
 from sdtune.devices import resolve_device
@@ -430,6 +431,8 @@ class PrepareSummary:
     reused: int = 0
     enlarged: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    other_images: list[Path] = field(default_factory=list)  # image files of extensions sdtune does not read
+    folder: Path | None = None
     bucket_counts: dict[Reso, int] = field(default_factory=dict)
     mean_aspect_error: float | None = None
     seconds: float = 0.0
@@ -446,6 +449,8 @@ class PrepareSummary:
         if self.enlarged:
             log.info("%d images were smaller than their bucket and were enlarged (--bucket_no_upscale prevents it)",
                      self.enlarged)
+        if self.other_images:
+            log.warning("%s", other_images_message(self.other_images, self.folder or "the folder"))
         if self.skipped:
             log.warning("%d images were skipped:\n%s", len(self.skipped),
                         "\n".join(f"  {reason}" for _path, reason in self.skipped))
@@ -465,10 +470,10 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
     device = resolve_device(options.device)
     dtype = PRECISIONS[options.mixed_precision]
     images = load_metadata(options.in_json)
-    paths = list_images(options.train_data_dir, options.recursive)
+    paths, others = list_image_files(options.train_data_dir, options.recursive)
     check_unique_keys(paths, options.full_path)
     index = KeyIndex(images, options.full_path)
-    summary = PrepareSummary(found=len(paths))
+    summary = PrepareSummary(found=len(paths), other_images=others, folder=Path(options.train_data_dir))
     logger.info("found %d images in %s", len(paths), options.train_data_dir)
 
     jobs: list[Job] = []

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.atomic import write_json_atomic, write_text_atomic
-from sdtune.data.images import list_images
+from sdtune.data.images import list_image_files, other_images_message
 from sdtune.errors import SdtuneError
 from sdtune.options import opt
 
@@ -294,6 +294,8 @@ class MergeSummary:
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
     empty: list[Path] = field(default_factory=list)
     multiline: list[Path] = field(default_factory=list)  # kept whole; named so a stray line is noticed
+    other_images: list[Path] = field(default_factory=list)  # image files of extensions sdtune does not read
+    folder: Path | None = None
 
     def log(self, log: logging.Logger = logger) -> None:
         """The closing summary: counts, then every problem file by name."""
@@ -301,6 +303,8 @@ class MergeSummary:
         if self.empty:
             log.warning("%d %s file(s) were empty (stored as ''): %s", len(self.empty), self.kind,
                         _listing(self.empty))
+        if self.other_images:
+            log.warning("%s", other_images_message(self.other_images, self.folder or "the folder"))
         if self.multiline:
             log.warning("%d %s file(s) have several lines, kept whole (as sd-scripts does): %s", len(self.multiline),
                         self.kind, _listing(self.multiline))
@@ -376,10 +380,11 @@ def merge_folder(
     images: Images = load_metadata(source) if source is not None else {}
     if source is not None:
         logger.info("read %d entries from %s", len(images), source)
-    paths = list_images(train_data_dir, recursive)
+    paths, others = list_image_files(train_data_dir, recursive)
     check_unique_keys(paths, full_path)
     logger.info("found %d images in %s", len(paths), train_data_dir)
     summary = merge_sidecars_into(images, paths, field_name, extension, full_path)
+    summary.other_images, summary.folder = others, Path(train_data_dir)
     save_metadata(out_json, images)
     summary.log()
     logger.info("wrote %s (%d entries)", out_json, len(images))
