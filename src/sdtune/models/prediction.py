@@ -83,11 +83,11 @@ def _sdtune_signal(path: Path, metadata: Mapping[str, str]) -> Decision | None:
         return Decision(value, f"sdtune metadata ({META_PREDICTION}={value})")
     if META_CONFIGS in metadata:
         try:
-            scheduler = json.loads(metadata[META_CONFIGS]).get("scheduler", {})
+            value = json.loads(metadata[META_CONFIGS]).get("scheduler", {}).get("prediction_type")
         except (json.JSONDecodeError, AttributeError) as exc:
-            raise ModelLoadError(f"{path}: its metadata {META_CONFIGS} is not a JSON object ({exc}); the file "
-                                 "header is damaged") from exc
-        value = scheduler.get("prediction_type")
+            raise ModelLoadError(f"{path}: its metadata {META_CONFIGS} is not a JSON object of component configs "
+                                 f"({exc}); the file header is damaged: pass --v_parameterization true or false") \
+                from exc
         if value in (EPSILON, V):
             return Decision(value, f"sdtune metadata ({META_CONFIGS} scheduler prediction_type={value})")
     if META_FAMILY in metadata:
@@ -130,9 +130,9 @@ def detect_prediction_type(path: Path, *, is_v2: bool, metadata: Mapping[str, st
 
 
 def _signals(path: Path, metadata: Mapping[str, str], keys: Collection[str], override: bool | None
-             ) -> list[Callable[[], Decision]]:
+             ) -> list[Callable[[], Decision | None]]:
     """Every explicit signal present, in the order of the module docstring, each read when called."""
-    out: list[Callable[[], Decision]] = []
+    out: list[Callable[[], Decision | None]] = []
     if override is not None:
         out.append(lambda: Decision(V if override else EPSILON, f"--v_parameterization {str(override).lower()}"))
     if any(k in metadata for k in (META_PREDICTION, META_CONFIGS, META_FAMILY)):
