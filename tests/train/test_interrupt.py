@@ -5,7 +5,15 @@ signal's number."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +23,19 @@ from sdtune.cli import main
 from sdtune.train.interrupt import TrainingStopped
 from sdtune.train.loop import Trainer, train
 from tests.train.test_train import options
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINE = """
+import json, signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+train = subprocess.Popen(json.loads(sys.argv[1]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=default)
+tee = subprocess.Popen(["tee", sys.argv[2]], stdin=train.stdout, stdout=subprocess.DEVNULL, preexec_fn=default)
+train.stdout.close()
+code = train.wait()
+tee.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 def signal_inside_the_update(monkeypatch, signum: int, at_step: int) -> None:
@@ -67,3 +88,36 @@ def test_sigterm_through_the_cli_saves_the_state_and_exits_143(prepared, tmp_pat
     state = out / "interrupted-state"
     assert f"stopped by SIGTERM after step 2: resume with --resume {state}" in caplog.text
     assert '"global_step": 2' in (state / "progress.json").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "killpg") or shutil.which("tee") is None, reason="needs POSIX process groups "
+                    "and tee")
+def test_ctrl_c_with_output_piped_through_tee_still_saves_the_state(prepared, tmp_path):
+    """Issue 18: `sdtune train ... --save_state 2>&1 | tee log` and Ctrl-C. The terminal sends SIGINT to the whole
+    pipeline; tee dies first, so every later write of sdtune's hits a closed pipe. The state must be saved anyway
+    and the exit code must say "interrupted"."""
+    model, train_dir, meta = prepared("sd1")
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    train_cmd = [sys.executable, "-m", "sdtune", "train", "--pretrained_model_name_or_path", str(model),
+                 "--in_json", str(meta), "--train_data_dir", str(train_dir), "--output_dir", str(out),
+                 "--max_train_steps", "100000", "--train_batch_size", "2", "--max_data_loader_n_workers", "0",
+                 "--save_state"]
+    # A launcher plays the shell: it starts `train | tee log` in a new process group and ignores SIGINT itself.
+    launcher = subprocess.Popen([sys.executable, "-c", PIPELINE, json.dumps(train_cmd), str(log)], env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not re.search(r"\b([3-9]|\d\d+)/100000", log.read_text(errors="replace") if log.exists() else ""):
+            assert launcher.poll() is None and time.monotonic() < deadline, \
+                log.read_text(errors="replace")[-2000:] if log.exists() else "no log"
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        code = launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert code == 130
+    state = out / "interrupted-state"
+    assert (state / "progress.json").is_file() and (state / "unet.safetensors").is_file()
