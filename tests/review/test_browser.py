@@ -42,6 +42,15 @@ def loaded(driver, page):
     return driver
 
 
+def thumbnails_load(driver, timeout: float = 30) -> None:
+    """The first cards' thumbnails load (a blocked or missing image never does: its naturalWidth stays 0)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(lambda d: d.execute_script(
+        "var imgs = Array.from(document.querySelectorAll('#grid img')).slice(0, 4);"
+        "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)"))
+
+
 def cards(driver):
     return driver.find_elements("css selector", "#grid .card")
 
@@ -58,10 +67,7 @@ def test_loads_without_console_errors_and_counts_are_right(loaded, page):
     assert loaded.find_element("id", "sum-buckets").text == "3"
     assert len(loaded.find_elements("css selector", "#bucket-table tbody tr")) == 3
     assert loaded.find_element("id", "status").get_attribute("data-count") == str(len(review.items))
-    # the thumbnails load from disk (the Content-Security-Policy lets them)
-    assert loaded.execute_script(
-        "return Array.from(document.querySelectorAll('#grid img')).slice(0, 4).every("
-        "i => i.complete && i.naturalWidth > 0)")
+    thumbnails_load(loaded)  # from disk: the Content-Security-Policy lets them
     assert loaded.execute_script("return document.querySelectorAll('svg[role=img] title').length") >= 3
 
 
@@ -120,3 +126,23 @@ def test_thumbnails_say_in_words_what_the_outline_shows(loaded):
                   "resized to 96\u00d748"
     headers = loaded.find_elements("css selector", "#bucket-table thead th[scope=col], #tag-table thead th[scope=col]")
     assert len(headers) == 8
+
+
+def test_the_served_page_works_too(driver, page):
+    import threading
+
+    from sdtune.review.command import make_server
+
+    server = make_server(page[0].parent)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        driver.get_log("browser")
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+        wait_ready(driver)
+        assert len(cards(driver)) == len(page[1].items)
+        thumbnails_load(driver)
+        assert console_errors(driver) == []
+    finally:
+        server.shutdown()
+        server.server_close()
