@@ -52,6 +52,7 @@ from sdtune.train.optim import (
     parse_optimizer_args,
 )
 from sdtune.train.precision import LossScaler, clip_coefficient, grad_norm
+from sdtune.train.run_folder import RunLock, check_writable, earlier_run_files
 from sdtune.train.rng import derived_seed, seeded_global_rng, step_batch_index, step_generator
 from sdtune.train.state import Progress, load_optimizer_and_scheduler, read_progress, save_state
 from sdtune.train.targets import hypernetwork_config, make_target
@@ -157,6 +158,9 @@ class TrainOptions:
     save_state: bool = opt(False, "save the training state (optimizer, scheduler, progress) with each model save "
                            "and on Ctrl-C, for --resume")
     resume: Optional[str] = opt(None, "continue from a state folder written by --save_state")
+    overwrite: bool = opt(False, "start afresh where an earlier run left checkpoints or states under the same "
+                          "--output_dir and --output_name: they are deleted first (without this, such a run is "
+                          "refused, naming the files)")
     sample_prompts: Optional[str] = opt(None, "prompt file (one prompt a line, inline --n --w --h --d --l --s) to "
                                         "sample during training, into <output_dir>/sample/")
     sample_every_n_steps: Optional[int] = opt(None, "sample every N steps")
@@ -344,6 +348,7 @@ class Trainer:
         self.saved: list[Path] = []
         self.stop = StopRequest()
         self.in_step = False
+        self.run_lock = RunLock(self.output_dir)
 
     def _check_resume_compatible(self) -> None:
         p, o = self.progress, self.opts
@@ -662,7 +667,47 @@ class Trainer:
                 yield group
                 group = []
 
+    def claim_output_folder(self) -> None:
+        """Before any model loads: every folder the run writes can be written, no other run holds it, and no earlier
+        run's files would be replaced in silence."""
+        opts = self.opts
+        folders = [("--output_dir", self.output_dir)]
+        if opts.logging_dir:
+            folders.append(("--logging_dir", Path(opts.logging_dir)))
+        if opts.sample_prompts:
+            folders.append(("--sample_prompts: the samples folder", self.output_dir / "sample"))
+        if self.is_main:
+            check_writable(folders)
+        self.run_lock.check()
+        earlier = [] if opts.resume else earlier_run_files(self.output_dir, opts.output_name)
+        if earlier and not opts.overwrite:
+            names = ", ".join(p.name for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4
+                                                               else "")
+            raise SdtuneError(
+                f"--output_dir {self.output_dir} holds an earlier run's files that this run would replace ({names}). "
+                "Use another --output_dir or --output_name, --resume <its state folder> to continue that run, or "
+                "--overwrite to delete them and start afresh")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self.run_lock.acquire()
+            for path in earlier:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            if earlier:
+                logger.warning("--overwrite: deleted the earlier run's %s from %s",
+                               ", ".join(p.name for p in earlier), self.output_dir)
+        self.accelerator.wait_for_everyone()
+
     def run(self) -> dict[str, Any]:
+        self.claim_output_folder()
+        try:
+            return self._run()
+        finally:
+            self.run_lock.release()
+
+    def _run(self) -> dict[str, Any]:
         self.setup()
         self.announce()
         self.open_logs()

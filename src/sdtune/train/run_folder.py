@@ -1,0 +1,146 @@
+"""The output folder of a run: checked before anything loads, held by one run at a time, never overwritten in
+silence.
+
+* :func:`check_writable` creates each folder the run will write and writes a file there, before the model loads:
+  a folder that cannot be written is reported in seconds, not at the first save after hours of training.
+* :class:`RunLock` (``<output_dir>/.sdtune-train.lock``: pid, host, start time) keeps a second run out of the same
+  folder; a lock whose process is gone (same host) is taken over with a warning.
+* :func:`earlier_run_files` lists the checkpoints and states of an earlier run that this run's names would
+  replace; the trainer refuses them unless ``--overwrite`` (or ``--resume``) says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+from sdtune.errors import SdtuneError
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".sdtune-train.lock"
+
+
+def check_writable(folders: Iterable[tuple[str, Path]]) -> None:
+    """Create each ``(option, folder)`` and write a scratch file in it; an :class:`SdtuneError` names the first
+    that fails, with the reason and the fix."""
+    for option, folder in folders:
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except FileExistsError as exc:
+            raise SdtuneError(f"{option} {folder}: a file of that name is in the way ({exc.filename}); choose a "
+                              "folder path") from exc
+        except OSError as exc:
+            raise SdtuneError(f"{option} {folder}: cannot write there ({exc.strerror or exc}); choose a folder you "
+                              "can write to, or fix its permissions, before training") from exc
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (without signalling it: on Windows ``os.kill`` would end
+    it)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+class RunLock:
+    """One training run per output folder. :meth:`check` (every rank) refuses while another live run holds the
+    folder; :meth:`acquire` (rank 0) writes the lock; :meth:`release` removes it (also after a failure)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.held = False
+
+    def _read(self) -> Optional[dict]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable or half-written: treated as stale below
+        return data if isinstance(data, dict) else {}
+
+    def check(self) -> None:
+        owner = self._read()
+        if owner is None:
+            return
+        host, pid = owner.get("host"), owner.get("pid")
+        if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+            raise SdtuneError(
+                f"{self.path.parent}: another sdtune train is running into this folder (pid {pid}, started "
+                f"{owner.get('started', '?')}; lock file {self.path}). Two runs in one folder overwrite each "
+                "other's checkpoints: wait for it, or use another --output_dir")
+        if host not in (None, socket.gethostname()):
+            raise SdtuneError(
+                f"{self.path.parent}: a run on host {host} (pid {pid}, started {owner.get('started', '?')}) holds "
+                f"this folder (lock file {self.path}); if that run is over, delete the lock file")
+
+    def acquire(self) -> None:
+        owner = self._read()
+        if owner is not None:
+            self.check()
+            logger.warning("%s: taking over the lock of a run that is no longer running (pid %s, started %s)",
+                           self.path.parent, owner.get("pid", "?"), owner.get("started", "?"))
+            self.path.unlink(missing_ok=True)
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError as exc:  # another run took it between the check and now
+            self.check()
+            raise SdtuneError(f"{self.path}: another run took this folder just now; use another --output_dir") \
+                from exc
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def run_file_pattern(output_name: Optional[str]) -> re.Pattern[str]:
+    """Names of the checkpoints and state folders a run with ``output_name`` writes (any format's extension)."""
+    if output_name:
+        stem = rf"{re.escape(output_name)}(-\d{{6}}|-step\d{{8}})?"
+    else:
+        stem = r"(last|epoch-\d{6}|step-\d{8})"
+    return re.compile(rf"^(?:{stem}(-state)?(\.[A-Za-z0-9]+)?|interrupted-state)$")
+
+
+def earlier_run_files(output_dir: Path, output_name: Optional[str]) -> list[Path]:
+    """Files and folders in ``output_dir`` that a run named ``output_name`` would write: an earlier run's."""
+    if not Path(output_dir).is_dir():
+        return []
+    pattern = run_file_pattern(output_name)
+    return sorted(p for p in Path(output_dir).iterdir() if pattern.match(p.name))
