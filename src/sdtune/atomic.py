@@ -23,8 +23,11 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from sdtune.errors import SdtuneError
 
 _ATTEMPTS = 100
 
@@ -140,3 +143,20 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(folders: Iterable[tuple[str, Path]]) -> None:
+    """Create each ``(option, folder)`` and write a scratch file in it; an :class:`SdtuneError` names the first
+    that fails, with the reason and the fix."""
+    for option, folder in folders:
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except FileExistsError as exc:
+            raise SdtuneError(f"{option} {folder}: a file of that name is in the way ({exc.filename}); choose a "
+                              "folder path") from exc
+        except OSError as exc:
+            raise SdtuneError(f"{option} {folder}: cannot write there ({exc.strerror or exc}); choose a folder you "
+                              "can write to, or fix its permissions") from exc

@@ -604,8 +604,10 @@ def generate(opts: GenerateOptions) -> list[Path]:
         logger.warning("--dtype %s on the CPU is slow or unsupported for some layers; --dtype float is the usual "
                        "choice there", opts.dtype)
 
+    from sdtune.atomic import check_writable
     from sdtune.models.io import load_model, model_summary
 
+    check_writable([("--outdir", Path(opts.outdir))])  # before the model loads, not after the first image
     model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2, v_parameterization=opts.v_parameterization,
                        vae=opts.vae, tokenizer=opts.tokenizer, dtype=dtype)
     place(model.vae, dtype=torch.float32)  # SD's VAE overflows in fp16 (black or NaN images); float32 costs little memory

@@ -142,3 +142,14 @@ def test_overwrite_starts_afresh_and_resume_continues(prepared, tmp_path, caplog
     args = train_args(prepared, out, "--resume", str(out / "last-state"))
     args[args.index("--max_train_steps") + 1] = "4"
     assert main(args) == 0  # continuing the run in its own folder
+
+
+def test_generate_checks_its_outdir_before_the_model_loads(prepared, tmp_path, capsys, monkeypatch):
+    import sdtune.models.io as io
+
+    monkeypatch.setattr(io, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    (tmp_path / "pictures").write_text("x", encoding="utf-8")
+    code = main(["generate", "--ckpt", str(prepared("sd1")[0]), "--prompt", "x", "--W", "64", "--H", "64",
+                 "--steps", "1", "--outdir", str(tmp_path / "pictures")])
+    assert code == 2
+    assert f"--outdir {tmp_path / 'pictures'}: a file of that name is in the way" in capsys.readouterr().err

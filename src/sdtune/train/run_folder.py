@@ -1,7 +1,7 @@
 """The output folder of a run: checked before anything loads, held by one run at a time, never overwritten in
 silence.
 
-* :func:`check_writable` creates each folder the run will write and writes a file there, before the model loads:
+* :func:`sdtune.atomic.check_writable` creates each folder the run will write and writes a file there, before the model loads:
   a folder that cannot be written is reported in seconds, not at the first save after hours of training.
 * :class:`RunLock` (``<output_dir>/.sdtune-train.lock``: pid, host, start time) keeps a second run out of the same
   folder; a lock whose process is gone (same host) is taken over with a warning.
@@ -17,32 +17,15 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
+from sdtune.atomic import check_writable
 from sdtune.errors import SdtuneError
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".sdtune-train.lock"
-
-
-def check_writable(folders: Iterable[tuple[str, Path]]) -> None:
-    """Create each ``(option, folder)`` and write a scratch file in it; an :class:`SdtuneError` names the first
-    that fails, with the reason and the fix."""
-    for option, folder in folders:
-        folder = Path(folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except FileExistsError as exc:
-            raise SdtuneError(f"{option} {folder}: a file of that name is in the way ({exc.filename}); choose a "
-                              "folder path") from exc
-        except OSError as exc:
-            raise SdtuneError(f"{option} {folder}: cannot write there ({exc.strerror or exc}); choose a folder you "
-                              "can write to, or fix its permissions, before training") from exc
 
 
 def pid_alive(pid: int) -> bool:
@@ -144,3 +127,6 @@ def earlier_run_files(output_dir: Path, output_name: Optional[str]) -> list[Path
         return []
     pattern = run_file_pattern(output_name)
     return sorted(p for p in Path(output_dir).iterdir() if pattern.match(p.name))
+
+
+__all__ = ["LOCK_NAME", "RunLock", "check_writable", "earlier_run_files", "pid_alive", "run_file_pattern"]
