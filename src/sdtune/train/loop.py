@@ -17,6 +17,7 @@ batches; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -52,6 +53,14 @@ from sdtune.train.optim import (
     parse_optimizer_args,
 )
 from sdtune.train.precision import LossScaler, clip_coefficient, grad_norm
+from sdtune.train.provenance import (
+    check_base_model,
+    file_sha256,
+    metadata_changed,
+    model_fingerprint,
+    read_provenance,
+    write_provenance,
+)
 from sdtune.train.run_folder import RunLock, check_writable, earlier_run_files
 from sdtune.train.rng import derived_seed, seeded_global_rng, step_batch_index, step_generator
 from sdtune.train.state import Progress, load_optimizer_and_scheduler, read_progress, save_state
@@ -334,9 +343,14 @@ class Trainer:
         self.output_dir = Path(opts.output_dir)
         self.progress = Progress(train_batch_size=opts.train_batch_size, world_size=self.world,
                                  gradient_accumulation_steps=opts.gradient_accumulation_steps)
+        self.provenance: Optional[dict[str, Any]] = None
         if opts.resume:
             self.progress = read_progress(Path(opts.resume))
             self._check_resume_compatible()
+            self.provenance = read_provenance(Path(opts.resume))
+            changed = metadata_changed(self.provenance, opts.in_json)
+            if changed and self.is_main:
+                logger.warning("%s", changed)
         else:
             self.progress.seed = opts.seed if opts.seed is not None else random.randint(0, 2**31 - 1)
         self.seed = self.progress.seed
@@ -373,6 +387,11 @@ class Trainer:
         model = self.model
         if self.is_main:
             logger.info("model: %s", model_summary(model))
+        self.base_fingerprint = model_fingerprint({"unet": model.unet, "text_encoder": model.text_encoder,
+                                                   "vae": model.vae})
+        if opts.resume:
+            check_base_model(Path(opts.resume), self.provenance, opts.pretrained_model_name_or_path,
+                             self.base_fingerprint)
         self.clip_skip = opts.clip_skip if opts.clip_skip is not None else model.family.default_clip_skip
         if model.family.is_v2 and self.clip_skip > 1:
             logger.warning("SD 2.x already conditions on OpenCLIP's penultimate layer; --clip_skip %d goes %d "
@@ -574,16 +593,39 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         path = self._model_path(name)
         if self.is_main:
-            self.target.save_checkpoint(path, self.progress)
+            with self._disk_full_reported(path):
+                self.target.save_checkpoint(path, self.progress)
             self.saved.append(path)
             if self.opts.save_state:
                 self.save_training_state(self.output_dir / f"{name}-state")
         self.accelerator.wait_for_everyone()
         return path
 
+    @contextlib.contextmanager
+    def _disk_full_reported(self, path: Path):
+        """A full disk during a save is said as such (torch's own message is "unexpected pos"), with what is safe."""
+        try:
+            yield
+        except Exception as exc:  # torch: RuntimeError, safetensors: SafetensorError, Python: OSError
+            text = str(exc)
+            if getattr(exc, "errno", None) != errno.ENOSPC and "No space left" not in text \
+                    and "unexpected pos" not in text:
+                raise
+            earlier = [p for p in self.saved if p.exists()]
+            kept = (f"the previous checkpoint {earlier[-1]} is intact" if earlier
+                    else "no earlier checkpoint of this run was saved")
+            raise SdtuneError(f"no space left on {path.parent} while saving {path.name}; nothing half-written was "
+                              f"left, {kept}. Free some space (or use another --output_dir) and resume from the last "
+                              "saved state with --resume") from exc
+
     def save_training_state(self, folder: Path) -> None:
-        save_state(folder, self.progress, self.target.modules, self.optimizer, self.lr_scheduler,
-                   self.scaler.state_dict() if self.scaler else None)
+        with self._disk_full_reported(folder):
+            save_state(folder, self.progress, self.target.modules, self.optimizer, self.lr_scheduler,
+                       self.scaler.state_dict() if self.scaler else None)
+            write_provenance(folder, {"base_model": str(self.opts.pretrained_model_name_or_path),
+                                      "base_fingerprint": self.base_fingerprint,
+                                      "metadata_file": str(self.opts.in_json),
+                                      "metadata_sha256": file_sha256(self.opts.in_json)})
         logger.info("saved training state to %s", folder)
 
     def remove_old_epoch_saves(self, epoch: int) -> None:
