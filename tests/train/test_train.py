@@ -371,3 +371,19 @@ def test_data_loader_workers_start_once_for_the_whole_run(prepared, tmp_path, mo
     assert starts == [2]
     in_main = train(options(prepared, tmp_path / "m", max_train_steps=12, max_data_loader_n_workers=0))
     assert in_workers["losses"] == in_main["losses"]
+
+
+def test_the_start_up_summary_says_device_precision_optimizer_attention_and_the_real_resolution(
+        prepared, tmp_path, caplog):
+    """Issue 18: a user must be able to confirm that 8-bit Adam or fp16 is on, and a 64-px model is not "512 px"."""
+    caplog.set_level("INFO", logger="sdtune")
+    train(options(prepared, tmp_path / "a", max_train_steps=1, mixed_precision="fp16", use_8bit_adam=True,
+                  gradient_checkpointing=True, lr_scheduler="cosine", lr_warmup_steps=1))
+    assert "device: cpu; precision: fp16 autocast, fp32 weights, dynamic loss scaling" in caplog.text
+    assert "optimizer: AdamW8bit, learning rate 0.001, cosine after 1 warm-up steps; attention: sdpa; gradient " \
+           "checkpointing" in caplog.text
+    assert "epsilon prediction, 64 px)" in caplog.text and "512 px" not in caplog.text
+    caplog.clear()
+    train(options(prepared, tmp_path / "b", max_train_steps=1, mixed_precision="bf16", full_bf16=True))
+    assert "precision: bf16 weights and gradients" in caplog.text
+    assert "optimizer: AdamW (fp32 moments, kahan rounding of the half-precision weights)" in caplog.text

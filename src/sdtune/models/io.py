@@ -577,4 +577,14 @@ def model_summary(model: StableDiffusion) -> str:
     counts = {name: sum(p.numel() for p in m.parameters())
               for name, m in (("unet", model.unet), ("vae", model.vae), ("text encoder", model.text_encoder))}
     parts = ", ".join(f"{name} {n / 1e6:.1f}M" for name, n in counts.items())
-    return f"{model.family.description}; {parts} parameters"
+    description = model.family.description
+    native = native_resolution(model)
+    if native != model.family.resolution:  # a model of the family's layout trained for another size (tests' tiny)
+        description = description.replace(f"{model.family.resolution} px", f"{native} px")
+    return f"{description}; {parts} parameters"
+
+
+def native_resolution(model: StableDiffusion) -> int:
+    """The image side the U-Net was built for: its latent sample size times the VAE's downscaling."""
+    vae_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return int(model.unet.config.sample_size) * vae_scale

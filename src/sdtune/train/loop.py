@@ -678,6 +678,9 @@ class Trainer:
             f"({o.train_batch_size} x {o.gradient_accumulation_steps} accumulation x {self.world} process(es))",
             f"prediction: {self.model.prediction_type}; clip skip {self.clip_skip}; max tokens {o.max_token_length}; "
             f"seed {self.seed}",
+            f"device: {self.device_description()}; precision: {self.precision_description()}",
+            f"optimizer: {self.optimizer_description()}; attention: {attention_kind(o)}"
+            + ("; gradient checkpointing" if o.gradient_checkpointing else ""),
             self.target.description,
         ]
         extras = [text.format(value) for text, value in (
@@ -695,6 +698,32 @@ class Trainer:
                          f"batch {self.progress.batch_in_epoch}")
         for line in lines:
             logger.info(line)
+
+    def device_description(self) -> str:
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+        return str(self.device)
+
+    def precision_description(self) -> str:
+        o = self.opts
+        if o.full_fp16:
+            return "fp16 weights and gradients, dynamic loss scaling"
+        if o.full_bf16:
+            return "bf16 weights and gradients"
+        if o.mixed_precision == "fp16":
+            return "fp16 autocast, fp32 weights, dynamic loss scaling"
+        if o.mixed_precision == "bf16":
+            return "bf16 autocast, fp32 weights"
+        return "fp32"
+
+    def optimizer_description(self) -> str:
+        o = self.opts
+        name = optimizer_name(o)
+        if isinstance(self.optimizer, HalfWeightAdamW):
+            name += f" (fp32 moments, {self.optimizer.rounding} rounding of the half-precision weights)"
+        schedule = o.lr_scheduler + (f" after {o.lr_warmup_steps} warm-up steps" if o.lr_warmup_steps else "")
+        return f"{name}, learning rate {o.learning_rate:g}, {schedule}"
 
     # -------------------------------------------------------------------------------------------- the loop
     def step_groups(self):
