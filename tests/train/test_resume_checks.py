@@ -101,3 +101,45 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(pre
         assert sorted(p.name for p in (disk / "out").iterdir()) == ["step-00000001.safetensors"]  # no temp left
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_missing_resume_path_says_no_such_folder(prepared, tmp_path, capsys):
+    assert main(resume_args(prepared, prepared("sd1")[0], tmp_path / "nope", tmp_path / "out")) == 2
+    assert f"--resume {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+
+
+def test_resume_of_an_output_folder_takes_the_state_furthest_along(prepared, tmp_path, caplog):
+    out = tmp_path / "out"
+    train(options(prepared, tmp_path, max_train_steps=2, save_state=True, save_every_n_steps=1))
+    assert (out / "step-00000001-state").is_dir() and (out / "last-state").is_dir()
+    caplog.clear()
+    result = train(options(prepared, tmp_path, max_train_steps=3, resume=str(out)))
+    assert f"resuming from the state furthest along in it, {out / 'last-state'} (step 2)" in caplog.text
+    assert "the others: step-00000001-state" in caplog.text
+    assert result["global_step"] == 3 and len(result["losses"]) == 1
+
+
+def test_changed_text_conditioning_on_resume_is_warned(state, prepared, tmp_path, caplog):
+    assert main([*resume_args(prepared, prepared("sd1")[0], state, tmp_path / "out"), "--clip_skip", "2",
+                 "--max_token_length", "150"]) == 0
+    assert "--clip_skip 2: the state was trained with --clip_skip 1" in caplog.text
+    assert "--max_token_length 150: the state was trained with --max_token_length 75" in caplog.text
+
+
+def test_the_interrupted_state_is_removed_once_its_run_has_finished(prepared, tmp_path, monkeypatch, caplog):
+    from sdtune.train.loop import Trainer
+
+    trainer = Trainer(options(prepared, tmp_path, max_train_steps=4, save_state=True))
+
+    def interrupt():
+        if trainer.progress.global_step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    spent = tmp_path / "out" / "interrupted-state"
+    assert spent.is_dir()
+    train(options(prepared, tmp_path, max_train_steps=4, save_state=True, resume=str(spent)))
+    assert not spent.exists() and (tmp_path / "out" / "last-state").is_dir()
+    assert f"removed {spent}: the run it resumed has finished" in caplog.text

@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -209,6 +210,27 @@ class Plan:
     effective_batch: int
 
 
+def resolve_resume(path: Path) -> Path:
+    """The state folder ``--resume PATH`` means: PATH itself, or, for an output folder holding state folders, the
+    one furthest along (said in the log)."""
+    if not path.exists():
+        raise SdtuneError(f"--resume {path}: no such folder")
+    if (path / "progress.json").is_file() or not path.is_dir():
+        return path
+    states = []
+    for candidate in path.iterdir():
+        if (candidate / "progress.json").is_file():
+            states.append((read_progress(candidate).global_step, candidate.stat().st_mtime, candidate))
+    if not states:
+        raise SdtuneError(f"--resume {path}: no state folder in it (those are written by --save_state, e.g. "
+                          f"{path / 'last-state'})")
+    step, _, newest = max(states, key=lambda s: (s[0], s[1]))
+    logger.info("--resume %s: resuming from the state furthest along in it, %s (step %d)%s", path, newest, step,
+                f"; the others: {', '.join(sorted(s[2].name for s in states if s[2] != newest))}"
+                if len(states) > 1 else "")
+    return newest
+
+
 def validate(opts: TrainOptions) -> None:
     """Option errors, before any model is loaded."""
     for name in ("pretrained_model_name_or_path", "in_json", "train_data_dir", "output_dir"):
@@ -328,6 +350,8 @@ class Trainer:
     def __init__(self, opts: TrainOptions) -> None:
         from accelerate import Accelerator
 
+        if opts.resume:
+            opts = dataclasses.replace(opts, resume=str(resolve_resume(Path(opts.resume))))
         validate(opts)
         self.opts = opts
         # Under torchrun on a machine without a GPU, accelerate joins the processes (gloo) only when told cpu=True.
@@ -396,6 +420,11 @@ class Trainer:
         if model.family.is_v2 and self.clip_skip > 1:
             logger.warning("SD 2.x already conditions on OpenCLIP's penultimate layer; --clip_skip %d goes %d "
                            "layer(s) further", self.clip_skip, self.clip_skip - 1)
+        if opts.resume and self.provenance is not None and self.is_main:
+            for name, value in (("clip_skip", self.clip_skip), ("max_token_length", opts.max_token_length)):
+                if name in self.provenance and self.provenance[name] != value:
+                    logger.warning("--%s %s: the state was trained with --%s %s; the text conditioning changes "
+                                   "from here on", name, value, name, self.provenance[name])
         self.data = FineTuneData.from_metadata(load_metadata(opts.in_json), opts.train_data_dir,
                                                opts.dataset_repeats, opts.full_path, opts.recursive)
         model.vae.to(self.device)
@@ -625,8 +654,18 @@ class Trainer:
             write_provenance(folder, {"base_model": str(self.opts.pretrained_model_name_or_path),
                                       "base_fingerprint": self.base_fingerprint,
                                       "metadata_file": str(self.opts.in_json),
-                                      "metadata_sha256": file_sha256(self.opts.in_json)})
+                                      "metadata_sha256": file_sha256(self.opts.in_json),
+                                      "clip_skip": self.clip_skip, "max_token_length": self.opts.max_token_length})
         logger.info("saved training state to %s", folder)
+
+    def remove_resumed_interrupted_state(self) -> None:
+        """After a finished run resumed from this folder's ``interrupted-state``, that state is spent: removed, so
+        that a later ``--resume`` of the folder does not go back to it."""
+        resumed = Path(self.opts.resume) if self.opts.resume else None
+        spent = self.output_dir / "interrupted-state"
+        if self.is_main and resumed is not None and spent.is_dir() and resumed.resolve() == spent.resolve():
+            shutil.rmtree(spent)
+            logger.info("removed %s: the run it resumed has finished", spent)
 
     def remove_old_epoch_saves(self, epoch: int) -> None:
         keep, every = self.opts.save_last_n_epochs, self.save_every_n_epochs
@@ -814,6 +853,7 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - started  # the training itself, not the final save
         final = self.save(self._name("last"))
+        self.remove_resumed_interrupted_state()
         if self.writer is not None:
             self.writer.close()
         result = {
