@@ -68,7 +68,8 @@ def test_resume_is_bit_exact_mid_epoch_with_dropout_and_names_the_files(prepared
         "hn-000001-state", "hn-000001.pt", "hn-state", "hn-step00000005-state", "hn-step00000005.pt", "hn.pt"]
     state = out / "hn-step00000005-state"
     assert sorted(p.name for p in state.iterdir()) == [
-        "hypernetwork.safetensors", "optimizer.pt", "progress.json", "scheduler.pt"]  # no U-Net, no text encoder
+        "hypernetwork.safetensors", "optimizer.pt", "progress.json", "provenance.json",
+        "scheduler.pt"]  # no U-Net, no text encoder
     step5 = torch.load(out / "hn-step00000005.pt", weights_only=True)
     assert (step5["step"], step5["name"], step5["sd_checkpoint_name"]) == (5, "hn", "tiny-sd1-diffusers_safetensors")
     assert step5["is_layer_norm"] and step5["use_dropout"] and step5["dropout_structure"] == [0.0, 0.3, 0.0]

@@ -387,3 +387,20 @@ def test_the_start_up_summary_says_device_precision_optimizer_attention_and_the_
     train(options(prepared, tmp_path / "b", max_train_steps=1, mixed_precision="bf16", full_bf16=True))
     assert "precision: bf16 weights and gradients" in caplog.text
     assert "optimizer: AdamW (fp32 moments, kahan rounding of the half-precision weights)" in caplog.text
+
+
+def test_samples_without_a_size_use_the_most_used_bucket_and_say_what_they_do(prepared, tmp_path, caplog):
+    """Issue 18: a 64-px model trained on small buckets sampled at 512 px for minutes, with no word."""
+    from PIL import Image
+
+    caplog.set_level("INFO", logger="sdtune")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --s 1\n", encoding="utf-8")
+    trainer = Trainer(options(prepared, tmp_path, max_train_steps=1, sample_prompts=str(prompts),
+                              sample_every_n_steps=1))
+    trainer.run()
+    (bucket, _), = sorted(trainer.data.buckets.counts().items(), key=lambda item: -item[1])[:1]
+    with Image.open(tmp_path / "out" / "sample" / "sample_000001_00.png") as image:
+        assert image.size == bucket
+    assert f"step 1: sampling 1 image(s) (ddim, 30 steps, {bucket[0]}x{bucket[1]} unless a line says otherwise)" \
+        in caplog.text

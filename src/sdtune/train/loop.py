@@ -919,11 +919,14 @@ class Trainer:
         if self.is_main:
             from sdtune.train.samples import sample_during_training
 
+            # lines without --w/--h: the size most of the data trained at, not the family's 512/768 px
+            (width, height), _ = max(self.data.buckets.counts().items(), key=lambda item: item[1])
             paths = sample_during_training(
                 self.model, self.opts.sample_prompts, self.output_dir / "sample", self.progress.global_step,
                 self.progress.epoch, self.opts.sample_sampler, clip_skip=self.clip_skip,
                 max_token_length=self.opts.max_token_length, device=self.device, seed=self.seed,
-                writer=self.writer, output_name=self.opts.output_name, **self.target.sample_options())
+                writer=self.writer, output_name=self.opts.output_name, width=width, height=height,
+                **self.target.sample_options())
         self.accelerator.wait_for_everyone()
         return paths
 

@@ -87,18 +87,21 @@ def sample_during_training(
 
     Runs without gradients, with the modules in eval mode, and restores each module's mode and device after (also
     on error). ``steps``/``scale``/``width``/``height`` are the defaults for lines without ``--s``/``--l``/``--w``/
-    ``--h`` (size: the family's resolution). ``writer`` is a TensorBoard ``SummaryWriter`` (or None).
+    ``--h`` (size: the family's resolution; the trainer passes its most used bucket). The log says what is being
+    sampled before it starts, and a progress bar counts the images. ``writer`` is a TensorBoard ``SummaryWriter`` (or None).
     ``hypernetwork``: sample with it at multiplier 1 (attached to the U-Net for the call unless it already is).
     """
     prompts = read_prompt_file(prompts_file)
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    size = f", {width}x{height} unless a line says otherwise" if width and height else ""
+    logger.info("step %d: sampling %d image(s) (%s, %d steps%s)...", step, len(prompts), sampler, steps, size)
     extra = (hypernetwork,) if hypernetwork is not None else ()
     with inference_state(model, device, *extra), torch.no_grad():
         generated = generate_images(
             model, prompts, sampler=sampler, steps=steps, scale=scale, width=width, height=height, seed=seed,
             clip_skip=clip_skip, max_token_length=max_token_length, batch_size=batch_size,
-            model_name=output_name or model_display_name(out_dir.parent), progress=False,
+            model_name=output_name or model_display_name(out_dir.parent), progress=True,
             hypernetwork=hypernetwork,
         )
     paths = []
