@@ -404,3 +404,20 @@ def test_samples_without_a_size_use_the_most_used_bucket_and_say_what_they_do(pr
         assert image.size == bucket
     assert f"step 1: sampling 1 image(s) (ddim, 30 steps, {bucket[0]}x{bucket[1]} unless a line says otherwise)" \
         in caplog.text
+
+
+def test_every_missing_required_option_is_named_at_once(tmp_path, capsys):
+    assert main(["train", "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained_model_name_or_path, --in_json, --train_data_dir are required" in err
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_a_missing_xformers_is_reported_before_the_model_loads(prepared, tmp_path, capsys, monkeypatch):
+    from sdtune.train import loop
+
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    model, train_dir, meta = prepared("sd1")
+    assert main(["train", "--pretrained_model_name_or_path", str(model), "--in_json", str(meta), "--train_data_dir",
+                 str(train_dir), "--output_dir", str(tmp_path / "out"), "--xformers"]) == 2
+    assert "--xformers needs the xformers package" in capsys.readouterr().err

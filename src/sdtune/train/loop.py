@@ -17,7 +17,9 @@ batches; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import importlib.util
 import logging
 import math
 import os
@@ -26,7 +28,6 @@ import shutil
 import sys
 import time
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -233,9 +234,13 @@ def resolve_resume(path: Path) -> Path:
 
 def validate(opts: TrainOptions) -> None:
     """Option errors, before any model is loaded."""
-    for name in ("pretrained_model_name_or_path", "in_json", "train_data_dir", "output_dir"):
-        if not getattr(opts, name):
-            raise SdtuneError(f"--{name} is required")
+    missing = [f"--{name}" for name in ("pretrained_model_name_or_path", "in_json", "train_data_dir", "output_dir")
+               if not getattr(opts, name)]
+    if missing:  # all of them at once, not one a run
+        raise SdtuneError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    if attention_kind(opts) == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise SdtuneError("--xformers needs the xformers package, which is not installed: pip install xformers "
+                          "(GPU only), or drop the option (the default SDPA attention is as memory-efficient)")
     check_max_token_length(opts.max_token_length)
     if opts.train_batch_size < 1 or opts.gradient_accumulation_steps < 1:
         raise SdtuneError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
