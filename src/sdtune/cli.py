@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     options_cls = getattr(module, command.options)
     try:
-        options = parse_options(options_cls, args[1:], prog=f"sdtune {command.name}", description=command.summary)
+        options = parse_options(options_cls, args[1:], prog=f"sdtune {command.name}", description=command.summary,
+                                commands=[c.name for c in COMMANDS])
         return int(getattr(module, command.function)(options) or 0)
     except (SdtuneError, OptionsError) as exc:
         print(f"sdtune {command.name}: error: {exc}", file=sys.stderr)

@@ -2,13 +2,15 @@
 
 A field's metadata carries what argparse needs (help, choices, aliases, positional).  Option names keep
 sd-scripts' spellings (``--train_batch_size``); the hyphenated spelling (``--train-batch-size``) is accepted too.
-``--config_file x.toml`` supplies any option; the command line overrides it.
+``--config_file x.toml`` supplies any option; the command line overrides it. A ``[COMMAND]`` section applies to
+that command only. Help shows each default once (or the help text's own wording of it) and marks required options.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import types
 import typing
@@ -91,28 +93,95 @@ def option_names(name: str, aliases: Sequence[str] = ()) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser whose options are ``cls``'s fields (plus ``--config_file``)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def is_required(f: dataclasses.Field, hints: dict[str, Any]) -> bool:
+    """A non-positional option is required when its type is not Optional yet its default is None
+    (``in_json: str = opt(None, ...)``): no sensible default exists and the command cannot run without it."""
+    if f.metadata.get("positional"):
+        return False
+    _tp, optional = _unwrap_optional(hints[f.name])
+    return f.default is None and not optional
+
+
+def _default_note(default: Any, help_text: str) -> str:
+    """The ``(default: X)`` note, or nothing when it would say nothing or repeat the help.
+
+    A help text that already states its default ("(default: detected)", "(the default)") keeps its own wording;
+    None, False, an empty string and an empty list mean "not set" / "off", which the help says in words.
+    """
+    if "default" in help_text.lower():
+        return ""
+    if default is None or default is False or default == "" or default == [] or default == ():
+        return ""
+    if default is True:
+        return " (default: on; --OPTION false turns it off)"
+    if isinstance(default, str) and default != default.strip():
+        return f" (default: {default!r})"
+    if isinstance(default, (list, tuple)):
+        return f" (default: {' '.join(str(v) for v in default)})"
+    return f" (default: {default})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with short errors: one line naming the problem (and the nearest option for a misspelling) plus
+    where the full list is, instead of argparse's usage block (58 lines for train)."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists every option)\n")
+
+    def option_strings(self) -> list[str]:
+        return [s for action in self._actions for s in action.option_strings]
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+class _FromConfig:
+    """A value a config file gave, kept raw until parsing shows the command line did not override it: only then is
+    it converted, so a wrong type in the file fires only when the file's value is the one used."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:  # argparse may show a default in messages
+        return repr(self.value)
+
+
+def build_parser(cls: type, prog: str, description: str = "",
+                 config_positionals: typing.Collection[str] = ()) -> argparse.ArgumentParser:
+    """An argparse parser whose options are ``cls``'s fields (plus ``--config_file``).
+
+    Positionals are required (shown without brackets) unless the field has a default or the config file supplies
+    them (``config_positionals``). Abbreviated option names are not accepted: a prefix silently matching another
+    option (or being "ambiguous") hides misspellings.
+    """
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False)
     hints = _resolved_types(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
         tp, _optional = _unwrap_optional(hints[f.name])
+        default = _field_default(f)
+        text = meta.get("help") or ""
+        if is_required(f, hints):
+            text += " (required)"
+        elif not meta.get("positional"):
+            text += _default_note(default, text).replace("--OPTION", f"--{f.name}")
         # argparse expands %-formats in help; a literal "75 %" must not be read as one
-        kwargs: dict[str, Any] = {"help": (meta.get("help") or " ").replace("%", "%%")}
+        kwargs: dict[str, Any] = {"help": (text or " ").replace("%", "%%")}
         if meta.get("choices"):
             kwargs["choices"] = list(meta["choices"])
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
-        default = f.default if f.default is not _MISSING else (
-            f.default_factory() if f.default_factory is not _MISSING else None  # type: ignore[misc]
-        )
         origin = typing.get_origin(tp)
         if meta.get("positional"):
             kwargs["type"] = _scalar_converter(tp)
-            kwargs["nargs"] = "?"
+            kwargs.setdefault("metavar", f.name.upper())
+            if f.default is not _MISSING or f.name in config_positionals:
+                kwargs["nargs"] = "?"
             kwargs["default"] = None
             parser.add_argument(f.name, **kwargs)
             continue
@@ -128,79 +197,155 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         parser.add_argument(*names, dest=f.name, **kwargs)
     parser.add_argument(
         "--config_file", "--config-file", dest="config_file", type=Path, default=None,
-        help="TOML file supplying any of these options (keys are the option names, sections are ignored); "
-        "options given on the command line win",
+        help="TOML file supplying any of these options (keys are the option names). A section named after the "
+        "command ([train], [prepare], ...) applies to that command only and sections named after other commands "
+        "are skipped, so one file can serve every stage; other sections (sd-scripts' [model_arguments], ...) only "
+        "group keys. Options given on the command line win",
     )
     return parser
 
 
-def _flatten_toml(data: dict[str, Any]) -> dict[str, Any]:
-    """sd-scripts' config files group options in sections; the sections carry no meaning."""
+def _flatten_toml(data: dict[str, Any], skip: typing.Collection[str] = ()) -> dict[str, Any]:
+    """sd-scripts' config files group options in sections; those sections carry no meaning. Sections named in
+    ``skip`` (other commands' sections) are left out."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten_toml(value))
+            if _section_key(key) not in skip:
+                flat.update(_flatten_toml(value, skip))
         else:
             flat[key.replace("-", "_")] = value
     return flat
 
 
-def read_config_file(path: Path, cls: type) -> dict[str, Any]:
+def _section_key(name: str) -> str:
+    return name.replace("_", "-").lower()
+
+
+def suggestion(word: str, candidates: typing.Iterable[str]) -> str:
+    """ "; did you mean X?" for the closest candidate, or "" when none is close."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def read_config_file(path: Path, cls: type, command: str | None = None,
+                     commands: typing.Collection[str] = ()) -> dict[str, Any]:
+    """The options ``path`` gives ``command``: top-level keys and grouping sections, then (overriding them) the
+    section named after ``command``; sections named after the other ``commands`` are skipped."""
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OptionsError(f"config file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise OptionsError(f"config file {path} is not valid TOML: {exc}") from None
-    values = _flatten_toml(data)
+    sections = {_section_key(c) for c in commands} | ({_section_key(command)} if command else set())
+    values = _flatten_toml(data, skip=sections)
+    for key, value in data.items():
+        if command and isinstance(value, dict) and _section_key(key) == _section_key(command):
+            values.update(_flatten_toml(value, skip=sections))
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise OptionsError(f"config file {path}: unknown option(s) {', '.join(unknown)} for this command")
+        where = f"sdtune {command}" if command else "this command"
+        details = "; ".join(f"{key}{suggestion(key, known)}" for key in unknown)
+        raise OptionsError(f"config file {path}: unknown option(s) for {where}: {details} (put options of another "
+                           "command in a section named after it, e.g. [prepare])")
     return values
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
+def _coerce(value: Any, tp: Any, name: str, source: str = "") -> Any:
+    """``value`` (from a TOML file) as type ``tp``; a mismatch names the option and ``source``."""
     tp, optional = _unwrap_optional(tp)
     if value is None:
         return None
+    where = f"{source}: " if source else ""
+
+    def wrong() -> OptionsError:
+        kind = getattr(tp, "__name__", str(tp))
+        return OptionsError(f"{where}option {name} = {value!r}: expected {'true/false' if tp is bool else kind}")
+
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
-        return [_coerce(v, item, name) for v in value]
+        if not isinstance(value, list):
+            raise wrong()
+        return [_coerce(v, item, name, source) for v in value]
     if tp is bool:
+        if isinstance(value, bool):
+            return value
         if isinstance(value, str):
-            return _parse_bool(value)
-        return bool(value)
+            try:
+                return _parse_bool(value)
+            except argparse.ArgumentTypeError:
+                raise wrong() from None
+        raise wrong()
+    if tp is not str and (isinstance(value, (dict, list, bool))):
+        raise wrong()  # str() of a TOML list reads fine (hypernetwork_layer_structure = [1, 2, 1]); int([1]) cannot
     if tp is Path:
         return Path(value)
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise wrong()
     try:
         return tp(value)
     except (TypeError, ValueError):
-        raise OptionsError(f"option {name}: cannot read {value!r} as {tp.__name__}") from None
+        raise wrong() from None
 
 
-def parse_options(cls: type[T], argv: Sequence[str], prog: str, description: str = "") -> T:
-    """Parse ``argv`` into a ``cls`` instance, honouring ``--config_file``."""
-    parser = build_parser(cls, prog, description)
-    first = parser.parse_args(argv)
-    if first.config_file is not None:
-        values = read_config_file(first.config_file, cls)
-        hints = _resolved_types(cls)
-        positional = {f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")}
-        parser.set_defaults(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
-        first = parser.parse_args(argv)
-        for name in positional:  # positionals default to None in argparse; fill them from the file
-            if getattr(first, name) is None and name in values:
-                setattr(first, name, _coerce(values[name], hints[name], name))
-    kwargs = {f.name: getattr(first, f.name) for f in dataclasses.fields(cls)}
-    missing = [name for name, f in ((f.name, f) for f in dataclasses.fields(cls))
-               if f.metadata.get("positional") and kwargs[name] is None and f.default is _MISSING]
-    if missing:
-        parser.error(f"missing required argument(s): {', '.join(m.upper() for m in missing)}")
-    for f in dataclasses.fields(cls):
-        if kwargs[f.name] is None and f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
-            parser.error(f"missing required option --{f.name}")
+def _config_path(argv: Sequence[str]) -> Path | None:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config_file", "--config-file", dest="config_file", type=Path, default=None)
+    known, _rest = pre.parse_known_args(argv)
+    return known.config_file
+
+
+def _unknown_arguments(parser: _Parser, extras: Sequence[str]) -> typing.NoReturn:
+    options = parser.option_strings()
+    problems = []
+    after_unknown_option = False
+    for token in extras:
+        if token.startswith("-"):
+            key = token.split("=", 1)[0]
+            problems.append(f"unknown option {key}{suggestion(key, options)}")
+            after_unknown_option = "=" not in token
+        elif after_unknown_option:  # the unknown option's value
+            after_unknown_option = False
+        else:
+            problems.append(f"unexpected argument {token!r}")
+    parser.error("\n  ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+
+
+def parse_options(cls: type[T], argv: Sequence[str], prog: str, description: str = "", *,
+                  commands: typing.Collection[str] = ()) -> T:
+    """Parse ``argv`` into a ``cls`` instance, honouring ``--config_file``.
+
+    ``prog`` is "sdtune COMMAND"; ``commands`` are every command's name, whose config sections are skipped.
+    """
+    command = prog.split(" ", 1)[1] if prog.startswith("sdtune ") else None
+    hints = _resolved_types(cls)
+    fields = dataclasses.fields(cls)
+    positional = {f.name for f in fields if f.metadata.get("positional")}
+    config_path = None if any(a in ("-h", "--help") for a in argv) else _config_path(argv)
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        values = read_config_file(config_path, cls, command, commands)
+    parser = build_parser(cls, prog, description, config_positionals=set(values) & positional)
+    parser.set_defaults(**{k: _FromConfig(v) for k, v in values.items() if k not in positional})
+    first, extras = parser.parse_known_args(argv)
+    if extras:
+        _unknown_arguments(parser, extras)  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for f in fields:
+        value = getattr(first, f.name)
+        from_file = isinstance(value, _FromConfig) or (value is None and f.name in positional and f.name in values)
+        if from_file:
+            raw = value.value if isinstance(value, _FromConfig) else values[f.name]
+            value = _coerce(raw, hints[f.name], f.name, f"config file {config_path}")
+            choices = f.metadata.get("choices")
+            if choices and value is not None and value not in choices:  # argparse checks only command-line values
+                raise OptionsError(f"config file {config_path}: option {f.name} = {raw!r}: choose one of "
+                                   f"{', '.join(map(str, choices))}")
+        kwargs[f.name] = value
+    # required options (marked so in --help) are checked by the command's own validation, with its other checks
     return cls(**kwargs)

@@ -74,6 +74,10 @@ class CaptionOptions:
     recursive: bool = opt(False, "also caption images in sub-folders")
     overwrite: bool = opt(False, "caption images that already have a caption file, replacing it (without it they are skipped)")
     device: str | None = opt(None, "torch device, e.g. cuda, cuda:1, cpu; unset means cuda if available, else cpu")
+    caption_weights: str | None = opt(
+        None, "sd-scripts' option (BLIP's original model_large_caption.pth): sdtune runs BLIP through transformers "
+        "and cannot read that file; a folder in transformers' layout is taken as --model, anything else is refused "
+        "with the fix")
 
 
 def _validate(options: CaptionOptions) -> str:
@@ -88,8 +92,26 @@ def _validate(options: CaptionOptions) -> str:
         raise LabelError("--min_length must be 0 or more and --max_length at least 1")
     if options.min_length > options.max_length:
         raise LabelError(f"--min_length {options.min_length} is longer than --max_length {options.max_length}")
+    if options.caption_weights is not None:
+        _check_caption_weights(options)
     resolve_workers(options.max_data_loader_n_workers)
     return normalize_extension(options.caption_extension, "--caption_extension")
+
+
+def _check_caption_weights(options: CaptionOptions) -> None:
+    """sd-scripts' --caption_weights names the .pth of Salesforce's BLIP repository; sdtune uses transformers' BLIP,
+    whose weights are laid out differently. A transformers folder is used as --model; anything else is refused."""
+    weights = Path(options.caption_weights)  # type: ignore[arg-type]
+    if weights.is_dir() and (weights / "config.json").is_file():
+        if options.model != DEFAULT_BLIP_MODEL and Path(options.model) != weights:
+            raise LabelError(f"--caption_weights {weights} and --model {options.model} name two models; give one")
+        options.model = str(weights)
+        return
+    raise LabelError(
+        f"--caption_weights {options.caption_weights}: sdtune cannot read BLIP's original .pth weights (sd-scripts' "
+        "make_captions.py format); it runs BLIP through transformers. Drop --caption_weights to use "
+        f"{DEFAULT_BLIP_MODEL} (the same large captioning model), or pass --model with a Hugging Face repo id or a "
+        "folder holding config.json and the weights")
 
 
 def _image_processor_class() -> Any:

@@ -94,12 +94,15 @@ class TagOptions:
     tag_replacement: str = opt("", "write some tags differently: 'source1,target1;source2,target2'; write \\, or "
                                "\\; for a comma or semicolon inside a tag; applied after --remove_underscore")
     character_tag_expand: bool = opt(False, "write a character tag 'name_(series)' as two tags, 'name, series'")
+    character_tags_first: bool = opt(False, "sd-scripts' option, accepted: sdtune always writes character tags "
+                                     "before general tags (sd-scripts writes them after unless this is given)")
     append_tags: bool = opt(False, "add new tags to existing tag files instead of skipping those images")
     overwrite: bool = opt(False, "tag images that already have a tag file, replacing it")
     frequency_tags: bool = opt(False, "log how often each tag was written, at the end")
     recursive: bool = opt(False, "also tag images in sub-folders")
     onnx_providers: str = opt("", "comma-separated onnxruntime execution providers; empty means CUDA if available, "
                               "then CPU")
+    onnx: bool = opt(False, "sd-scripts' option, accepted: sdtune always runs the tagger with ONNX Runtime")
 
 
 @dataclass(frozen=True)
