@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from sdtune import __version__
 from sdtune.atomic import atomic_path
-from sdtune.devices import resolve_device, same_device
+from sdtune.devices import HALF_ON_CPU_HELP, half_precision_on_cpu_warning, resolve_device, same_device
 from sdtune.errors import SdtuneError
 from sdtune.models.sd import place
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, encode_prompts
@@ -557,7 +557,8 @@ class GenerateOptions:
                                 choices=ALLOWED_TOKEN_LENGTHS)
     outdir: Path = opt(Path("outputs"), "folder for the PNG files (created; existing files are never overwritten)")
     device: str = opt("auto", "device (auto: cuda when available, else cpu)")
-    dtype: str = opt("float", "precision of the U-Net and text encoder (the VAE always runs in float32)",
+    dtype: str = opt("float", "precision of the U-Net and text encoder (the VAE always runs in float32); "
+                     f"{HALF_ON_CPU_HELP}",
                      choices=("float", "fp16", "bf16"))
     hypernetwork: Optional[Path] = opt(None, "apply this hypernetwork .pt (sdtune train --hypernetwork_module, "
                                        "AUTOMATIC1111 or NovelAI format)")
@@ -600,9 +601,9 @@ def generate(opts: GenerateOptions) -> list[Path]:
         hypernetwork = Hypernetwork.load(opts.hypernetwork)  # small: a bad file fails before the model loads
         logger.info("%s: %s", opts.hypernetwork, describe(hypernetwork))
     dtype = DTYPES[opts.dtype]
-    if dtype != torch.float32 and device.type == "cpu":
-        logger.warning("--dtype %s on the CPU is slow or unsupported for some layers; --dtype float is the usual "
-                       "choice there", opts.dtype)
+    slow = half_precision_on_cpu_warning(device, "--dtype", opts.dtype, "--dtype float")
+    if slow:
+        logger.warning(slow)
 
     from sdtune.atomic import check_writable
     from sdtune.models.io import load_model, model_summary

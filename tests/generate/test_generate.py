@@ -249,3 +249,24 @@ def test_vae_option_replaces_the_vae(tmp_path, saved_model):
         runs[name] = pixels(next((tmp_path / name).iterdir()))
     assert np.abs(runs["plain"] - runs["own"]).max() <= 2
     assert np.abs(runs["plain"] - runs["other"]).mean() > 5
+
+
+def test_half_precision_on_the_cpu_is_warned_about_before_the_model_loads(tmp_path, caplog):
+    # issue 18: fp16 on a CPU ran 23x slower with no word said
+    with caplog.at_level("WARNING", logger="sdtune"):
+        main(["generate", "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--dtype", "fp16",
+              "--device", "cpu", "--outdir", str(tmp_path / "out")])
+    assert "--dtype fp16 on the CPU" in caplog.text and "--dtype float" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdtune"):
+        main(["generate", "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--device", "cpu",
+              "--outdir", str(tmp_path / "out")])
+    assert "on the CPU" not in caplog.text
+
+
+def test_help_says_half_precision_is_slow_on_a_cpu(capsys):
+    for command, option in (("generate", "--dtype"), ("prepare", "--mixed_precision")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "on a CPU they are many times slower" in out, command

@@ -66,7 +66,7 @@ from sdtune.data.images import (
     DEFAULT_MAX_PIXELS, ImageError, image_size, list_image_files, list_images, open_image, other_images_message)
 from sdtune.data.metadata import (
     Images, KeyIndex, check_unique_keys, failure_exit_code, load_metadata, save_metadata)
-from sdtune.devices import resolve_device
+from sdtune.devices import HALF_ON_CPU_HELP, half_precision_on_cpu_warning, resolve_device
 from sdtune.errors import SdtuneError
 from sdtune.options import opt
 
@@ -377,7 +377,7 @@ class PrepareOptions:
     bucket_reso_steps: int = opt(64, "bucket sides are multiples of this")
     bucket_no_upscale: bool = opt(False, "never enlarge images: each gets a bucket of its own size (floored to the "
                                          "step; --min/max_bucket_reso do not apply, as in sd-scripts)")
-    mixed_precision: str = opt("no", "precision the VAE runs in", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = opt("no", f"precision the VAE runs in ({HALF_ON_CPU_HELP})", choices=("no", "fp16", "bf16"))
     full_path: bool = opt(False, "metadata keys are absolute image paths (as written by merge --full_path)")
     flip_aug: bool = opt(False, "also cache the latents of the horizontally mirrored image")
     skip_existing: bool = opt(False, "reuse latent files still valid for this image, bucket and VAE")
@@ -469,6 +469,9 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
     buckets = validate(options)
     device = resolve_device(options.device)
     dtype = PRECISIONS[options.mixed_precision]
+    slow = half_precision_on_cpu_warning(device, "--mixed_precision", options.mixed_precision, "--mixed_precision no")
+    if slow:
+        logger.warning(slow)
     images = load_metadata(options.in_json)
     paths, others = list_image_files(options.train_data_dir, options.recursive)
     check_unique_keys(paths, options.full_path)
