@@ -104,18 +104,67 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # PyTorch's .ckpt format since 1.6 is a zip archive
+_PICKLE_PROTO = b"\x80"  # a pickle of protocol 2 or later (PyTorch's legacy format starts so)
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a PyTorch checkpoint, judged by its first bytes, or None when it may be one.
+
+    Without this, a text file reaches torch.load and fails as "KeyError: 101" (the byte 'e' read as a pickle
+    opcode), or PyTorch's refusal, whose advice is to disable the safety check."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO):
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        what = f"a text file (it begins {first!r})"
+    else:
+        what = f"neither a zip archive nor a pickle (it begins with bytes {head[:8].hex(' ')})"
+    return (f"{path}: not a model checkpoint: a .ckpt/.pt is a PyTorch zip archive or pickle, and this is {what}. "
+            "Pass the model file itself (.safetensors, .ckpt) or a diffusers folder")
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    """The part of PyTorch's weights_only error that says what was refused, without its advice to turn the
+    check off (sdtune never passes that on)."""
+    text = str(exc).split("Check the documentation of torch.load", 1)[0]
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    else:
+        text = "\n".join(line for line in text.splitlines() if "weights_only" not in line)
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def _read_pickle(path: Path) -> Checkpoint:
+    reason = _not_a_checkpoint(path)
+    if reason:
+        raise ModelLoadError(reason)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        detail = _unpickling_reason(exc)
+        if "global" in detail.lower():  # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y whose module..."
+            raise ModelLoadError(
+                f"{path}: refused to load: this pickle asks to build objects other than tensors ({detail}), which "
+                "is how a .ckpt can run code. Only load checkpoints from sources you trust, and prefer a "
+                ".safetensors version of the model: it cannot carry code."
+            ) from exc
         raise ModelLoadError(
-            f"{path}: refused to load. This pickle asks to run code or build objects other than tensors "
-            f"(weights_only=True rejected it: {str(exc).splitlines()[0]}). Only load checkpoints from sources you "
-            "trust; a .safetensors version of the model cannot carry code."
+            f"{path}: not a checkpoint PyTorch's safe loader can read ({detail}); it is damaged or not a model file. "
+            "Fetch it again, or use a .safetensors version of the model"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
             UnicodeDecodeError, zipfile.BadZipFile) as exc:  # what the unpickler raises on garbage
-        raise ModelLoadError(f"{path}: not a readable checkpoint ({exc}); it may be truncated or not a model file") from exc
+        raise ModelLoadError(
+            f"{path}: not a readable checkpoint: PyTorch's loader failed with {type(exc).__name__} {exc} (garbage "
+            "where it expected checkpoint data); the file is truncated or damaged, or not a model file"
+        ) from exc
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     metadata: dict[str, str] = {}
