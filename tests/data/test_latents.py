@@ -533,3 +533,41 @@ def test_fp16_on_the_cpu_is_warned_about(dataset, tiny_vae, caplog):
     with caplog.at_level("WARNING", logger="sdtune"):
         prepare_latents(options(train, meta, device="cpu"), vae=tiny_vae)
     assert "on the CPU" not in caplog.text
+
+
+def test_metadata_of_another_folder_is_warned_about_and_never_overwrites_caches(dataset, tiny_vae, tmp_path,
+                                                                                caplog):
+    # issue 18: prepare train/ ../other/meta_clean.json added caption-less entries and overwrote valid caches
+    train, meta = dataset
+    prepare_latents(options(train, meta), vae=tiny_vae)
+    before = {p.name: p.read_bytes() for p in train.glob("*.npz")}
+    other = tmp_path / "other.json"
+    save_metadata(other, {"cat1": {"caption": "a cat"}, "cat2": {"caption": "a cat"}, "wide": {"caption": "w"}})
+    with pytest.raises(SdtuneError, match=r"other\.json does not describe .*2 of 3 images have no entry.*\.npz"):
+        prepare_latents(PrepareOptions(train, other, tmp_path / "out.json", "unused", **BUCKET_ARGS,
+                                       max_data_loader_n_workers=0), vae=tiny_vae)
+    assert {p.name: p.read_bytes() for p in train.glob("*.npz")} == before
+    assert not (tmp_path / "out.json").exists()
+    # with --skip_existing the valid caches are kept, and the mismatch is still said
+    with caplog.at_level("WARNING", logger="sdtune"):
+        summary = prepare_latents(PrepareOptions(train, other, tmp_path / "out.json", "unused", **BUCKET_ARGS,
+                                                 max_data_loader_n_workers=0, skip_existing=True), vae=tiny_vae)
+    assert summary.reused == 3
+    assert "2 of 3 images in" in caplog.text and "is it the metadata of another folder?" in caplog.text
+    assert "1 of 3 images found: 2 entries of" in caplog.text
+
+
+def test_a_partial_folder_is_flagged(dataset, tiny_vae, caplog):
+    train, meta = dataset
+    (train / "tall.png").unlink()
+    with caplog.at_level("WARNING", logger="sdtune"):
+        prepare_latents(options(train, meta), vae=tiny_vae)
+    assert "2 of 3 images found" in caplog.text and "tall" in caplog.text
+
+
+def test_most_images_without_a_caption_are_warned_about_before_encoding(dataset, tiny_vae, caplog):
+    train, meta = dataset
+    save_metadata(meta, {"wide": {}, "small": {}, "tall": {"caption": "a tall picture"}})
+    with caplog.at_level("WARNING", logger="sdtune"):
+        prepare_latents(options(train, meta), vae=tiny_vae)
+    assert "2 of 3 images in" in caplog.text and "have neither caption nor tags" in caplog.text

@@ -24,7 +24,7 @@ from sdtune.data.images import list_images, open_image
 from sdtune.data.latents import (
     LatentFileError, cache_staleness, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels, vae_fingerprint,
 )
-from sdtune.data.metadata import Images, KeyIndex
+from sdtune.data.metadata import Coverage, Images, KeyIndex
 from sdtune.errors import SdtuneError
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,11 @@ class FineTuneData:
             raise SdtuneError(f"--dataset_repeats must be at least 1 (got {repeats})")
         index = KeyIndex(images, full_path)
         examples: dict[str, Example] = {}
-        for image in list_images(train_data_dir, recursive):
+        folder = list_images(train_data_dir, recursive)
+        coverage = Coverage.of(images, (index.key_for(image) for image in folder))
+        for message in coverage.warnings("the metadata (--in_json)", train_data_dir):
+            logger.warning(message)
+        for image in folder:
             key = index.key_for(image)
             entry = images.get(key)
             if entry is None or "train_resolution" not in entry:

@@ -65,7 +65,7 @@ from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket
 from sdtune.data.images import (
     DEFAULT_MAX_PIXELS, ImageError, image_size, list_image_files, list_images, open_image, other_images_message)
 from sdtune.data.metadata import (
-    Images, KeyIndex, check_unique_keys, failure_exit_code, load_metadata, save_metadata)
+    Coverage, Images, KeyIndex, check_unique_keys, failure_exit_code, load_metadata, save_metadata)
 from sdtune.devices import HALF_ON_CPU_HELP, half_precision_on_cpu_warning, resolve_device
 from sdtune.errors import SdtuneError
 from sdtune.options import opt
@@ -478,6 +478,20 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
     index = KeyIndex(images, options.full_path)
     summary = PrepareSummary(found=len(paths), other_images=others, folder=Path(options.train_data_dir))
     logger.info("found %d images in %s", len(paths), options.train_data_dir)
+    coverage = Coverage.of(images, (index.key_for(path) for path in paths))
+    if coverage.mostly_without_entry and not options.skip_existing:
+        no_entry = set(coverage.without_entry)
+        cached = [path for path in paths if index.key_for(path) in no_entry and latent_path(path).exists()]
+        if cached:  # metadata of another folder would overwrite this folder's caches, silently
+            raise SdtuneError(
+                f"{options.in_json} does not describe {options.train_data_dir}: {len(coverage.without_entry)} of "
+                f"{coverage.images} images have no entry in it, and {len(cached)} of them have latent caches (e.g. "
+                f"{latent_path(cached[0])}) that preparing would overwrite. Pass this folder's metadata (sdtune "
+                "merge-captions / merge-tags writes it), or --skip_existing to keep the valid caches, or delete the "
+                ".npz files to prepare the folder afresh")
+    warned = coverage.warnings(options.in_json, options.train_data_dir)
+    for message in warned:
+        logger.warning(message)
 
     jobs: list[Job] = []
     failed_keys: list[str] = []
@@ -566,7 +580,7 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
         summary.mean_aspect_error = float(np.mean([abs(p.aspect_error) for p in succeeded.values()]))
     summary.seconds = time.perf_counter() - start
     unlabelled = [k for k in succeeded if not ({"caption", "tags"} & set(images[k]))]
-    if unlabelled:
+    if unlabelled and not (coverage.mostly_without_entry or len(coverage.unlabelled) * 2 > coverage.images):
         logger.warning("%d prepared images have neither caption nor tags in %s (e.g. %s)", len(unlabelled),
                        options.in_json, ", ".join(unlabelled[:5]))
     return summary

@@ -412,3 +412,56 @@ def failure_exit_code(failed: int, what: str, log: logging.Logger = logger) -> i
         log.error("%d %s (named above); the others were processed; exit status 1", failed, what)
         return 1
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ folder coverage
+@dataclass
+class Coverage:
+    """How well a metadata file and an image folder match (prepare and train check it before any work).
+
+    Metadata written for another folder, or a folder holding only part of a dataset, otherwise goes unnoticed:
+    prepare adds entries with only ``train_resolution`` and training runs on empty captions.
+    """
+
+    images: int  # images in the folder
+    entries: int  # entries in the metadata
+    without_entry: list[str]  # keys of images in the folder with no entry
+    unlabelled: list[str]  # keys of images in the folder whose entry (if any) has neither caption nor tags
+    not_found: list[str]  # keys of entries with no image in the folder
+
+    @classmethod
+    def of(cls, images: Images, folder_keys: Iterable[str]) -> "Coverage":
+        keys = list(dict.fromkeys(folder_keys))
+        present = set(keys)
+        return cls(
+            images=len(keys), entries=len(images),
+            without_entry=[k for k in keys if k not in images],
+            unlabelled=[k for k in keys if not (images.get(k, {}).get("caption") or images.get(k, {}).get("tags"))],
+            not_found=sorted(k for k in images if k not in present),
+        )
+
+    @property
+    def mostly_without_entry(self) -> bool:
+        return self.images > 0 and len(self.without_entry) * 2 > self.images
+
+    def warnings(self, in_json: str | Path, folder: str | Path) -> list[str]:
+        """What to tell the user: most images unlabelled or without an entry, entries whose image is missing."""
+        out = []
+        if self.mostly_without_entry:
+            out.append(f"{len(self.without_entry)} of {self.images} images in {folder} have no entry in {in_json} "
+                       f"(e.g. {_examples(self.without_entry)}): is it the metadata of another folder? Write this "
+                       f"folder's with sdtune merge-captions / merge-tags {folder} <json>")
+        elif self.images and len(self.unlabelled) * 2 > self.images:
+            out.append(f"{len(self.unlabelled)} of {self.images} images in {folder} have neither caption nor tags "
+                       f"in {in_json} (e.g. {_examples(self.unlabelled)}): they train with an empty prompt. Merge "
+                       "their captions or tags first (sdtune merge-captions / merge-tags)")
+        if self.not_found:
+            found = self.entries - len(self.not_found)
+            out.append(f"{found} of {self.entries} images found: {len(self.not_found)} entries of {in_json} have no "
+                       f"image in {folder} (e.g. {_examples(self.not_found)}); check the folder (and --full_path, "
+                       "--recursive)")
+        return out
+
+
+def _examples(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
