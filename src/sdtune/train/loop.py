@@ -156,7 +156,10 @@ class TrainOptions:
     # output
     output_dir: str = opt(None, "where checkpoints, state and samples go")
     output_name: Optional[str] = opt(None, "base name of the saved model files (default: last / epoch-N / step-N)")
-    save_model_as: Optional[str] = opt(None, "format of saved models (default safetensors)", choices=SAVE_FORMATS)
+    save_model_as: Optional[str] = opt(None, "format of saved models (default safetensors, whatever the base "
+                                       "model's format: sd-scripts follows the input's, but a .ckpt is a pickle "
+                                       "that can carry code and a diffusers folder is many files per save; ask for "
+                                       "ckpt or diffusers here)", choices=SAVE_FORMATS)
     use_safetensors: bool = opt(False, "save .safetensors (or diffusers with safetensors weights)")
     save_precision: Optional[str] = opt(None, "precision of saved models (default float)", choices=("float", "fp16", "bf16"))
     save_every_n_epochs: Optional[int] = opt(None, "also save a model every N epochs")
