@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import sys
 import types
 import typing
@@ -196,6 +197,11 @@ def build_parser(cls: type, prog: str, description: str = "",
             kwargs.update(type=_scalar_converter(tp), default=default)
         parser.add_argument(*names, dest=f.name, **kwargs)
     parser.add_argument(
+        "--debug", action="store_true",
+        help="log sdtune's debug messages too, e.g. each file's caption or tags as it is written (sd-scripts' "
+        "--debug of its finetune scripts)",
+    )
+    parser.add_argument(
         "--config_file", "--config-file", dest="config_file", type=Path, default=None,
         help="TOML file supplying any of these options (keys are the option names). A section named after the "
         "command ([train], [prepare], ...) applies to that command only and sections named after other commands "
@@ -335,6 +341,8 @@ def parse_options(cls: type[T], argv: Sequence[str], prog: str, description: str
     first, extras = parser.parse_known_args(argv)
     if extras:
         _unknown_arguments(parser, extras)  # type: ignore[arg-type]
+    if first.debug:
+        logging.getLogger("sdtune").setLevel(logging.DEBUG)
     kwargs: dict[str, Any] = {}
     for f in fields:
         value = getattr(first, f.name)

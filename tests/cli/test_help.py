@@ -131,3 +131,43 @@ def test_an_unknown_key_gets_a_suggestion(tmp_path, capsys):
     config = tmp_path / "sdtune.toml"
     assert main(["convert", "a", "b", "--config_file", str(config)]) == 2
     assert "sdtune.toml" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ sd-scripts options
+def test_debug_logs_each_file_as_sd_scripts_does(tmp_path, caplog):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    (tmp_path / "cat.caption").write_text("a small black cat", encoding="utf-8")
+    with caplog.at_level("DEBUG", logger="sdtune"):
+        assert main(["merge-captions", str(tmp_path), str(tmp_path / "meta.json")]) == 0
+    assert "a small black cat" not in caplog.text
+    caplog.clear()
+    assert main(["merge-captions", str(tmp_path), str(tmp_path / "meta.json"), "--debug"]) == 0
+    assert "cat.png: a small black cat" in caplog.text
+
+
+def test_prepare_accepts_v2(tmp_path):
+    from sdtune.data.latents import PrepareOptions
+
+    opts = parse_options(PrepareOptions, [str(tmp_path), "in.json", "out.json", "model", "--v2"], "sdtune prepare")
+    assert opts.v2
+
+
+def test_caption_weights_is_refused_with_the_fix_before_any_model_loads(tmp_path, capsys):
+    pth = tmp_path / "model_large_caption.pth"
+    pth.write_bytes(b"\x80\x02}q\x00.")
+    (tmp_path / "img").mkdir()
+    assert main(["caption", str(tmp_path / "img"), "--caption_weights", str(pth)]) == 2
+    err = capsys.readouterr().err
+    assert "model_large_caption.pth" in err and "--model" in err and "Salesforce/blip-image-captioning-large" in err
+
+
+def test_caption_weights_naming_a_transformers_folder_is_the_model(tmp_path):
+    from sdtune.label.blip import CaptionOptions, _validate
+
+    (tmp_path / "blip").mkdir()
+    (tmp_path / "blip" / "config.json").write_text("{}", encoding="utf-8")
+    opts = parse_options(CaptionOptions, [str(tmp_path), "--caption_weights", str(tmp_path / "blip")], "sdtune caption")
+    _validate(opts)
+    assert opts.model == str(tmp_path / "blip")

@@ -382,6 +382,8 @@ class PrepareOptions:
     flip_aug: bool = opt(False, "also cache the latents of the horizontally mirrored image")
     skip_existing: bool = opt(False, "reuse latent files still valid for this image, bucket and VAE")
     recursive: bool = opt(False, "also prepare images in sub-folders")
+    v2: bool = opt(False, "sd-scripts' option, accepted and not needed: SD 1.x and 2.x share the VAE layout, which "
+                          "prepare reads from the file itself")
     max_image_pixels: int = opt(DEFAULT_MAX_PIXELS, "images with more pixels are skipped as possible "
                                                     "decompression bombs")
     device: str = opt("auto", "device the VAE runs on (auto: cuda when available, else cpu)")

@@ -345,6 +345,7 @@ def merge_sidecars_into(
         elif "\n" in text:
             summary.multiline.append(sidecar)
         images.setdefault(index.key_for(image), {})[field_name] = text
+        logger.debug("%s: %s", image.name, text)  # shown with --debug
         summary.merged += 1
     return summary
 
