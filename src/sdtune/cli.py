@@ -25,6 +25,8 @@ class Command:
     options: str
     function: str
     seed_equivalent: str = ""
+    # where ``options`` is declared when not in ``module``: a module without torch, so --help is instant
+    options_module: str = ""
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -41,7 +43,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("prepare", "assign aspect-ratio buckets and cache VAE latents",
             "sdtune.data.latents", "PrepareOptions", "prepare_command", "finetune/prepare_buckets_latents.py"),
     Command("train", "fine-tune the U-Net (and optionally the text encoder) or train a hypernetwork",
-            "sdtune.train.loop", "TrainOptions", "train_command", "fine_tune.py"),
+            "sdtune.train.loop", "TrainOptions", "train_command", "fine_tune.py", "sdtune.train.options"),
     Command("generate", "text-to-image with a model sdtune loads or wrote",
             "sdtune.generate", "GenerateOptions", "generate_command", "gen_img_diffusers.py"),
     Command("convert", "convert a model between .ckpt, .safetensors and diffusers formats",
@@ -97,16 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("sdtune").setLevel(logging.INFO)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_about_4bit_kernels)
     try:
-        module = importlib.import_module(command.module)
+        options_module = importlib.import_module(command.options_module or command.module)
     except ModuleNotFoundError as exc:
-        if exc.name != command.module:
+        if exc.name != (command.options_module or command.module):
             raise
         print(f"sdtune {command.name}: not implemented yet", file=sys.stderr)
         return 3
-    options_cls = getattr(module, command.options)
+    options_cls = getattr(options_module, command.options)
     try:
         options = parse_options(options_cls, args[1:], prog=f"sdtune {command.name}", description=command.summary,
                                 commands=[c.name for c in COMMANDS])
+        module = importlib.import_module(command.module)  # after parsing: --help and option errors need no torch
         return int(getattr(module, command.function)(options) or 0)
     except (SdtuneError, OptionsError) as exc:
         print(f"sdtune {command.name}: error: {exc}", file=sys.stderr)

@@ -49,31 +49,20 @@ from torch.utils.hooks import RemovableHandle
 
 from sdtune.atomic import atomic_path
 from sdtune.errors import SdtuneError
+from sdtune.models.choices import (
+    A1111_ACTIVATION_NAMES, ACTIVATION_CHOICES, COMFYUI_ACTIVATIONS, HYPERNETWORK_MODULES, NOT_IN_COMFYUI,
+)
 
 logger = logging.getLogger(__name__)
 
-# sd-scripts' --hypernetwork_module names a Python module; its hypernetwork_nai is NovelAI's layout, the default.
-HYPERNETWORK_MODULES: tuple[str, ...] = ("default", "hypernetwork_nai", "networks.hypernetwork_nai")
-
-# AUTOMATIC1111's activation table. Note "swish" is Hardswish there, not SiLU: files written with "swish" depend on
-# it. A1111 also accepts the lower-cased name of any class in torch.nn.modules.activation (see _activation_class).
-_A1111_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "linear": nn.Identity,
-    "relu": nn.ReLU,
-    "leakyrelu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "swish": nn.Hardswish,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-}
-# What --hypernetwork_activation offers: A1111's table plus two of torch's that ComfyUI also knows, and two that
-# only A1111 loads.
-ACTIVATION_CHOICES: tuple[str, ...] = (*_A1111_ACTIVATIONS, "softsign", "mish", "gelu", "silu")
-# comfy/hypernetwork.py load_hypernetwork_patch refuses any other activation_func (it logs an error and loads
-# nothing).
-COMFYUI_ACTIVATIONS: frozenset[str] = frozenset(
-    {"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"})
-NOT_IN_COMFYUI: tuple[str, ...] = tuple(a for a in ACTIVATION_CHOICES if a not in COMFYUI_ACTIVATIONS)
+# The names (and why they are these) live in models.choices, which --help reads without torch.
+# AUTOMATIC1111's activation table. A1111 also accepts the lower-cased name of any class in
+# torch.nn.modules.activation (see _activation_class).
+_A1111_ACTIVATIONS: dict[str, type[nn.Module]] = dict(zip(
+    A1111_ACTIVATION_NAMES,
+    (nn.Identity, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Tanh, nn.Sigmoid),
+    strict=True,
+))
 
 NORMAL_INIT_STD = 0.01  # A1111's "Normal" weight initialisation
 A1111_DEFAULT_DROPOUT = 0.3  # what A1111 uses for files that say use_dropout but carry no dropout_structure

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from sdtune import __version__
 from sdtune.atomic import atomic_dir, atomic_path
 from sdtune.errors import ConversionError, ModelLoadError
+from sdtune.models.choices import SAVE_FORMATS
 from sdtune.models.families import FAMILIES, SD1, SD2, SD2_V, Family, get_family
 from sdtune.models.ldm_keys import (
     VAE_ROOT,
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VAE_TRAINING_PREFIXES = ("loss.",)
 _META_FAMILY = META_FAMILY

@@ -40,15 +40,11 @@ from sdtune.data.dataset import CaptionRules, FineTuneData, RunBatches, run_load
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.attention import set_attention
-from sdtune.models.hypernetwork import ACTIVATION_CHOICES, HYPERNETWORK_MODULES, NOT_IN_COMFYUI
-from sdtune.models.io import SAVE_FORMATS, load_model, model_summary
+from sdtune.models.io import load_model, model_summary
 from sdtune.models.text import check_max_token_length, encode, tokenize
-from sdtune.options import opt
 from sdtune.train import noise as noise_lib
 from sdtune.train.interrupt import StopRequest, TolerantStream, TrainingStopped
 from sdtune.train.optim import (
-    LR_SCHEDULERS,
-    OPTIMIZERS,
     HalfWeightAdamW,
     build_lr_scheduler,
     build_optimizer,
@@ -67,6 +63,7 @@ from sdtune.train.run_folder import RunLock, check_writable, earlier_run_files
 from sdtune.train.rng import derived_seed, seeded_global_rng, step_batch_index, step_generator
 from sdtune.train.state import Progress, load_optimizer_and_scheduler, read_progress, save_state
 from sdtune.train.targets import hypernetwork_config, make_target
+from sdtune.train.options import TrainOptions  # declared apart so that --help needs no torch
 
 
 logger = logging.getLogger(__name__)
@@ -74,131 +71,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingDiverged(SdtuneError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainOptions:
-    # model
-    pretrained_model_name_or_path: str = opt(None, "base model: diffusers folder, .safetensors/.ckpt or hub repo id")
-    v2: Optional[bool] = opt(None, "the model is SD 2.x (normally detected from the weights)")
-    v_parameterization: Optional[bool] = opt(None, "train with the velocity target (SD 2.x 768-v); default: detected")
-    vae: Optional[str] = opt(None, "use this VAE to encode images whose latent cache is missing")
-    tokenizer: Optional[str] = opt(None, "CLIP tokenizer folder for single-file models (default: packaged vocabulary)")
-    # data
-    in_json: str = opt(None, "metadata JSON written by sdtune prepare")
-    train_data_dir: str = opt(None, "folder with the images and their .npz latent caches")
-    full_path: bool = opt(False, "the metadata keys are full image paths (merge --full_path)")
-    recursive: bool = opt(False, "look for images in sub-folders too")
-    dataset_repeats: int = opt(1, "how many times each image appears per epoch")
-    shuffle_caption: bool = opt(False, "shuffle the comma-separated parts of each caption every time it is used")
-    keep_tokens: int = opt(0, "keep the first N comma-separated parts of each caption in place: never shuffled "
-                           "or dropped")
-    caption_dropout_rate: float = opt(0.0, "probability of training an image with an empty caption (teaches the "
-                                      "unconditional prediction that guidance uses; 0.05-0.1 typical)")
-    caption_dropout_every_n_epochs: int = opt(0, "train every Nth epoch (counting from 1) with empty captions "
-                                              "(0: never)")
-    caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each comma-separated part after "
-                                          "--keep_tokens, each time a caption is used")
-    max_token_length: int = opt(75, "prompt length in tokens (150/225 encode 75-token chunks and join them)",
-                                choices=(75, 150, 225))
-    clip_skip: Optional[int] = opt(None, "use the hidden state N layers from the end of the text encoder "
-                                   "(2 = penultimate; default 1; SD 2.x already uses its penultimate layer)")
-    max_data_loader_n_workers: int = opt(2, "processes that read latent files ahead of the step (0: main process)")
-    # training
-    train_batch_size: int = opt(1, "images per batch (per process)")
-    learning_rate: float = opt(2e-6, "learning rate of the U-Net")
-    learning_rate_te: Optional[float] = opt(None, "learning rate of the text encoder (default: --learning_rate)")
-    train_text_encoder: bool = opt(False, "train the text encoder too (more memory: its weights, gradients and "
-                                   "optimizer state)")
-    max_train_steps: int = opt(1600, "optimizer steps to train (ignored when --max_train_epochs is given)")
-    max_train_epochs: Optional[int] = opt(None, "epochs to train (overrides --max_train_steps)")
-    gradient_accumulation_steps: int = opt(1, "batches per optimizer step (a larger effective batch at no memory)")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
-    noise_offset: float = opt(0.0, "add a per-channel constant of this scale to the noise, so the model learns very "
-                              "dark and bright images (0.05-0.1 typical; 0: off)")
-    min_timestep: int = opt(0, "train only on timesteps from this one (0-999; higher: only coarse structure)")
-    max_timestep: int = opt(1000, "train only on timesteps below this one (1-1000; lower: only detail)")
-    min_snr_gamma: Optional[float] = opt(None, "weight each sample's loss by min(SNR, gamma)/SNR (Min-SNR, 5 is "
-                                         "typical): faster, steadier convergence; unset: off")
-    seed: Optional[int] = opt(None, "random seed (default: drawn at random and printed; saved with the state)")
-    optimizer_type: Optional[str] = opt(None, "optimizer (default AdamW)", choices=OPTIMIZERS)
-    use_8bit_adam: bool = opt(False, "same as --optimizer_type AdamW8bit (bitsandbytes): optimizer state in "
-                              "8 bits, saving about 75 % of its memory (5 GB for SD's U-Net)")
-    optimizer_args: list[str] = opt(help="extra optimizer arguments, e.g. weight_decay=0.01 betas=0.9,0.99",
-                                    default_factory=list)
-    lr_scheduler: str = opt("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = opt(0, "steps of linear warm-up (not with the constant schedule: use "
-                               "constant_with_warmup)")
-    lr_scheduler_num_cycles: int = opt(1, "restarts for cosine_with_restarts")
-    lr_scheduler_power: float = opt(1.0, "power for the polynomial schedule")
-    # speed and memory
-    sdpa: bool = opt(False, "PyTorch scaled-dot-product attention (the default)")
-    xformers: bool = opt(False, "xformers attention (needs pip install xformers; GPU)")
-    diffusers_xformers: bool = opt(False, "same as --xformers")
-    mem_eff_attn: bool = opt(False, "sliced attention, a few heads at a time: only for devices where SDPA has "
-                             "no fused kernel; next to SDPA it keeps more for backward (4.5 vs 1.7 GiB at 512 px)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward: 83 % less activation memory "
-                                       "(1.74 -> 0.29 GiB at 512 px, batch 1) for about 20-30 % more time per step")
-    mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 speed up GPUs and cut activations by a "
-                               "third, but keep half-precision weight copies (+1.3 GiB for SD 1.5); weights stay "
-                               "fp32; fp16 uses dynamic loss scaling", choices=("no", "fp16", "bf16"))
-    full_fp16: bool = opt(False, "fp16 weights and gradients too (needs --mixed_precision fp16): halves weight "
-                          "and gradient memory (3.2 GiB for SD 1.5); AdamW keeps fp32 moments and compensates "
-                          "the rounding of the weights (see --half_weight_rounding); updates stay close to fp32's")
-    full_bf16: bool = opt(False, "bf16 weights and gradients (needs --mixed_precision bf16): like --full_fp16 "
-                          "without loss scaling; bf16's 8-bit mantissa keeps small updates only through "
-                          "--half_weight_rounding")
-    half_weight_rounding: str = opt(
-        "kahan", "how AdamW writes updates into fp16/bf16 weights (--full_fp16/--full_bf16): kahan keeps each "
-        "weight's rounding error in a half-precision buffer and adds it back (+2 bytes a parameter, closest to "
-        "fp32); stochastic rounds up or down at random, unbiased (no memory, noisier)",
-        choices=("kahan", "stochastic"))
-    # output
-    output_dir: str = opt(None, "where checkpoints, state and samples go")
-    output_name: Optional[str] = opt(None, "base name of the saved model files (default: last / epoch-N / step-N)")
-    save_model_as: Optional[str] = opt(None, "format of saved models (default safetensors, whatever the base "
-                                       "model's format: sd-scripts follows the input's, but a .ckpt is a pickle "
-                                       "that can carry code and a diffusers folder is many files per save; ask for "
-                                       "ckpt or diffusers here)", choices=SAVE_FORMATS)
-    use_safetensors: bool = opt(False, "save .safetensors (or diffusers with safetensors weights)")
-    save_precision: Optional[str] = opt(None, "precision of saved models (default float)", choices=("float", "fp16", "bf16"))
-    save_every_n_epochs: Optional[int] = opt(None, "also save a model every N epochs")
-    save_every_n_steps: Optional[int] = opt(None, "also save a model every N steps")
-    save_last_n_epochs: Optional[int] = opt(None, "keep only the last N epoch saves (older ones are removed)")
-    save_n_epoch_ratio: Optional[int] = opt(None, "save about N times over the run, every max(1, epochs // N) "
-                                            "epochs (instead of --save_every_n_epochs)")
-    save_last_n_steps: Optional[int] = opt(None, "keep only the step saves of the last N steps (older ones are "
-                                           "removed)")
-    save_state: bool = opt(False, "save the training state (optimizer, scheduler, progress) with each model save "
-                           "and on Ctrl-C, for --resume")
-    resume: Optional[str] = opt(None, "continue from a state folder written by --save_state")
-    overwrite: bool = opt(False, "start afresh where an earlier run left checkpoints or states under the same "
-                          "--output_dir and --output_name: they are deleted first (without this, such a run is "
-                          "refused, naming the files)")
-    sample_prompts: Optional[str] = opt(None, "prompt file (one prompt a line, inline --n --w --h --d --l --s) to "
-                                        "sample during training, into <output_dir>/sample/")
-    sample_every_n_steps: Optional[int] = opt(None, "sample every N steps")
-    sample_every_n_epochs: Optional[int] = opt(None, "sample every N epochs")
-    sample_sampler: str = opt("ddim", "sampler for training samples (as sdtune generate --sampler)")
-    logging_dir: Optional[str] = opt(None, "write TensorBoard logs under this folder")
-    log_prefix: str = opt("", "prefix of the TensorBoard run folder name")
-    # hypernetwork
-    hypernetwork_module: Optional[str] = opt(
-        None, "train a hypernetwork instead of the model (U-Net and text encoder frozen), saved as <name>.pt in "
-        "AUTOMATIC1111's format: 'default' = NovelAI's layout (sd-scripts' hypernetwork_nai is the same)",
-        choices=HYPERNETWORK_MODULES)
-    hypernetwork_weights: Optional[str] = opt(None, "start from this hypernetwork .pt (sdtune, AUTOMATIC1111 or "
-                                              "NovelAI); its layout replaces the --hypernetwork_* layout options")
-    hypernetwork_layer_structure: str = opt("1,2,1", "widths of each hypernetwork MLP as multiples of the attention "
-                                            "width, from 1 to 1 (1,2,1: d -> 2d -> d)")
-    hypernetwork_activation: str = opt(
-        "linear", "activation between the hypernetwork's layers (linear = none; swish is Hardswish, as in "
-        f"AUTOMATIC1111); ComfyUI's loader refuses {' and '.join(NOT_IN_COMFYUI)}", choices=ACTIVATION_CHOICES)
-    hypernetwork_layer_norm: bool = opt(False, "layer norm after each hypernetwork layer (ComfyUI's loader "
-                                        "applies it as A1111 does only with --hypernetwork_activation linear)")
-    hypernetwork_dropout: Optional[str] = opt(
-        None, "hypernetwork dropout: one probability for every hidden layer (e.g. 0.3), or AUTOMATIC1111's dropout "
-        "structure, one value per layer-structure entry, first and last 0 (e.g. 0,0.05,0.15,0)")
 
 
 # ------------------------------------------------------------------------------------------------ validation

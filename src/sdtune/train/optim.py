@@ -15,11 +15,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.train.options import LR_SCHEDULERS, OPTIMIZERS
 from sdtune.train.precision import stochastic_round
 from sdtune.train.rng import derived_seed
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "SGDNesterov")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def parse_optimizer_args(items: Iterable[str]) -> dict[str, Any]:

@@ -1,0 +1,23 @@
+"""Names that option declarations need without importing torch (so that ``sdtune train --help`` is instant).
+
+The modules that implement them (``models.io``, ``models.hypernetwork``) import these; nothing is declared twice.
+"""
+
+from __future__ import annotations
+
+SAVE_FORMATS: tuple[str, ...] = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
+
+# sd-scripts' --hypernetwork_module names a Python module; its hypernetwork_nai is NovelAI's layout, the default.
+HYPERNETWORK_MODULES: tuple[str, ...] = ("default", "hypernetwork_nai", "networks.hypernetwork_nai")
+
+# AUTOMATIC1111's activation table, in its order (models.hypernetwork maps each to its torch class). Note "swish" is
+# Hardswish there, not SiLU: files written with "swish" depend on it.
+A1111_ACTIVATION_NAMES: tuple[str, ...] = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid")
+# What --hypernetwork_activation offers: A1111's table plus two of torch's that ComfyUI also knows, and two that
+# only A1111 loads.
+ACTIVATION_CHOICES: tuple[str, ...] = (*A1111_ACTIVATION_NAMES, "softsign", "mish", "gelu", "silu")
+# comfy/hypernetwork.py load_hypernetwork_patch refuses any other activation_func (it logs an error and loads
+# nothing).
+COMFYUI_ACTIVATIONS: frozenset[str] = frozenset(
+    {"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"})
+NOT_IN_COMFYUI: tuple[str, ...] = tuple(a for a in ACTIVATION_CHOICES if a not in COMFYUI_ACTIVATIONS)
