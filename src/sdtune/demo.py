@@ -54,6 +54,10 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
 SHAPES = ("circle", "square", "triangle")
 # (width, height) of the pictures: mostly square, two landscape and two portrait ones for the aspect buckets.
 SIZES = ((64, 64),) * 8 + ((80, 48), (48, 80)) * 2
+# What a new user sees in images/ and should not take for a bug.
+NOISE_NOTE = ("The generated images look like coloured noise: that is what a tiny randomly initialised model gives "
+              "after a minute of training. The demo checks that every stage works and the files agree, not image "
+              "quality; a real base model (e.g. SD 1.5) gives real images.")
 AGREE_LEVELS = 2  # pixel levels (of 255) within which two exports' images count as the same
 
 
@@ -123,6 +127,7 @@ class DemoSummary:
         lines.append(f"TensorBoard: tensorboard --logdir {self.workdir / 'logs'}")
         lines.append(f"PNG metadata: sdtune generate writes the prompt and settings into each image "
                      f"({self.workdir / 'images'})")
+        lines.append(NOISE_NOTE)
         return "\n".join(lines)
 
 

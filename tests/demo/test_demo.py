@@ -31,6 +31,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--workdir", str(workdir)]) == 0
     report = capsys.readouterr().out
     assert "loss fell" in report and str(workdir) in report
+    # the noise-like images are explained, not left for the user to take as a bug
+    assert "look like coloured noise" in report and "randomly initialised" in report
 
     # dataset: every picture with its caption, tags and latent cache (with the flipped copy)
     images = sorted((workdir / "dataset").glob("*.png"))
