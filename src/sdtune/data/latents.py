@@ -377,7 +377,7 @@ class PrepareOptions:
     bucket_reso_steps: int = opt(64, "bucket sides are multiples of this")
     bucket_no_upscale: bool = opt(False, "never enlarge images: each gets a bucket of its own size (floored to the "
                                          "step; --min/max_bucket_reso do not apply, as in sd-scripts)")
-    mixed_precision: str = opt("no", f"precision the VAE runs in ({HALF_ON_CPU_HELP})", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = opt("no", f"precision the VAE runs in; {HALF_ON_CPU_HELP}", choices=("no", "fp16", "bf16"))
     full_path: bool = opt(False, "metadata keys are absolute image paths (as written by merge --full_path)")
     flip_aug: bool = opt(False, "also cache the latents of the horizontally mirrored image")
     skip_existing: bool = opt(False, "reuse latent files still valid for this image, bucket and VAE")
