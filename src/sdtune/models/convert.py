@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from sdtune.errors import SdtuneError
-from sdtune.models.io import SAVE_FORMATS, load_model, model_summary, save_model
+from sdtune.models.choices import SAVE_FORMATS
 from sdtune.options import opt
 
 logger = logging.getLogger(__name__)
@@ -44,6 +42,8 @@ def infer_format(dst: Path) -> str:
 
 
 def _whole_number(value: object) -> int | None:
+    import torch
+
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, str):
@@ -58,6 +58,8 @@ def recorded_progress(src: Path) -> dict[str, int]:
     """The epoch and step a single file records: a .safetensors' ``epoch`` / ``global_step`` metadata (sdtune's),
     a .ckpt's top-level ``epoch`` / ``global_step`` (LDM's, sd-scripts' and sdtune's layout). A diffusers folder
     records neither. Read after the model loaded, so the file is known to be readable."""
+    import torch  # heavy imports only when the command runs: --help stays instant
+
     if not src.is_file():
         return {}
     if src.suffix.lower() == ".safetensors":
@@ -77,6 +79,8 @@ def recorded_progress(src: Path) -> dict[str, int]:
 
 
 def convert_command(opts: ConvertOptions) -> int:
+    from sdtune.models.io import load_model, model_summary, save_model  # heavy imports only when the command runs
+
     fmt = opts.save_model_as or infer_format(Path(opts.dst))
     if Path(opts.dst).resolve() == Path(opts.src).resolve():
         raise SdtuneError(f"{opts.dst}: the destination is the source; choose another path")
