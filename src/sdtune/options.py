@@ -299,6 +299,25 @@ def _coerce(value: Any, tp: Any, name: str, source: str = "") -> Any:
         raise wrong() from None
 
 
+_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
+def _bind_bool_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--flag`` followed by anything but a true/false word becomes ``--flag=true``, so that the flag does not
+    swallow the next argument: ``sdtune tag --recursive images/`` means the folder, as in sd-scripts."""
+    flags = {name for action in parser._actions if action.type is _parse_bool for name in action.option_strings}
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            out.extend(argv[i:])
+            break
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if token in flags and (following is None or following.strip().lower() not in _BOOL_WORDS):
+            token += "=true"
+        out.append(token)
+    return out
+
+
 def _config_path(argv: Sequence[str]) -> Path | None:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config_file", "--config-file", dest="config_file", type=Path, default=None)
@@ -338,7 +357,7 @@ def parse_options(cls: type[T], argv: Sequence[str], prog: str, description: str
         values = read_config_file(config_path, cls, command, commands)
     parser = build_parser(cls, prog, description, config_positionals=set(values) & positional)
     parser.set_defaults(**{k: _FromConfig(v) for k, v in values.items() if k not in positional})
-    first, extras = parser.parse_known_args(argv)
+    first, extras = parser.parse_known_args(_bind_bool_values(parser, argv))
     if extras:
         _unknown_arguments(parser, extras)  # type: ignore[arg-type]
     if first.debug:

@@ -84,6 +84,10 @@ def test_sd_scripts_tag_and_prefix_options_are_not_ambiguous(tmp_path):
 
     opts = parse_options(TagOptions, [str(tmp_path), "--onnx", "--character_tags_first"], "sdtune tag")
     assert opts.onnx and opts.character_tags_first
+    # sd-scripts' order, the flag before the folder: the flag does not take the folder for its value
+    opts = parse_options(TagOptions, ["--onnx", "--recursive", str(tmp_path)], "sdtune tag")
+    assert opts.onnx and opts.recursive and opts.train_data_dir == tmp_path
+    assert parse_options(TagOptions, ["--recursive", "no", str(tmp_path)], "sdtune tag").recursive is False
     # a prefix is not silently taken for another option
     with pytest.raises(SystemExit):
         parse_options(TagOptions, [str(tmp_path), "--onnx_prov", "CPU"], "sdtune tag")
