@@ -257,6 +257,7 @@ def test_half_precision_on_the_cpu_is_warned_about_before_the_model_loads(tmp_pa
         main(["generate", "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--dtype", "fp16",
               "--device", "cpu", "--outdir", str(tmp_path / "out")])
     assert "--dtype fp16 on the CPU" in caplog.text and "--dtype float" in caplog.text
+    assert "many times slower than float32" in caplog.text  # how much it costs, not only "slow or unsupported"
     caplog.clear()
     with caplog.at_level("WARNING", logger="sdtune"):
         main(["generate", "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--device", "cpu",
