@@ -701,6 +701,7 @@ class Trainer:
         self.setup()
         self.announce()
         self.open_logs()
+        self.redo_cut_short_samples()
         opts, progress, plan = self.opts, self.progress, self.plan
         bar = tqdm(total=plan.total_steps, initial=progress.global_step, desc="train", unit="step",
                    disable=not self.is_main, dynamic_ncols=True, file=TolerantStream(sys.stderr))
@@ -813,6 +814,21 @@ class Trainer:
     def after_step(self) -> None:
         n = self.opts.sample_every_n_steps
         if self.opts.sample_prompts and n and self.progress.global_step % n == 0:
+            self.sample()
+
+    def redo_cut_short_samples(self) -> None:
+        """On --resume: the samples due at the step the state was saved (a Ctrl-C during sampling saves the state of
+        that step boundary, with none of its sample images written) are made now, so no sample step is missing."""
+        o, p = self.opts, self.progress
+        if not (o.resume and o.sample_prompts and p.global_step):
+            return
+        due = bool(o.sample_every_n_steps and p.global_step % o.sample_every_n_steps == 0) or bool(
+            o.sample_every_n_epochs and p.batch_in_epoch == 0 and p.epoch and p.epoch % o.sample_every_n_epochs == 0)
+        from sdtune.train.samples import sample_path
+
+        if due and not sample_path(self.output_dir / "sample", o.output_name, p.global_step, 0).exists():
+            if self.is_main:
+                logger.info("step %d: its samples were cut short when the run stopped; making them now", p.global_step)
             self.sample()
 
     def after_epoch(self) -> None:
