@@ -6,6 +6,15 @@
 * ``build_tiny_tagger(folder)``: a WD14-style tagger (``model.onnx`` + ``selected_tags.csv``) whose scores are
   known in closed form: ``sigmoid(W . mean_bgr / 255 + b)`` over the preprocessed image, so that a test can predict
   which tags pass a threshold. Needs the ``onnx`` package (a test dependency), imported when called.
+
+To try ``sdtune caption`` / ``sdtune tag`` without downloading a model::
+
+    python -m sdtune.label.tiny tiny-labelers/      # writes tiny-labelers/blip and tiny-labelers/tagger
+    sdtune caption images/ --model tiny-labelers/blip
+    sdtune tag images/ --model_dir tiny-labelers/tagger
+
+The captions are random words and the tags follow colour, as a random tiny model gives: they show the files and
+the flow, not quality.
 """
 
 from __future__ import annotations
@@ -142,3 +151,24 @@ def build_tiny_tagger(
         for index, tag in enumerate(tags):
             writer.writerow([100000 + index, tag.name, tag.category, 1000 - index])
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import importlib.util
+
+    parser = argparse.ArgumentParser(prog="python -m sdtune.label.tiny",
+                                     description="Build a tiny BLIP captioner and WD14-style tagger to try "
+                                                 "sdtune caption / sdtune tag offline.")
+    parser.add_argument("out", type=Path, help="folder for blip/ and tagger/")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("onnx") is None:
+        parser.error("building the tagger needs the onnx package: pip install onnx")
+    blip, tagger = build_tiny_blip(args.out / "blip"), build_tiny_tagger(args.out / "tagger")
+    print(f"wrote {blip} and {tagger}; try:\n  sdtune caption IMAGES --model {blip}\n"
+          f"  sdtune tag IMAGES --model_dir {tagger}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
