@@ -29,6 +29,7 @@ from sdtune import __version__
 from sdtune.atomic import atomic_dir, atomic_path
 from sdtune.errors import ConversionError, ModelLoadError
 from sdtune.models.choices import SAVE_FORMATS
+from sdtune.models.config_check import parse_configs, validate_configs
 from sdtune.models.families import FAMILIES, SD1, SD2, SD2_V, Family, get_family
 from sdtune.models.ldm_keys import (
     VAE_ROOT,
@@ -377,7 +378,9 @@ def _load_single_file(path: Path, v2: bool | None, v_parameterization: bool | No
     for marker in MARKER_KEYS:  # read above; not weights
         sd.pop(marker, None)
     if _META_CONFIGS in metadata:
-        configs = json.loads(metadata[_META_CONFIGS])
+        # untrusted header text: checked against the family and the weights before anything is built
+        configs = validate_configs(parse_configs(metadata[_META_CONFIGS], path, _META_CONFIGS), family, path,
+                                   _META_CONFIGS, sd)
     else:
         configs = family.configs()
         conv_in = sd.get("model.diffusion_model.input_blocks.0.0.weight")
@@ -434,7 +437,7 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
         if any(k.startswith("encoder.down.") for k in sd):  # LDM layout
             # sdtune's own files carry their configs; any other VAE's layout is read from its shapes
             if _META_CONFIGS in metadata:
-                config = json.loads(metadata[_META_CONFIGS])["vae"]
+                config = _header_vae_config(metadata, path)
             else:
                 config = _infer_vae_config(sd, path)
                 # the same layout but the family's sample_size (which sizes tiles only): take the family's config
@@ -465,6 +468,21 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32) -> Autoenco
     except RuntimeError as exc:
         raise ModelLoadError(f"{source}: the VAE weights do not fit an SD VAE: {str(exc)[:400]}") from exc
     return place(vae, dtype=dtype).eval()
+
+
+def _header_vae_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The VAE config of a file's ``sdtune.configs``, checked as :func:`validate_configs` checks a whole model's
+    (against the family the header names, else SD1's VAE, which every SD 1.x/2.x family shares)."""
+    configs = parse_configs(metadata[_META_CONFIGS], path, _META_CONFIGS)
+    family = SD1
+    if _META_FAMILY in metadata:
+        try:
+            family = get_family(metadata[_META_FAMILY])
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+    reference = family.configs()
+    checked = validate_configs({**reference, "vae": configs.get("vae")}, family, path, _META_CONFIGS)
+    return checked["vae"]
 
 
 def _infer_vae_config(ldm_vae: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:

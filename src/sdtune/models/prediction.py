@@ -82,12 +82,10 @@ def _sdtune_signal(path: Path, metadata: Mapping[str, str]) -> Decision | None:
                                  "'v_prediction'; pass --v_parameterization true or false")
         return Decision(value, f"sdtune metadata ({META_PREDICTION}={value})")
     if META_CONFIGS in metadata:
-        try:
-            value = json.loads(metadata[META_CONFIGS]).get("scheduler", {}).get("prediction_type")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ModelLoadError(f"{path}: its metadata {META_CONFIGS} is not a JSON object of component configs "
-                                 f"({exc}); the file header is damaged: pass --v_parameterization true or false") \
-                from exc
+        from sdtune.models.config_check import parse_configs
+
+        scheduler = parse_configs(metadata[META_CONFIGS], Path(path), META_CONFIGS).get("scheduler", {})
+        value = scheduler.get("prediction_type") if isinstance(scheduler, dict) else None
         if value in (EPSILON, V):
             return Decision(value, f"sdtune metadata ({META_CONFIGS} scheduler prediction_type={value})")
     if META_FAMILY in metadata:
