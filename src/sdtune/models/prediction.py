@@ -26,7 +26,6 @@ only for fine-tunes close to the released weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import dataclass

@@ -16,11 +16,14 @@ needed for an exact resume. The folder is written atomically (a new folder renam
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdtune.atomic import atomic_dir
@@ -44,9 +47,13 @@ class Progress:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        kinds = {f.name: f.type for f in fields(self)}
         for key, value in state.items():
             if not hasattr(self, key):
                 raise SdtuneError(f"unknown field {key!r} in progress.json (written by a newer sdtune?)")
+            # every field is a count: a damaged or edited file must not reach the loop as a string or a float
+            if kinds[key] in (int, "int") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise SdtuneError(f"progress.json: {key} is {value!r}; expected a whole number >= 0")
             setattr(self, key, value)
 
 
@@ -74,11 +81,50 @@ def read_progress(folder: Path) -> Progress:
                           "--save_state wrote, e.g. <output_dir>/last-state")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SdtuneError(f"{path}: damaged ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SdtuneError(f"{path}: damaged ({type(exc).__name__}: {str(exc)[:200]}); resume from another state "
+                          "folder (e.g. an earlier <output_dir>/*-state)") from exc
+    if not isinstance(data, dict):
+        raise SdtuneError(f"{path}: damaged (a JSON {type(data).__name__}, not an object); resume from another "
+                          "state folder")
     progress = Progress()
-    progress.load_state_dict(data)
+    try:
+        progress.load_state_dict(data)
+    except SdtuneError as exc:
+        raise SdtuneError(f"{path}: {str(exc).removeprefix('progress.json: ')}") from exc
     return progress
+
+
+_DAMAGED = ("; the state folder is damaged (a copy cut short, a full disk?) or was altered: resume from another "
+            "state folder (e.g. an earlier <output_dir>/*-state), or start again without --resume")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SdtuneError(f"{path}: not a readable .safetensors file ({exc})" + _DAMAGED) from exc
+
+
+def _load_pickle(path: Path) -> Any:
+    """A .pt of the state folder, read with weights_only=True (never anything else: a state folder may come from
+    anywhere), every failure as an error naming the file."""
+    if not path.is_file():
+        raise SdtuneError(f"{path}: missing" + _DAMAGED)
+    try:
+        return torch.load(str(path), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        from sdtune.models.io import _unpickling_reason
+
+        detail = _unpickling_reason(exc)
+        if "global" in detail.lower():
+            raise SdtuneError(f"{path}: refused to load: it asks to build objects other than tensors ({detail}), "
+                              "which is how a pickle runs code. sdtune never writes such a file: it was replaced; "
+                              "do not use this state folder") from exc
+        raise SdtuneError(f"{path}: not readable by PyTorch's safe loader ({detail})" + _DAMAGED) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+            UnicodeDecodeError, zipfile.BadZipFile) as exc:  # what the unpickler raises on garbage
+        raise SdtuneError(f"{path}: not readable ({type(exc).__name__}: {str(exc)[:200]})" + _DAMAGED) from exc
 
 
 def load_module_weights(folder: Path, name: str, module: torch.nn.Module) -> None:
@@ -86,12 +132,27 @@ def load_module_weights(folder: Path, name: str, module: torch.nn.Module) -> Non
     if not path.is_file():
         raise SdtuneError(f"{folder}: has no {name}.safetensors; was the state saved with the same options "
                           "(--train_text_encoder, hypernetwork)?")
-    module.load_state_dict(load_file(str(path)), strict=True)
+    module.load_state_dict(_load_tensors(path), strict=True)
 
 
 def load_optimizer_and_scheduler(folder: Path, optimizer, scheduler) -> dict[str, Any] | None:
     folder = Path(folder)
-    optimizer.load_state_dict(torch.load(str(folder / "optimizer.pt"), weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(str(folder / "scheduler.pt"), weights_only=True))
+    optimizer_state = _load_pickle(folder / "optimizer.pt")
+    scheduler_state = _load_pickle(folder / "scheduler.pt")
+    for name, state in (("optimizer.pt", optimizer_state), ("scheduler.pt", scheduler_state)):
+        if not isinstance(state, dict):
+            raise SdtuneError(f"{folder / name}: holds a {type(state).__name__}, not a state dict" + _DAMAGED)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError) as exc:  # torch: "loaded state dict contains a parameter group ..."
+        raise SdtuneError(f"{folder / 'optimizer.pt'}: does not fit this run's optimizer ({exc}); resume with the "
+                          "options the state was saved with (--optimizer_type, --train_text_encoder, "
+                          "hypernetwork)") from exc
+    scheduler.load_state_dict(scheduler_state)
     scaler = folder / "scaler.json"
-    return json.loads(scaler.read_text(encoding="utf-8")) if scaler.is_file() else None
+    if not scaler.is_file():
+        return None
+    try:
+        return json.loads(scaler.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SdtuneError(f"{scaler}: damaged ({type(exc).__name__})" + _DAMAGED) from exc
