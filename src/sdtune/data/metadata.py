@@ -151,7 +151,9 @@ def parse_metadata(text: str, source: str | Path = "<metadata>") -> Images:
 def parse_jsonl(text: str, source: str | Path = "<metadata>") -> Images:
     """sd-scripts' JSON Lines metadata: ``{"image_path": key, "caption": ..., ...}`` a line (blank lines skipped)."""
     images: Images = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only, as sd-scripts reads them: str.splitlines also cuts at U+2028, U+2029, form feed,
+    # vertical tab and others, which json.dumps(ensure_ascii=False) leaves raw inside a caption.
+    for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
         if not line.strip():
             continue
         try:
