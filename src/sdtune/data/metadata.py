@@ -58,18 +58,25 @@ METADATA_VERSION = 1
 VERSION_KEY = "sdtune_metadata_version"
 
 #: Per-image keys and a check for each value (a description of what is expected, and the test).
+MAX_TRAIN_SIDE = 16384  # 16k-pixel buckets: 4x SDXL's largest; the latents of one such image take 1 GB
+MAX_IMAGE_SIDE = 1 << 20
 IMAGE_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "caption": ("a string", lambda v: isinstance(v, str)),
     "tags": ("a string", lambda v: isinstance(v, str)),
-    "train_resolution": ("[width, height], two positive integers", lambda v: _is_size(v)),
-    "image_size": ("[width, height], two positive integers", lambda v: _is_size(v)),
+    # A bucket is what prepare wrote: multiples of 8 (the VAE's downscale; of --bucket_reso_steps normally), within
+    # MAX_TRAIN_SIDE. Without the check [63, 64] was trained (cropped to a shape no bucket has) and [2**40, 64]
+    # ended in an OverflowError traceback.
+    "train_resolution": (f"[width, height], two multiples of 8 from 8 to {MAX_TRAIN_SIDE} (what sdtune prepare "
+                         "writes: run it again)", lambda v: _is_size(v, MAX_TRAIN_SIDE, 8)),
+    "image_size": (f"[width, height], two positive integers up to {MAX_IMAGE_SIDE}",
+                   lambda v: _is_size(v, MAX_IMAGE_SIDE)),
 }
 JSONL_PATH_KEY = "image_path"  # sd-scripts' JSONL: the image key of each line
 
 
-def _is_size(v: Any) -> bool:
+def _is_size(v: Any, largest: int, multiple: int = 1) -> bool:
     return isinstance(v, (list, tuple)) and len(v) == 2 and all(
-        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+        isinstance(x, int) and not isinstance(x, bool) and 0 < x <= largest and x % multiple == 0 for x in v)
 
 Images = dict[str, dict[str, Any]]
 
@@ -139,6 +146,9 @@ def parse_metadata(text: str, source: str | Path = "<metadata>") -> Images:
     except json.JSONDecodeError as exc:
         raise MetadataError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); fix the "
                             "file or delete it to start over") from None
+    except RecursionError:
+        raise MetadataError(f"{source}: JSON nested too deeply to be metadata (an object of images, each an object "
+                            "of caption/tags/train_resolution); fix the file or delete it to start over") from None
     if not isinstance(doc, dict):
         raise MetadataError(f"{source}: expected a JSON object at the top level, found {type(doc).__name__}")
     doc = migrate(doc, source)
@@ -161,6 +171,9 @@ def parse_jsonl(text: str, source: str | Path = "<metadata>") -> Images:
         except json.JSONDecodeError as exc:
             raise MetadataError(f"{source}: line {number} is not valid JSON ({exc.msg}); fix the line or delete "
                                 "it") from None
+        except RecursionError:
+            raise MetadataError(f"{source}: line {number} is JSON nested too deeply to be an image's entry; fix the "
+                                "line or delete it") from None
         if not isinstance(entry, dict) or not isinstance(entry.get(JSONL_PATH_KEY), str):
             raise MetadataError(f"{source}: line {number} must be an object with an {JSONL_PATH_KEY!r} string, as "
                                 "sd-scripts writes it")

@@ -284,6 +284,9 @@ class Trainer:
     def setup(self) -> None:
         opts = self.opts
         weight_dtype = torch.float16 if opts.full_fp16 else torch.bfloat16 if opts.full_bf16 else torch.float32
+        # the metadata and the folder first: a bad --in_json must not cost a full model load (issue 12 item 7)
+        self.data = FineTuneData.from_metadata(load_metadata(opts.in_json), opts.train_data_dir,
+                                               opts.dataset_repeats, opts.full_path, opts.recursive)
         with self.accelerator.main_process_first():
             self.model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2,
                                     v_parameterization=opts.v_parameterization, vae=opts.vae,
@@ -305,8 +308,6 @@ class Trainer:
                 if name in self.provenance and self.provenance[name] != value:
                     logger.warning("--%s %s: the state was trained with --%s %s; the text conditioning changes "
                                    "from here on", name, value, name, self.provenance[name])
-        self.data = FineTuneData.from_metadata(load_metadata(opts.in_json), opts.train_data_dir,
-                                               opts.dataset_repeats, opts.full_path, opts.recursive)
         model.vae.to(self.device)
         self.encodes_on_the_fly = self.data.encode_missing(model.vae)
         if self.encodes_on_the_fly:
