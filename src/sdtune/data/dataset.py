@@ -182,6 +182,11 @@ class FineTuneData:
                 lat = self.in_memory[key]
             else:
                 cached = load_latent_file(ex.latents)
+                if cached.train_resolution != ex.bucket:  # replaced since the run started
+                    raise LatentFileError(f"{ex.latents}: latents for a {cached.train_resolution[0]}x"
+                                          f"{cached.train_resolution[1]} bucket; the metadata puts the image in "
+                                          f"{ex.bucket[0]}x{ex.bucket[1]}. The file changed during the run: run "
+                                          "sdtune prepare again, then resume")
                 use_flip = cached.latents_flipped is not None and rng.random() < 0.5
                 lat = torch.from_numpy(cached.latents_flipped if use_flip else cached.latents)
             caption = caption_rules.apply(ex.caption, epoch, rng)

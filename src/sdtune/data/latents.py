@@ -143,7 +143,7 @@ def load_latent_file(path: str | Path) -> LatentCache:
                 raise LatentFileError(f"{path}: latent format version {version} is not supported (expected "
                                       f"{LATENT_FORMAT_VERSION}); run sdtune prepare again")
             crop = tuple(int(v) for v in z["crop_ltrb"])
-            return LatentCache(
+            cache = LatentCache(
                 latents=z["latents"],
                 latents_flipped=z["latents_flipped"] if "latents_flipped" in z.files else None,
                 original_size=_pair(z["original_size"]),
@@ -162,6 +162,25 @@ def load_latent_file(path: str | Path) -> LatentCache:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise LatentFileError(f"{path}: damaged latent file ({type(exc).__name__}: {exc}); delete it and run "
                               "sdtune prepare again") from None
+    check_latents(path, cache.latents, cache.train_resolution)
+    if cache.latents_flipped is not None:
+        check_latents(path, cache.latents_flipped, cache.train_resolution, "latents_flipped")
+    return cache
+
+
+def check_latents(path: Path, latents: np.ndarray, train_resolution: Reso, name: str = "latents") -> None:
+    """Raise ``LatentFileError`` naming ``path`` unless ``latents`` is a finite float array [C, H/8, W/8] for a
+    bucket of ``train_resolution`` (W, H). Without this a wrong-shape file stopped a run mid-way in torch.stack
+    with no file named, and NaN latents were reported as a NaN loss, blamed on the learning rate."""
+    w, h = train_resolution
+    if latents.ndim != 3 or latents.dtype.kind != "f" or tuple(latents.shape[1:]) != (h // 8, w // 8):
+        raise LatentFileError(f"{path}: {name} has shape {tuple(latents.shape)} ({latents.dtype}); a {w}x{h} bucket "
+                              f"needs [channels, {h // 8}, {w // 8}] floats. Delete the file and run sdtune prepare "
+                              "again")
+    if not np.isfinite(latents).all():
+        raise LatentFileError(f"{path}: {name} contains NaN or infinite values (a damaged file, or the VAE "
+                              "overflowed in fp16 when it was made: prepare with --mixed_precision no). Delete the "
+                              "file and run sdtune prepare again")
 
 
 def stored_cache_key(path: Path) -> str | None:
