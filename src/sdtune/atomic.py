@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -160,3 +162,37 @@ def check_writable(folders: Iterable[tuple[str, Path]]) -> None:
         except OSError as exc:
             raise SdtuneError(f"{option} {folder}: cannot write there ({exc.strerror or exc}); choose a folder you "
                               "can write to, or fix its permissions") from exc
+
+
+# A temporary of this module: ".{target name}.tmp-{8 hex digits}{suffix}" (see _fresh_name); nothing else matches.
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{8}(\.[^/]*)?$")
+STALE_AFTER_S = 3600.0
+
+
+def clean_stale_temporaries(folder: str | Path, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporaries an atomic write left in ``folder`` when its process was killed (SIGKILL, power cut):
+    only names of this module's pattern, and only those not modified for ``older_than_s`` seconds, so a write in
+    progress by another run is never touched. Returns what was removed; a temporary that cannot be removed is
+    left and not counted (the run does not depend on it)."""
+    removed: list[Path] = []
+    folder = Path(folder)
+    now = time.time()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed  # a folder that cannot be listed is reported by whatever reads it next
+    for entry in entries:
+        if not _TEMP_NAME.match(entry.name):
+            continue
+        try:
+            info = entry.lstat()
+            if now - info.st_mtime < older_than_s:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue  # in use, or removed by another run meanwhile: nothing of this run depends on it
+        removed.append(entry)
+    return removed

@@ -60,7 +60,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sdtune.atomic import atomic_path
+from sdtune.atomic import atomic_path, check_writable, clean_stale_temporaries
 from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket_table
 from sdtune.data.images import (
     DEFAULT_MAX_PIXELS, ImageError, image_size, list_image_files, list_images, open_image, other_images_message)
@@ -483,6 +483,27 @@ def _load_vae(model: str) -> AutoencoderKL:
     return load_vae(model, torch.float32)
 
 
+def _check_folders(options: PrepareOptions, paths: list[Path]) -> None:
+    """Before the VAE loads: every folder that will get latent files, and the --out_json folder, must be writable
+    (a read-only image folder used to fail at the first write, naming a temporary file); temporaries a killed
+    prepare left there are removed."""
+    folders = sorted({path.parent for path in paths}) or [Path(options.train_data_dir)]
+    out_folder = Path(options.out_json).parent
+    for option, folder in [*(("--train_data_dir", f) for f in folders), ("--out_json", out_folder)]:
+        try:
+            check_writable([(option, folder)])
+        except SdtuneError as exc:
+            if option == "--train_data_dir":
+                raise SdtuneError(f"{exc}. prepare writes each image's latent cache (<image stem>.npz) beside it"
+                                  ) from exc
+            raise
+    for folder in {*folders, out_folder}:
+        removed = clean_stale_temporaries(folder)
+        if removed:
+            logger.warning("%s: removed %d temporary file(s) left by an interrupted run (e.g. %s)", folder,
+                           len(removed), removed[0].name)
+
+
 def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -> PrepareSummary:
     """The ``prepare`` stage. ``vae`` replaces loading ``options.model_name_or_path`` (tests, benchmarks, or a
     caller that has the model already); it is moved to ``--device`` and cast to ``--mixed_precision`` in place."""
@@ -513,6 +534,7 @@ def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -
     warned = coverage.warnings(options.in_json, options.train_data_dir)
     for message in warned:
         logger.warning(message)
+    _check_folders(options, paths)
 
     jobs: list[Job] = []
     failed_keys: list[str] = []
