@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sdtune.errors import SdtuneError
+
+logger = logging.getLogger(__name__)
 
 _ATTEMPTS = 100
 
@@ -195,4 +198,7 @@ def clean_stale_temporaries(folder: str | Path, older_than_s: float = STALE_AFTE
         except OSError:
             continue  # in use, or removed by another run meanwhile: nothing of this run depends on it
         removed.append(entry)
+    if removed:
+        logger.warning("%s: removed %d temporary file(s) left by an interrupted run (e.g. %s)", folder, len(removed),
+                       removed[0].name)
     return removed

@@ -74,3 +74,22 @@ def test_stale_temporaries_of_a_killed_prepare_are_removed_at_the_next_run(folde
     assert not stale.exists() and not stale_json.exists()
     assert fresh.exists() and users.exists()
     assert any("removed 1 temporary file(s) left by an interrupted run" in r.getMessage() for r in caplog.records)
+
+
+def test_stale_temporaries_of_a_killed_train_are_removed_at_the_next_run(prepared, tmp_path, caplog):
+    model, train_dir, meta = prepared("sd1")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale_file = out / ".last.safetensors.tmp-0badc0de.safetensors"  # a checkpoint cut short by SIGKILL
+    stale_file.write_bytes(b"half a checkpoint")
+    stale_state = out / ".last-state.tmp-feedface.tmp"  # a state folder cut short
+    stale_state.mkdir()
+    (stale_state / "unet.safetensors").write_bytes(b"half")
+    for path in (stale_state / "unet.safetensors", stale_state, stale_file):
+        _age(path, 2 * 3600)
+    code = main(["train", "--pretrained_model_name_or_path", str(model), "--in_json", str(meta),
+                 "--train_data_dir", str(train_dir), "--output_dir", str(out), "--max_train_steps", "1",
+                 "--train_batch_size", "1", "--max_data_loader_n_workers", "0"])
+    assert code == 0
+    assert not stale_file.exists() and not stale_state.exists()
+    assert any("left by an interrupted run" in r.getMessage() for r in caplog.records)

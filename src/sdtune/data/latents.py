@@ -497,11 +497,8 @@ def _check_folders(options: PrepareOptions, paths: list[Path]) -> None:
                 raise SdtuneError(f"{exc}. prepare writes each image's latent cache (<image stem>.npz) beside it"
                                   ) from exc
             raise
-    for folder in {*folders, out_folder}:
-        removed = clean_stale_temporaries(folder)
-        if removed:
-            logger.warning("%s: removed %d temporary file(s) left by an interrupted run (e.g. %s)", folder,
-                           len(removed), removed[0].name)
+    for folder in sorted({*folders, out_folder}):
+        clean_stale_temporaries(folder)
 
 
 def prepare_latents(options: PrepareOptions, vae: AutoencoderKL | None = None) -> PrepareSummary:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sdtune.atomic import clean_stale_temporaries
 from sdtune.data.dataset import CaptionRules, FineTuneData, RunBatches, run_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
@@ -681,6 +682,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             self.run_lock.acquire()
+            for folder in (self.output_dir, self.output_dir / "sample"):  # what a killed run left (issue 12 item 7)
+                clean_stale_temporaries(folder)
             for path in earlier:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
