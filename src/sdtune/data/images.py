@@ -21,6 +21,7 @@ half grey: better skipped and reported than trained on).
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import struct
@@ -87,10 +88,43 @@ def list_image_files(folder: str | Path, recursive: bool = False) -> tuple[list[
     if not folder.is_dir():
         raise SdtuneError(f"image folder {folder} does not exist or is not a folder; pass the folder of training "
                           "images")
-    candidates = [p for p in (folder.rglob("*") if recursive else folder.iterdir())
-                  if not p.name.startswith(".") and p.is_file()]
+    entries = _walk(folder) if recursive else list(folder.iterdir())
+    candidates = [p for p in entries if not p.name.startswith(".") and p.is_file()]
     return (sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS),
             sorted(p for p in candidates if p.suffix.lower() in OTHER_IMAGE_EXTENSIONS))
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every entry below ``folder``, symbolic links to folders followed once: a folder reached a second time (a
+    link loop, or two links to one folder) is not listed again, and is named in a warning. ``Path.rglob`` before
+    Python 3.13 skipped linked folders without a word (issue 12 item 7)."""
+    seen: dict[tuple[int, int], Path] = {}
+    out: list[Path] = []
+    skipped: list[tuple[Path, Path]] = []
+    # folders reached without a link first, so that a folder linked from elsewhere keeps its own path
+    pending: collections.deque[Path] = collections.deque([folder])
+    links: collections.deque[Path] = collections.deque()
+    while pending or links:
+        current = pending.popleft() if pending else links.popleft()
+        try:
+            info = current.stat()
+            entries = sorted(current.iterdir())
+        except OSError as exc:
+            logger.warning("%s: cannot be listed (%s); its images are left out", current, exc.strerror or exc)
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            skipped.append((current, seen[key]))
+            continue
+        seen[key] = current
+        for entry in entries:
+            out.append(entry)
+            if entry.is_dir():  # follows a link
+                (links if entry.is_symlink() else pending).append(entry)
+    for link, first in skipped:
+        logger.warning("%s: the folder %s is listed already (as %s); a symbolic link leads to it again, so its "
+                       "images are taken once", link, first.resolve(), first)
+    return out
 
 
 def other_images_message(others: list[Path], folder: str | Path, limit: int = 20) -> str:
