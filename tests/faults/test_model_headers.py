@@ -145,3 +145,17 @@ def test_non_numeric_global_step_does_not_stop_a_load(tiny_file, tmp_path):
 def test_the_files_sdtune_writes_still_load(saved_model):
     for family in ("sd1", "sd2", "sd2-v"):
         assert load_model(saved_model(family, "safetensors")).family.name == family
+
+
+@pytest.mark.parametrize("key", ["model.diffusion_model.out.2.weight",  # the U-Net's last conv, as LDM names it
+                                 "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                                 "first_stage_model.decoder.conv_out.weight"])
+def test_a_wrong_shape_names_the_key_in_the_users_file(tiny_file, tmp_path, key):
+    tensors = load_file(str(tiny_file))
+    tensors[key] = tensors[key][:2].contiguous()
+    crafted = tmp_path / "reshaped.safetensors"
+    save_file(tensors, str(crafted), metadata=_header(tiny_file))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(crafted)
+    message = str(info.value)
+    assert "reshaped.safetensors" in message and key in message, message

@@ -33,6 +33,7 @@ from sdtune.models.config_check import parse_configs, validate_configs
 from sdtune.models.families import FAMILIES, SD1, SD2, SD2_V, Family, get_family
 from sdtune.models.ldm_keys import (
     VAE_ROOT,
+    KeyMap,
     build_key_map,
     detect_text_encoder,
     normalize_ldm_keys,
@@ -343,14 +344,16 @@ def _load_diffusers(folder: Path, v2: bool | None, v_parameterization: bool | No
 
 
 def _instantiate(configs: Mapping[str, Mapping[str, Any]], weights: Mapping[str, Mapping[str, torch.Tensor]],
-                 source: Path):
-    """Modules built without initialising weights (fast for full-size models), then loaded strictly."""
+                 source: Path, key_map: KeyMap | None = None):
+    """Modules built without initialising weights (fast for full-size models), then loaded strictly. ``key_map``
+    (a single file's) names a wrong tensor by its key in that file."""
     with init_empty_weights(include_buffers=False):
         modules = build_modules(dict(configs))
     for name, module in zip(("unet", "vae", "text_encoder"), modules):
         target = module.state_dict()
         prefixed = any(k.startswith("text_model.") for k in target)
         sd = {("text_model." + k if prefixed else k): v for k, v in weights[name].items()}
+        given = {("text_model." + k if prefixed else k): k for k in weights[name]}  # the key as converted
         missing = sorted(set(target) - set(sd))
         unexpected = sorted(set(sd) - set(target))
         if missing or unexpected:
@@ -362,8 +365,10 @@ def _instantiate(configs: Mapping[str, Mapping[str, Any]], weights: Mapping[str,
         wrong = [k for k, v in sd.items() if tuple(v.shape) != tuple(target[k].shape)]
         if wrong:
             k = wrong[0]
+            in_file = key_map.ldm_key(f"{name}.{given[k]}") if key_map is not None else None
+            where = f"{in_file} (diffusers {name} {k})" if in_file else k
             raise ModelLoadError(
-                f"{source}: {len(wrong)} {name} tensor(s) have another shape than the config expects, e.g. {k}: "
+                f"{source}: {len(wrong)} {name} tensor(s) have another shape than the config expects, e.g. {where}: "
                 f"{tuple(sd[k].shape)} vs {tuple(target[k].shape)}. Is this the right model family (--v2)?"
             )
         module.load_state_dict(sd, strict=True, assign=True)
@@ -392,7 +397,7 @@ def _load_single_file(path: Path, v2: bool | None, v_parameterization: bool | No
     except ConversionError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     weights = _split_components(converted)
-    unet, vae, text_encoder = _instantiate(configs, weights, path)
+    unet, vae, text_encoder = _instantiate(configs, weights, path, key_map)
     tok = load_tokenizer(tokenizer, family.pad_token)
     return StableDiffusion(family=family, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                            ldm_extras=extras)

@@ -216,6 +216,14 @@ class KeyMap:
                 out[key] = out[key][:, :, 0, 0]
         return out, extras
 
+    def ldm_key(self, diffusers_key: str) -> str | None:
+        """The LDM key a diffusers key (``unet.``/``vae.``/``text_encoder.`` prefixed) comes from, for messages
+        that must name the key as it is in the user's file; None when no rule maps it."""
+        for ldm_key, parts in self.fused:
+            if diffusers_key in parts:
+                return ldm_key
+        return _lookup_table({d: l for d, l in self.pairs}, diffusers_key)
+
     def _is_extra(self, key: str) -> bool:
         """OpenCLIP tensors diffusers' 23-layer text encoder has no place for: layers past the last one it keeps,
         the text projection and logit scale (A1111 and ComfyUI expect them in SD2 files)."""
