@@ -159,3 +159,15 @@ def test_a_wrong_shape_names_the_key_in_the_users_file(tiny_file, tmp_path, key)
         load_model(crafted)
     message = str(info.value)
     assert "reshaped.safetensors" in message and key in message, message
+
+
+@pytest.mark.parametrize("name, text", [("sdtune.json", "[1, 2]"), ("unet/config.json", "[" * 100_000 + "]" * 100_000),
+                                        ("text_encoder/config.json", '"text"')])
+def test_a_diffusers_folder_with_a_config_that_is_not_an_object_names_it(saved_model, tmp_path, name, text):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model("sd1", "diffusers_safetensors"), folder)
+    (folder / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=str(folder / name).replace("\\", "\\\\")):
+        load_model(folder)

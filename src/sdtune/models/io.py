@@ -302,11 +302,16 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: missing; the diffusers folder is incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ModelLoadError(f"{path}: JSON nested too deeply to be a config; the folder is damaged") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: a JSON {type(value).__name__}, not a config object; the folder is damaged")
+    return value
 
 
 def _folder_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
