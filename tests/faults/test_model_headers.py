@@ -5,6 +5,9 @@ Each case must end in a ModelLoadError (an SdtuneError) naming the file, checked
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -74,6 +77,33 @@ def test_absurd_position_count_is_refused_before_anything_is_built(tiny_file, tm
     assert "sdtune.configs" in message  # says which header entry to remove
     assert peak < 200 * 2**20, f"{peak / 2**20:.0f} MiB allocated before the refusal"
     assert not no_build
+
+
+CHILD = """
+import resource, sys
+from sdtune.errors import ModelLoadError
+from sdtune.models.io import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_model(sys.argv[1])
+except ModelLoadError as exc:
+    print("refused:", exc)
+print("grew_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's")
+def test_absurd_position_count_costs_no_memory_in_a_fresh_process(tiny_file, tmp_path):
+    """torch allocates outside tracemalloc's view: the process's peak resident memory is the honest measure."""
+    configs = _configs(tiny_file)
+    configs["text_encoder"]["max_position_embeddings"] = 2**27
+    crafted = _craft(tiny_file, tmp_path / "huge.safetensors", sdtune__configs=json.dumps(configs))
+    run = subprocess.run([sys.executable, "-c", CHILD, str(crafted)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "refused:" in run.stdout and "max_position_embeddings" in run.stdout
+    grew = int(run.stdout.split("grew_kib")[1])
+    assert grew < 256 * 1024, f"peak memory grew by {grew / 1024:.0f} MiB while refusing the file"
 
 
 @pytest.mark.parametrize("field, value", [
