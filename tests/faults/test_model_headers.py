@@ -112,6 +112,8 @@ def test_absurd_position_count_costs_no_memory_in_a_fresh_process(tiny_file, tmp
     ("unet.layers_per_block", float("nan")),
     ("unet.block_out_channels", list(range(1000))),
     ("text_encoder.hidden_size", "wide"),
+    ("text_encoder.num_attention_heads", "many"),
+    ("unet.norm_num_groups", "32"),
     ("unet", ["not", "a", "dict"]),
 ])
 def test_absurd_or_wrong_kind_sizes_are_refused(tiny_file, tmp_path, no_build, field, value):

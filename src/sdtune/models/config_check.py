@@ -29,8 +29,9 @@ MAX_HEADER_JSON = 1 << 20  # the configs of a full-size model are about 4 KB of 
 _COMPONENTS = ("unet", "vae", "text_encoder")
 # Fields whose value a real model file may give a kind the family's reference does not (diffusers writes them either
 # way): attention_head_dim is an int in SD1 and a list in SD2; trained_betas None or a list.
-_FREE_KIND = {"attention_head_dim", "num_attention_heads", "trained_betas", "architectures", "transformer_layers_per_block",
-              "class_embed_type", "addition_embed_type", "num_class_embeds", "projection_class_embeddings_input_dim"}
+_FREE_KIND = {("unet", "attention_head_dim"), ("unet", "num_attention_heads"), ("scheduler", "trained_betas"),
+              ("text_encoder", "architectures")}
+_LONG_LISTS = {("scheduler", "trained_betas"): 10_000}  # one beta a timestep
 
 
 def parse_configs(text: str, path: Path, field: str) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def _fix(field: str) -> str:
             "or fetch the file again")
 
 
-def _check_value(path: Path, where: str, value: Any, reference: Any) -> None:
+def _check_value(path: Path, where: str, value: Any, reference: Any, longest: int = MAX_LIST) -> None:
     if isinstance(value, bool) or isinstance(reference, bool):
         if reference is not None and isinstance(value, bool) != isinstance(reference, bool):
             raise ModelLoadError(f"{path}: {where} is {value!r}; the family has {reference!r} there")
@@ -76,9 +77,9 @@ def _check_value(path: Path, where: str, value: Any, reference: Any) -> None:
                                  f"{type(reference).__name__} {reference!r} there")
         return
     if isinstance(value, list):
-        if len(value) > MAX_LIST:
+        if len(value) > longest:
             raise ModelLoadError(f"{path}: {where} lists {len(value):,} entries; Stable Diffusion models have at "
-                                 f"most {MAX_LIST}")
+                                 f"most {longest}")
         if isinstance(reference, list) and len(value) != len(reference):
             raise ModelLoadError(f"{path}: {where} lists {len(value)} entries; the family has {len(reference)}")
         for i, item in enumerate(value):
@@ -93,6 +94,8 @@ def _check_value(path: Path, where: str, value: Any, reference: Any) -> None:
         return  # a field sdtune does not use (e.g. transformers' id2label); bounded by MAX_HEADER_JSON
     if value is not None and not isinstance(value, str):
         raise ModelLoadError(f"{path}: {where} is a {type(value).__name__}")
+    if isinstance(value, str) and reference is not None and not isinstance(reference, str):
+        raise ModelLoadError(f"{path}: {where} is the text {value[:40]!r}; the family has {reference!r} there")
     if isinstance(value, str) and len(value) > 200:
         raise ModelLoadError(f"{path}: {where} is a {len(value):,}-character string")
 
@@ -117,7 +120,8 @@ def validate_configs(configs: Mapping[str, Any], family: Family, path: Path, fie
             if not isinstance(key, str) or len(key) > 100:
                 raise ModelLoadError(f"{path}: its metadata {field} {name} has a key {str(key)[:40]!r}. " + _fix(field))
             where = f"{field} {name}.{key}"
-            _check_value(path, where, value, None if key in _FREE_KIND else ref.get(key))
+            _check_value(path, where, value, None if (name, key) in _FREE_KIND else ref.get(key),
+                         _LONG_LISTS.get((name, key), MAX_LIST))
         if name in _COMPONENTS:
             for key in ("_class_name", "model_type"):
                 if key in ref and key in component and component[key] != ref[key]:
