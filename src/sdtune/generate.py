@@ -202,7 +202,10 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
         raise PromptFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise PromptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    specs = [parse_prompt_line(line, f"{path}:{number}") for number, line in enumerate(text.splitlines(), 1)
+    # line ends as sd-scripts' readlines() sees them (\n, \r\n, \r); str.splitlines would also cut a prompt at
+    # U+2028, U+0085, form feed or vertical tab
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    specs = [parse_prompt_line(line, f"{path}:{number}") for number, line in enumerate(lines, 1)
              if line.strip() and not line.lstrip().startswith("#")]
     if not specs:
         raise PromptFileError(f"{path}: holds no prompts (only blank or # lines); write one prompt a line")

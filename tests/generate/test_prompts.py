@@ -89,3 +89,10 @@ def test_cli_names_a_bad_prompt_file_line(tmp_path, capsys):
     prompts.write_text("a cat --q 1\n", encoding="utf-8")
     assert main(["generate", "--ckpt", str(tmp_path / "unread.ckpt"), "--from_file", str(prompts)]) == 2
     assert f"{prompts}:1: unknown option --q" in capsys.readouterr().err
+
+
+def test_prompt_lines_end_only_where_sd_scripts_ends_them(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a cat\u2028on a mat\x0cwith a hat\r\nsecond --d 2\rthird\n".encode("utf-8"))
+    specs = read_prompt_file(path)
+    assert [s.prompt for s in specs] == ["a cat\u2028on a mat\x0cwith a hat", "second", "third"]

@@ -60,7 +60,7 @@ def read_provenance(folder: Path) -> Optional[dict[str, Any]]:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise SdtuneError(f"{path}: damaged ({exc}); delete it to resume without the base-model check") from exc
     if not isinstance(data, dict):
         raise SdtuneError(f"{path}: damaged (not a JSON object); delete it to resume without the base-model check")
