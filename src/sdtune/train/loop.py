@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import importlib.util
 import logging
 import math
@@ -253,7 +254,7 @@ class Trainer:
             self.progress = read_progress(Path(opts.resume))
             self._check_resume_compatible()
             self.provenance = read_provenance(Path(opts.resume))
-            changed = metadata_changed(self.provenance, opts.in_json)
+            changed = metadata_changed(self.provenance, opts.in_json, self.metadata_sha256)
             if changed and self.is_main:
                 logger.warning("%s", changed)
         else:
@@ -268,6 +269,11 @@ class Trainer:
         self.stop = StopRequest()
         self.in_step = False
         self.run_lock = RunLock(self.output_dir)
+
+    @functools.cached_property
+    def metadata_sha256(self) -> str:
+        """The --in_json file's hash, read once a run (every state records it; --resume compares it)."""
+        return file_sha256(self.opts.in_json)
 
     def _check_resume_compatible(self) -> None:
         p, o = self.progress, self.opts
@@ -536,7 +542,7 @@ class Trainer:
             write_provenance(folder, {"base_model": str(self.opts.pretrained_model_name_or_path),
                                       "base_fingerprint": self.base_fingerprint,
                                       "metadata_file": str(self.opts.in_json),
-                                      "metadata_sha256": file_sha256(self.opts.in_json),
+                                      "metadata_sha256": self.metadata_sha256,
                                       "clip_skip": self.clip_skip, "max_token_length": self.opts.max_token_length})
         logger.info("saved training state to %s", folder)
 

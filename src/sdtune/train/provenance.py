@@ -78,11 +78,12 @@ def check_base_model(folder: Path, saved: Optional[dict[str, Any]], model_path: 
             "with the model the run started from")
 
 
-def metadata_changed(saved: Optional[dict[str, Any]], in_json: str) -> Optional[str]:
-    """A warning when ``in_json`` is not the metadata the state was trained on (None: the same, or unknown)."""
+def metadata_changed(saved: Optional[dict[str, Any]], in_json: str, sha256: str) -> Optional[str]:
+    """A warning when ``in_json`` (whose hash is ``sha256``) is not the metadata the state was trained on (None: the
+    same, or unknown)."""
     if saved is None or not saved.get("metadata_sha256"):
         return None
-    if saved["metadata_sha256"] == file_sha256(in_json):
+    if saved["metadata_sha256"] == sha256:
         return None
     return (f"--in_json {in_json} is not the metadata the state was trained on ({saved.get('metadata_file', '?')}, "
             "changed since): training continues on the new data, but the interrupted epoch's order of batches does "
