@@ -28,8 +28,8 @@ import torch
 from sdtune.models.attention import set_attention
 from sdtune.models.families import get_family
 from sdtune.models.sd import build_modules, place
-from sdtune.train.optim import build_optimizer
-from sdtune.train.precision import LossScaler, clip_coefficient, grad_norm
+from sdtune.train.optim import build_optimizer, step_with_factor
+from sdtune.train.precision import LossScaler, unscale_and_clip
 
 
 def make_step(unet, device, resolution: int, autocast: torch.dtype | None, scaler: LossScaler | None,
@@ -48,22 +48,11 @@ def make_step(unet, device, resolution: int, autocast: torch.dtype | None, scale
         loss = torch.nn.functional.mse_loss(pred.float(), x)
         (scaler.scale_loss(loss) if scaler else loss).backward()
         grads = [p.grad for p in params if p.grad is not None]
-        found_inf, factor = torch.zeros(1, device=device), None
-        if scaler is not None:
-            found_inf = scaler.unscale_(grads)
-            if any(g.dtype != torch.float32 for g in grads):
-                factor = scaler.inv_scale
-        norm = grad_norm(grads) if factor is None else grad_norm(grads) * factor
-        coefficient = clip_coefficient(norm, 1.0)
-        factor = coefficient if factor is None else factor * coefficient
+        found_inf, factor = unscale_and_clip(grads, scaler, 1.0, device)  # the trainer's own step
         if scaler is not None:
             scaler.update(found_inf)
         if not bool(found_inf):
-            if hasattr(optimizer, "rounding"):
-                optimizer.step(grad_multiplier=factor)
-            else:
-                torch._foreach_mul_(grads, factor)
-                optimizer.step()
+            step_with_factor(optimizer, grads, factor)
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 

@@ -51,8 +51,9 @@ from sdtune.train.optim import (
     build_lr_scheduler,
     build_optimizer,
     parse_optimizer_args,
+    step_with_factor,
 )
-from sdtune.train.precision import LossScaler, clip_coefficient, grad_norm
+from sdtune.train.precision import LossScaler, unscale_and_clip
 from sdtune.train.provenance import (
     check_base_model,
     file_sha256,
@@ -435,19 +436,9 @@ class Trainer:
         return total / len(group)
 
     def finish_gradients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Unscale (fp16), check for overflow and clip, without waiting for the device: returns the overflow flag
-        and the factor still to apply to the gradients (None: nothing to apply)."""
+        """:func:`sdtune.train.precision.unscale_and_clip` of the trainable gradients."""
         grads = [p.grad for p in self.trainable if p.grad is not None]
-        found_inf, factor = torch.zeros(1, device=self.device), None
-        if self.scaler is not None:
-            found_inf = self.scaler.unscale_(grads)
-            if any(g.dtype != torch.float32 for g in grads):  # left scaled: unscaled in fp32 by the optimizer
-                factor = self.scaler.inv_scale
-        if self.opts.max_grad_norm > 0:
-            norm = grad_norm(grads) if factor is None else grad_norm(grads) * factor
-            coefficient = clip_coefficient(norm, self.opts.max_grad_norm)
-            factor = coefficient if factor is None else factor * coefficient
-        return found_inf, factor
+        return unscale_and_clip(grads, self.scaler, self.opts.max_grad_norm, self.device)
 
     def optimizer_step(self, group: list[dict[str, Any]]) -> float:
         """One optimizer step over a group of micro-batches; returns the mean loss (of all ranks). The host waits
@@ -472,12 +463,7 @@ class Trainer:
         if overflow:
             self.skip_step(scale_value * self.scaler.backoff_factor)
         else:
-            if isinstance(self.optimizer, HalfWeightAdamW):
-                self.optimizer.step(grad_multiplier=factor)
-            else:
-                if factor is not None:
-                    torch._foreach_mul_([p.grad for p in self.trainable if p.grad is not None], factor)
-                self.optimizer.step()
+            step_with_factor(self.optimizer, [p.grad for p in self.trainable if p.grad is not None], factor)
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if stop and not self.stop.requested:

@@ -164,6 +164,18 @@ class HalfWeightAdamW(torch.optim.Optimizer):
         self.seed, self.steps = int(rounding["seed"]), int(rounding["steps"])
 
 
+def step_with_factor(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+                     factor: torch.Tensor | None) -> None:
+    """``optimizer.step()`` with the gradients multiplied by ``factor`` (inverse loss scale x clipping; None: 1):
+    :class:`HalfWeightAdamW` applies it in fp32 inside its update, other optimizers get it multiplied in place."""
+    if isinstance(optimizer, HalfWeightAdamW):
+        optimizer.step(grad_multiplier=factor)
+        return
+    if factor is not None:
+        torch._foreach_mul_(grads, factor)
+    optimizer.step()
+
+
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, extra: dict[str, Any],
                     half_weights: bool = False, seed: int = 0, rounding: str = "kahan") -> torch.optim.Optimizer:
     """The optimizer called ``name``; with ``half_weights`` (fp16/bf16 parameters) AdamW is

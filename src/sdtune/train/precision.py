@@ -18,7 +18,7 @@ Two things go wrong when training in fp16/bf16, and each has its standard cure:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -104,3 +104,20 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     prob = torch.where(gap.isfinite() & (gap != 0), diff / gap, torch.zeros_like(diff))
     draw = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     return torch.where(draw < prob, other, nearest)
+
+
+def unscale_and_clip(grads: Sequence[torch.Tensor], scaler: LossScaler | None, max_norm: float,
+                     device: torch.device | str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Unscale (fp16), check for overflow and clip, without waiting for the device: returns the overflow flag and
+    the factor still to apply to the gradients (None: nothing to apply). fp16/bf16 gradients stay scaled and the
+    factor carries the inverse scale, for the optimizer to apply in fp32."""
+    found_inf, factor = torch.zeros(1, device=device), None
+    if scaler is not None:
+        found_inf = scaler.unscale_(grads)
+        if any(g.dtype != torch.float32 for g in grads):
+            factor = scaler.inv_scale
+    if max_norm > 0:
+        norm = grad_norm(grads) if factor is None else grad_norm(grads) * factor
+        coefficient = clip_coefficient(norm, max_norm)
+        factor = coefficient if factor is None else factor * coefficient
+    return found_inf, factor
