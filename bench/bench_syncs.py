@@ -30,7 +30,7 @@ from sdtune.models.io import load_model, save_model
 from sdtune.models.text import encode_prompts
 from sdtune.train import noise as noise_lib
 from sdtune.train.loop import TrainOptions, Trainer
-from sdtune.train.syncs import HostSyncCounter
+from sdtune.train.syncs import HostSyncCounter, count_run_syncs
 
 CONFIGS = {
     "fp32": {},
@@ -40,34 +40,6 @@ CONFIGS = {
     "full fp16": {"mixed_precision": "fp16", "full_fp16": True},
     "full bf16": {"mixed_precision": "bf16", "full_bf16": True},
 }
-STEP_METHODS = ("optimizer_step", "report", "after_step", "step_saves")
-
-
-def count_trainer(opts: TrainOptions, device_only: bool) -> tuple[float, HostSyncCounter]:
-    counter = HostSyncCounter(only_non_cpu=device_only)
-    counter.counting = False
-    originals = {name: getattr(Trainer, name) for name in STEP_METHODS}
-
-    def counted(original):
-        def method(self, *args, **kwargs):
-            was, counter.counting = counter.counting, True
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                counter.counting = was
-        return method
-
-    try:
-        for name, original in originals.items():
-            setattr(Trainer, name, counted(original))
-        with counter:
-            steps = Trainer(opts).run()["global_step"]
-    finally:
-        for name, original in originals.items():
-            setattr(Trainer, name, original)
-    return counter.total / steps, counter
-
-
 def count_reference(model_path: Path, data: FineTuneData, steps: int, batch: int, device: str,
                     device_only: bool) -> float:
     """diffusers' train_text_to_image step: add_noise, MSE, backward, clip_grad_norm_, AdamW, loss.item()."""
@@ -124,7 +96,7 @@ def main() -> None:
                                 train_data_dir=str(root / "train"), output_dir=str(root / "out" / name),
                                 train_batch_size=args.batch, learning_rate=1e-4, max_train_steps=args.steps,
                                 seed=0, max_data_loader_n_workers=0, **settings)
-            per_step, counter = count_trainer(opts, device_only)
+            per_step, counter = count_run_syncs(Trainer(opts), device_only)
             print(f"{'sdtune: ' + name:50} {per_step:6.2f}")
             if per_step > 1:
                 print(counter.report())

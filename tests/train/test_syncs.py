@@ -8,27 +8,8 @@ import pytest
 import torch
 
 from sdtune.train.loop import Trainer
-from sdtune.train.syncs import HostSyncCounter
+from sdtune.train.syncs import HostSyncCounter, count_run_syncs
 from tests.train.test_train import options
-
-
-def syncs_per_step(trainer: Trainer, monkeypatch) -> tuple[float, HostSyncCounter]:
-    counter = HostSyncCounter()
-    counter.counting = False
-    for name in ("optimizer_step", "report", "after_step", "step_saves"):
-        original = getattr(Trainer, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            was, counter.counting = counter.counting, True
-            try:
-                return _original(self, *args, **kwargs)
-            finally:
-                counter.counting = was
-
-        monkeypatch.setattr(Trainer, name, counted)
-    with counter:
-        result = trainer.run()
-    return counter.total / result["global_step"], counter
 
 
 @pytest.mark.parametrize("settings", [
@@ -37,10 +18,10 @@ def syncs_per_step(trainer: Trainer, monkeypatch) -> tuple[float, HostSyncCounte
      "train_text_encoder": True, "clip_skip": 2},
     {"mixed_precision": "fp16", "full_fp16": True, "v_parameterization": True},
 ], ids=["fp32", "fp16-min-snr-accumulation-te", "full-fp16-v"])
-def test_a_training_step_waits_for_the_device_once(prepared, tmp_path, monkeypatch, settings):
+def test_a_training_step_waits_for_the_device_once(prepared, tmp_path, settings):
     trainer = Trainer(options(prepared, tmp_path, max_train_steps=4, logging_dir=str(tmp_path / "logs"),
                               **settings))
-    per_step, counter = syncs_per_step(trainer, monkeypatch)
+    per_step, counter = count_run_syncs(trainer)
     assert per_step == 1, counter.report()
 
 

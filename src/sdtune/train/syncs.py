@@ -75,3 +75,32 @@ class HostSyncCounter:
     def report(self) -> str:
         return "\n".join(f"{n:4d}  {where}" for where, n in self.calls.most_common()) or "none"
 
+
+STEP_METHODS = ("optimizer_step", "report", "after_step", "step_saves")
+
+
+def count_run_syncs(trainer: Any, only_non_cpu: bool = False) -> tuple[float, HostSyncCounter]:
+    """Run ``trainer`` (a :class:`sdtune.train.loop.Trainer`) and count the host syncs of its steps only (the
+    optimizer step, progress report, samples and save checks; not set-up or the final save): (syncs per optimizer
+    step, the counter with each calling line). ``only_non_cpu``: as :class:`HostSyncCounter`'s."""
+    counter = HostSyncCounter(only_non_cpu=only_non_cpu)
+    counter.counting = False
+
+    def counted(original: Callable[..., Any]) -> Callable[..., Any]:
+        def method(*args: Any, **kwargs: Any) -> Any:
+            was, counter.counting = counter.counting, True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                counter.counting = was
+        return method
+
+    for name in STEP_METHODS:  # on the instance: the class and other trainers stay as they are
+        setattr(trainer, name, counted(getattr(trainer, name)))
+    try:
+        with counter:
+            steps = trainer.run()["global_step"]
+    finally:
+        for name in STEP_METHODS:
+            delattr(trainer, name)
+    return counter.total / steps, counter
