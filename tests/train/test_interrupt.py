@@ -77,6 +77,7 @@ def test_a_signal_inside_the_optimizer_update_stops_after_that_step_and_resumes_
 
 
 def test_sigterm_through_the_cli_saves_the_state_and_exits_143(prepared, tmp_path, monkeypatch, capsys, caplog):
+    caplog.set_level("INFO", logger="sdtune")
     model, train_dir, meta = prepared("sd1")
     signal_inside_the_update(monkeypatch, signal.SIGTERM, at_step=2)
     out = tmp_path / "out"

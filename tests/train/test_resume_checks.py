@@ -18,7 +18,7 @@ from sdtune.cli import main
 from sdtune.models.io import save_model
 from sdtune.models.tiny import build_tiny
 from sdtune.train.loop import train
-from tests.train.test_train import options
+from tests.train.test_train import options, run_with_ctrl_c_after
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,6 +109,7 @@ def test_a_missing_resume_path_says_no_such_folder(prepared, tmp_path, capsys):
 
 
 def test_resume_of_an_output_folder_takes_the_state_furthest_along(prepared, tmp_path, caplog):
+    caplog.set_level("INFO", logger="sdtune")
     out = tmp_path / "out"
     train(options(prepared, tmp_path, max_train_steps=2, save_state=True, save_every_n_steps=1))
     assert (out / "step-00000001-state").is_dir() and (out / "last-state").is_dir()
@@ -127,17 +128,10 @@ def test_changed_text_conditioning_on_resume_is_warned(state, prepared, tmp_path
 
 
 def test_the_interrupted_state_is_removed_once_its_run_has_finished(prepared, tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="sdtune")
     from sdtune.train.loop import Trainer
 
-    trainer = Trainer(options(prepared, tmp_path, max_train_steps=4, save_state=True))
-
-    def interrupt():
-        if trainer.progress.global_step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "after_step", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
+    run_with_ctrl_c_after(Trainer(options(prepared, tmp_path, max_train_steps=4, save_state=True)), monkeypatch, 2)
     spent = tmp_path / "out" / "interrupted-state"
     assert spent.is_dir()
     train(options(prepared, tmp_path, max_train_steps=4, save_state=True, resume=str(spent)))

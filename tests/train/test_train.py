@@ -93,17 +93,21 @@ def test_resume_is_bit_exact_mid_epoch(prepared, tmp_path, accumulation, stop_at
     assert '"global_step": %d' % total in (tmp_path / "c" / "out" / "last-state" / "progress.json").read_text()
 
 
-def test_ctrl_c_saves_state_that_resumes_exactly(prepared, tmp_path, monkeypatch):
-    straight = train(options(prepared, tmp_path / "a", max_train_steps=5))
-    trainer = Trainer(options(prepared, tmp_path / "b", max_train_steps=5, save_state=True))
-
+def run_with_ctrl_c_after(trainer: Trainer, monkeypatch, step: int) -> None:
+    """Run ``trainer`` with a Ctrl-C (KeyboardInterrupt) arriving just after optimizer step ``step``."""
     def interrupt():
-        if trainer.progress.global_step == 2:
+        if trainer.progress.global_step == step:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "after_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
+
+
+def test_ctrl_c_saves_state_that_resumes_exactly(prepared, tmp_path, monkeypatch):
+    straight = train(options(prepared, tmp_path / "a", max_train_steps=5))
+    trainer = Trainer(options(prepared, tmp_path / "b", max_train_steps=5, save_state=True))
+    run_with_ctrl_c_after(trainer, monkeypatch, 2)
     state = tmp_path / "b" / "out" / "interrupted-state"
     assert (state / "progress.json").is_file()
     resumed = train(options(prepared, tmp_path / "b", max_train_steps=5, resume=str(state)))
