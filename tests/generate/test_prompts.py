@@ -96,3 +96,7 @@ def test_prompt_lines_end_only_where_sd_scripts_ends_them(tmp_path):
     path.write_bytes("a cat\u2028on a mat\x0cwith a hat\r\nsecond --d 2\rthird\n".encode("utf-8"))
     specs = read_prompt_file(path)
     assert [s.prompt for s in specs] == ["a cat\u2028on a mat\x0cwith a hat", "second", "third"]
+    # the reference: the lines sd-scripts gets from a text-mode open(...).readlines() (universal newlines)
+    with open(path, encoding="utf-8") as f:
+        reference = [line.rstrip("\n") for line in f.readlines()]
+    assert len(reference) == len(specs) and specs[0].prompt == reference[0]
