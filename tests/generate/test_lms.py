@@ -43,7 +43,8 @@ def test_first_lms_step_is_an_euler_step():
     for scheduler in (lms, euler):
         scheduler.set_timesteps(10)
     # SD's schedule reaches the subclass (diffusers reads config keys from the __init__ signature).
-    assert torch.allclose(lms.sigmas, euler.sigmas) and lms.sigmas[0] == pytest.approx(14.6146, rel=1e-4)
+    torch.testing.assert_close(lms.sigmas, euler.sigmas, rtol=1e-5, atol=1e-8)
+    assert lms.sigmas[0] == pytest.approx(14.6146, rel=1e-4)
     g = torch.Generator().manual_seed(0)
     sample, model_output = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
 
@@ -53,7 +54,8 @@ def test_first_lms_step_is_an_euler_step():
         return scheduler.step(output, t, x).prev_sample
 
     a, b = step(lms, 0, model_output, sample), step(euler, 0, model_output, sample)
-    assert torch.allclose(a, b, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # Later steps use the stored derivatives, so they differ from Euler's.
     c, d = step(lms, 1, model_output * 0.5, a), step(euler, 1, model_output * 0.5, b)
-    assert not torch.allclose(c, d, atol=1e-4)
+    with pytest.raises(AssertionError, match="not close"):
+        torch.testing.assert_close(c, d, rtol=1e-5, atol=1e-4)

@@ -102,7 +102,7 @@ def test_novelai_files_with_linear1_linear2_and_no_metadata_load(tmp_path):
     x = torch.randn(3, 32, generator=g)
     w1, b1, w2, b2 = weights[32, 1]
     with torch.no_grad():
-        assert torch.allclose(hn.pair(32)[1](x), x + (x @ w1.T + b1) @ w2.T + b2, atol=1e-6)
+        torch.testing.assert_close(hn.pair(32)[1](x), x + (x @ w1.T + b1) @ w2.T + b2, rtol=1e-5, atol=1e-6)
 
 
 def without(state: dict, *keys: str) -> dict:
@@ -171,7 +171,7 @@ def test_comfyui_reads_the_file_as_a1111_does(tmp_path, options):
                 x = torch.randn(2, 5, d, generator=g)
                 comfy = comfyui_modules(state, index, d).eval()
                 # ComfyUI's patch: k + hn[0](k) * strength
-                assert torch.allclose(x + comfy(x) * 0.6, hn.pair(d)[index](x, 0.6), atol=1e-6)
+                torch.testing.assert_close(x + comfy(x) * 0.6, hn.pair(d)[index](x, 0.6), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ errors

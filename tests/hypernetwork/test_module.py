@@ -197,9 +197,10 @@ def test_the_context_of_to_k_and_to_v_is_x_plus_mlp_x_times_multiplier(tiny):
         for h in handles:
             h.remove()
     key_module, value_module = hn.pair(32)
-    assert torch.allclose(seen["k"], states + key_module.linear(states) * 0.7, atol=1e-6)
-    assert torch.allclose(seen["v"], states + value_module.linear(states) * 0.7, atol=1e-6)
-    assert not torch.allclose(seen["k"], seen["v"])
+    torch.testing.assert_close(seen["k"], states + key_module.linear(states) * 0.7, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["v"], states + value_module.linear(states) * 0.7, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="not close"):  # the key and value modules are different
+        torch.testing.assert_close(seen["k"], seen["v"], rtol=1e-5, atol=1e-8)
 
 
 def fake_xformers() -> types.SimpleNamespace:
@@ -228,7 +229,7 @@ def test_every_attention_backend_gets_the_same_hypernetwork(tiny, monkeypatch):
     finally:
         unet.set_attn_processor(AttnProcessor2_0())
     for name, out in outputs.items():
-        assert torch.allclose(out, outputs["sdpa"], atol=1e-4), name
+        torch.testing.assert_close(out, outputs["sdpa"], rtol=1e-5, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 @torch.no_grad()

@@ -121,8 +121,8 @@ def test_mem_eff_attention_is_sliced_and_gives_the_same_result():
     with torch.no_grad():
         sliced = unet(x, t, states).sample
         sliced_layer = cross(hidden, 10 * states)
-    assert torch.allclose(reference_layer, sliced_layer, atol=1e-5)  # float rounding of another summation order
-    assert torch.allclose(reference, sliced, atol=1e-4)
+    torch.testing.assert_close(reference_layer, sliced_layer, rtol=1e-5, atol=1e-5)  # another summation order
+    torch.testing.assert_close(reference, sliced, rtol=1e-5, atol=1e-4)
 
 
 def test_xformers_missing_gives_clear_error(prepared, tmp_path):

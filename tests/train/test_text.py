@@ -25,11 +25,12 @@ def test_clip_skip_1_is_last_layer_and_2_is_normed_penultimate(sd1):
     ids = tokenize(sd1.tokenizer, ["a red square"], 75)
     te = sd1.text_encoder
     out = te(ids[:, 0], output_hidden_states=True)
-    assert torch.allclose(encode(te, ids, clip_skip=1), out.last_hidden_state)
+    torch.testing.assert_close(encode(te, ids, clip_skip=1), out.last_hidden_state, rtol=1e-5, atol=1e-8)
     expected = te.final_layer_norm(out.hidden_states[-2])
     got = encode(te, ids, clip_skip=2)
-    assert torch.allclose(got, expected)
-    assert not torch.allclose(got, out.last_hidden_state)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+    with pytest.raises(AssertionError, match="not close"):  # clip skip 2 differs from the last layer
+        torch.testing.assert_close(got, out.last_hidden_state, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
@@ -60,19 +61,19 @@ def test_rejoined_states_by_hand(family, sd1, sd2):
     states = encode(te, ids, 1, tok.eos_token_id, tok.pad_token_id)
     assert states.shape == (2, 227, te.config.hidden_size)
     per_chunk = [te(ids[:, c]).last_hidden_state for c in range(3)]
-    assert torch.allclose(states[:, 0], per_chunk[0][:, 0])  # <BOS> of the first chunk
+    torch.testing.assert_close(states[:, 0], per_chunk[0][:, 0], rtol=1e-5, atol=1e-8)  # <BOS> of the first chunk
     for c in range(3):
         expected = per_chunk[c][:, 1:76].clone()
         if family == "sd2" and c > 0:  # the empty chunk's <EOS> state is replaced by the padding state after it
             expected[1, 0] = per_chunk[c][1, 2]
-        assert torch.allclose(states[:, 1 + 75 * c:76 + 75 * c], expected)
-    assert torch.allclose(states[:, -1], per_chunk[2][:, -1])
+        torch.testing.assert_close(states[:, 1 + 75 * c:76 + 75 * c], expected, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(states[:, -1], per_chunk[2][:, -1], rtol=1e-5, atol=1e-8)
 
 
 def test_75_tokens_is_plain_clip_and_cuts_long_prompts(sd1):
     tok, te = sd1.tokenizer, sd1.text_encoder
     plain = tok([LONG], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    assert torch.allclose(encode_prompts(tok, te, [LONG], 75), te(plain).last_hidden_state)
+    torch.testing.assert_close(encode_prompts(tok, te, [LONG], 75), te(plain).last_hidden_state, rtol=1e-5, atol=1e-8)
     # with 75 tokens, words past token 75 change nothing; with 150 they do
     longer = LONG + ", extra words at the end"
     assert torch.equal(encode_prompts(tok, te, [LONG], 75), encode_prompts(tok, te, [longer], 75))

@@ -170,7 +170,7 @@ def test_missing_latent_is_encoded_on_the_fly(prepared, tmp_path):
     assert result["encoded_on_the_fly"] == 1
     # the same latents prepare cached: same bucket, resize, crop and VAE
     cached = torch.from_numpy(np.load(train_dir / "img00.npz")["latents"])
-    assert torch.allclose(trainer.data.in_memory["img00"], cached, atol=1e-5)
+    torch.testing.assert_close(trainer.data.in_memory["img00"], cached, rtol=1e-5, atol=1e-5)
 
 
 def test_tensorboard_logs(prepared, tmp_path):
