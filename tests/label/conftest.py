@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import pytest
 from PIL import Image
 
-from sdtune.label.tiny import build_tiny_blip, build_tiny_tagger
+from tests.fixtures.labelers import build_tiny_blip, build_tiny_tagger
 
 #: name -> (size, colour); sizes are not square so that padding (WD14) and resizing (BLIP) matter.
 IMAGES: dict[str, tuple[tuple[int, int], tuple[int, int, int]]] = {

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sdtune.cli import main
 from sdtune.label.blip import CaptionOptions, _generate_kwargs, run_captioning
-from sdtune.label.tiny import BLIP_WORDS
+from tests.fixtures.labelers import BLIP_WORDS
 from tests.label.conftest import IMAGES
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import sdtune.label.wd14 as wd14
 from sdtune.cli import main
-from sdtune.label.tiny import TINY_TAGS, tiny_tagger_scores
+from tests.fixtures.labelers import TINY_TAGS, tiny_tagger_scores
 from tests.label.conftest import IMAGES, write_images
 
 REPO = wd14.DEFAULT_WD14_REPO

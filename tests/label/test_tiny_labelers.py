@@ -1,5 +1,5 @@
-"""`python -m sdtune.label.tiny OUT` builds labelers that `sdtune caption` and `sdtune tag` run with (issue 18:
-there was no way to try them offline)."""
+"""`python -m tests.fixtures.labelers OUT` (from a source checkout) builds labelers that `sdtune caption` and
+`sdtune tag` run with (issue 18: there was no way to try them offline; docs/labeling.md shows the commands)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_tiny_labelers_command_builds_models_that_caption_and_tag(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "sdtune.label.tiny", str(tmp_path / "labelers")], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = subprocess.run([sys.executable, "-m", "tests.fixtures.labelers", str(tmp_path / "labelers")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"sdtune caption IMAGES --model {tmp_path / 'labelers' / 'blip'}" in run.stdout
     images = write_images(tmp_path / "images")
