@@ -13,6 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["tests.fixtures.models"]
 
+#: The test tiers (pyproject.toml's markers): every test has exactly one, set by its module's ``pytestmark``.
+TIERS = ("unit", "component", "e2e")
+
 
 def pytest_configure(config):
     # Tiny models are dominated by per-operation overhead: one thread is several times faster than two on a
@@ -20,6 +23,15 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_runtest_setup(item):
+    """A test without exactly one tier marker fails, naming the fix: a new module cannot forget its tier. (A run
+    selected with ``-m`` does not collect an unmarked test at all; the plain run, CI's, catches it.)"""
+    tiers = [m.name for m in item.iter_markers() if m.name in TIERS]
+    if len(tiers) != 1:
+        pytest.fail(f"{item.nodeid} has tier markers {tiers}: give its module exactly one of "
+                    f"pytestmark = pytest.mark.{' / '.join(TIERS)} (see pyproject.toml's markers)", pytrace=False)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import pytest
 from sdtune.cli import COMMANDS, main
 from sdtune.models.io import load_model, read_state_dict
 
+pytestmark = pytest.mark.e2e
+
 
 def test_top_level_help_lists_every_command(capsys):
     assert main(["--help"]) == 0

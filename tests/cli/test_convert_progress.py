@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 
 from sdtune.cli import main
 from sdtune.models.io import load_model, save_model
+
+pytestmark = pytest.mark.e2e
 
 
 def safetensors_progress(path) -> tuple[str, str]:

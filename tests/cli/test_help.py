@@ -10,6 +10,8 @@ import pytest
 from sdtune.cli import COMMANDS, main
 from sdtune.options import OptionsError, parse_options
 
+pytestmark = pytest.mark.unit
+
 NAMES = [c.name for c in COMMANDS]
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from sdtune.cli import main
 
+pytestmark = pytest.mark.unit
+
 ADVICE = ("weights_only", "will likely succeed", "Re-running")
 
 

@@ -16,6 +16,8 @@ import pytest
 from sdtune import atomic
 from sdtune.atomic import atomic_dir, atomic_path, write_json_atomic, write_text_atomic
 
+pytestmark = pytest.mark.unit
+
 posix_modes = pytest.mark.skipif(os.name == "nt", reason="Windows has no permission bits beyond read-only")
 
 

@@ -9,6 +9,8 @@ import pytest
 from sdtune.data.buckets import AspectBuckets, TooSmall, bucket_table, make_bucket_resolutions
 from sdtune.errors import SdtuneError
 
+pytestmark = pytest.mark.unit
+
 # Worked by hand: for each width w = 256..1024 step 64, h = min(1024, floor(area_units / (w / 64)) * 64), kept if
 # h >= 256, plus (h, w), plus the square. 512x512 = 64 units of 64x64.
 BUCKETS_512 = [

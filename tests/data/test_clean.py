@@ -9,6 +9,8 @@ import pytest
 from sdtune.cli import main
 from sdtune.data.clean import RulesError, clean_caption, clean_images, clean_tags, load_rules, parse_rules
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def rules():

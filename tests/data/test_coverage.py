@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sdtune.data.dataset import FineTuneData
+
+pytestmark = pytest.mark.unit
 
 
 def folder(tmp_path, make_image, names):

@@ -7,6 +7,8 @@ import pytest
 from sdtune.data.buckets import AspectBuckets
 from sdtune.data.dataset import FineTuneData, share_batches
 
+pytestmark = pytest.mark.unit
+
 
 def data_with(counts: dict[tuple[int, int], int]) -> FineTuneData:
     assignments = {f"{w}x{h}-{i}\x000": (w, h) for (w, h), n in counts.items() for i in range(n)}

@@ -9,6 +9,8 @@ from PIL import Image
 from sdtune.data.images import ImageError, image_size, list_images, open_image
 from sdtune.errors import SdtuneError
 
+pytestmark = pytest.mark.unit
+
 
 def test_rgb_round_trip(tmp_path, make_image):
     path = make_image(tmp_path / "a.png", 40, 30)

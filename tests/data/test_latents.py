@@ -20,6 +20,8 @@ from sdtune.data.latents import (
 from sdtune.data.metadata import load_metadata, save_metadata
 from sdtune.errors import SdtuneError
 
+pytestmark = pytest.mark.component
+
 # Small buckets so that tests run in milliseconds: area 96x96, sides 32..160 in steps of 32 give
 # (32,160) (64,128) (96,96) (128,64) (160,32).
 BUCKET_ARGS = dict(max_resolution="96,96", min_bucket_reso=32, max_bucket_reso=160, bucket_reso_steps=32)

@@ -14,6 +14,8 @@ from sdtune.data.metadata import (
     read_sidecar, save_metadata,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture()
 def folder(tmp_path, make_image) -> Path:

@@ -16,6 +16,8 @@ from sdtune.demo import DEMO_ENTRIES, MARKER, SIZES, SUMMARY_FILE, prepare_workd
 from sdtune.errors import SdtuneError
 from sdtune.models.io import load_model
 
+pytestmark = pytest.mark.e2e
+
 
 def tensorboard_losses(logs: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

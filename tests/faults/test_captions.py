@@ -6,6 +6,8 @@ import pytest
 
 from sdtune.data.metadata import load_metadata, read_sidecar, save_metadata
 
+pytestmark = pytest.mark.unit
+
 SEPARATORS = ["\u2028", "\u2029", "\x0c", "\x0b", "\x1c", "\x85"]
 
 

@@ -13,6 +13,8 @@ from sdtune.cli import main
 from sdtune.data import dataset as dataset_module
 from sdtune.data.latents import LatentFileError, load_latent_file
 
+pytestmark = pytest.mark.component
+
 
 @pytest.fixture()
 def data(prepared, tmp_path) -> tuple[Path, Path, Path]:

@@ -12,6 +12,8 @@ from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.train import loop
 
+pytestmark = pytest.mark.component
+
 
 def _train_args(prepared, meta: Path, out: Path) -> list[str]:
     model, train_dir, _ = prepared("sd1")

@@ -20,6 +20,8 @@ from sdtune.models import io as model_io
 from sdtune.models import sd as model_sd
 from sdtune.models.io import load_model, load_vae
 
+pytestmark = pytest.mark.component
+
 
 def _header(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:

@@ -17,6 +17,8 @@ from sdtune.cli import main
 from sdtune.data.metadata import save_metadata
 from tests.train.conftest import make_images
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 BUCKETS = ["--max_resolution", "64,64", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
            "--bucket_reso_steps", "32", "--max_data_loader_n_workers", "0"]

@@ -16,6 +16,8 @@ import pytest
 
 from sdtune.atomic import clean_stale_temporaries
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 WRITER = """
 import sys

@@ -16,6 +16,8 @@ from sdtune.train.loop import train
 from tests.train.test_resume_checks import resume_args
 from tests.train.test_train import options
 
+pytestmark = pytest.mark.component
+
 
 class _Mkdir:
     """Pickles as a call to os.mkdir: what a poisoned .pt would do, made harmless and visible."""

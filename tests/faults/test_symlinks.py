@@ -11,7 +11,7 @@ from PIL import Image
 
 from sdtune.data.images import list_images
 
-pytestmark = pytest.mark.skipif(os.name == "nt", reason="symbolic links need privileges on Windows")
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(os.name == "nt", reason="symbolic links need privileges on Windows")]
 
 
 def _image(path: Path) -> Path:

@@ -26,6 +26,8 @@ from sdtune.models.sd import with_prediction_type
 from sdtune.models.text import encode_prompts
 from sdtune.models.tiny import build_tiny
 
+pytestmark = pytest.mark.component
+
 FAST = {"steps": 2, "width": 64, "height": 64, "progress": False}
 
 

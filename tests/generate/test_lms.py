@@ -10,6 +10,8 @@ from sdtune.generate import get_sampler, make_scheduler
 from sdtune.lms import LMSScheduler, lms_coefficient
 from sdtune.models.families import get_family
 
+pytestmark = pytest.mark.unit
+
 
 def exact_coefficient(sigmas: np.ndarray, order: int, t: int, current: int) -> float:
     """Integrate the Lagrange basis polynomial exactly, with numpy's polynomial algebra."""

@@ -10,6 +10,8 @@ from PIL import Image
 from sdtune.cli import main
 from sdtune.generate import PromptFileError, PromptSpec, parse_prompt_line, plan_images, read_prompt_file
 
+pytestmark = pytest.mark.unit
+
 
 def test_inline_options():
     spec = parse_prompt_line("a cat, sitting --n low quality, blurry --w 512 --h 768 --d 42 --l 5.5 --s 28")

@@ -12,6 +12,8 @@ import pytest
 
 from tests.train.test_distributed import ROOT, torchrun
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.slow
 def test_two_processes_keep_one_hypernetwork(prepared, tmp_path):

@@ -13,6 +13,8 @@ from sdtune.errors import SdtuneError
 from sdtune.models.hypernetwork import Hypernetwork, HypernetworkConfig, attention_sizes
 from sdtune.models.tiny import build_tiny
 
+pytestmark = pytest.mark.component
+
 METADATA_TYPES = {
     "layer_structure": list, "activation_func": str, "is_layer_norm": bool, "weight_initialization": str,
     "use_dropout": bool, "dropout_structure": list, "last_layer_dropout": bool, "activate_output": bool,

@@ -15,6 +15,8 @@ from sdtune.models.hypernetwork import Hypernetwork
 from sdtune.train.loop import train
 from tests.train.test_train import options
 
+pytestmark = pytest.mark.component
+
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory) -> Path:

@@ -27,6 +27,8 @@ from sdtune.models.hypernetwork import (
 )
 from sdtune.models.tiny import build_tiny
 
+pytestmark = pytest.mark.component
+
 
 def keys(config: HypernetworkConfig) -> list[str]:
     return list(HypernetworkModule(8, config).state_dict())

@@ -19,6 +19,8 @@ from sdtune.models.io import load_model
 from sdtune.train.loop import Trainer, train
 from tests.train.test_train import options
 
+pytestmark = pytest.mark.component
+
 
 def hn_options(prepared, tmp_path: Path, family: str = "sd1", **overrides):
     return options(prepared, tmp_path, family, hypernetwork_module="default", **overrides)

@@ -14,6 +14,8 @@ from sdtune.label.blip import CaptionOptions, _generate_kwargs, run_captioning
 from tests.fixtures.labelers import BLIP_WORDS
 from tests.label.conftest import IMAGES
 
+pytestmark = pytest.mark.component
+
 
 def captions(folder: Path, extension: str = ".caption") -> dict[str, str]:
     return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.glob(f"*{extension}"))}

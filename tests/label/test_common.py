@@ -12,6 +12,8 @@ import pytest
 from sdtune.data.images import ImageError
 from sdtune.label.common import LabelError, LabelReport, iter_batches, normalize_extension, plan_work
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
 def test_batches_keep_order_and_carry_failures(workers: int) -> None:

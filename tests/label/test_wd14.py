@@ -17,6 +17,8 @@ from sdtune.cli import main
 from tests.fixtures.labelers import TINY_TAGS, tiny_tagger_scores
 from tests.label.conftest import IMAGES, write_images
 
+pytestmark = pytest.mark.component
+
 REPO = wd14.DEFAULT_WD14_REPO
 REPO_FOLDER = "SmilingWolf_wd-v1-4-convnext-tagger-v2"
 

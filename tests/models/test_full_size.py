@@ -15,6 +15,8 @@ from sdtune.models.io import diffusers_state_dict, ldm_state_dict, load_model, s
 from sdtune.models.sd import StableDiffusion, build_modules
 from sdtune.models.tokenizer import packaged_tokenizer
 
+pytestmark = pytest.mark.component
+
 
 def random_full_size(name: str) -> StableDiffusion:
     family = get_family(name)

@@ -17,6 +17,8 @@ from sdtune.models.io import diffusers_state_dict, ldm_state_dict, load_model, l
 from sdtune.models.ldm_keys import OPENCLIP_ROOT
 from sdtune.models.tiny import build_tiny
 
+pytestmark = pytest.mark.component
+
 FAMILIES = ["sd1", "sd2-v"]
 
 

@@ -11,6 +11,8 @@ from sdtune.models.ldm_keys import build_key_map, normalize_ldm_keys, normalize_
 from sdtune.models.families import SD1
 from sdtune.models.tiny import build_tiny
 
+pytestmark = pytest.mark.component
+
 
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
 def test_to_ldm_then_back_is_identity(family):

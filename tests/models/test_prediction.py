@@ -24,6 +24,8 @@ from sdtune.models.io import load_model, read_checkpoint, read_state_dict, save_
 from sdtune.models.sd import with_prediction_type
 from sdtune.models.tiny import build_tiny
 
+pytestmark = pytest.mark.component
+
 
 # ------------------------------------------------------------------------------------------ item 1: kept on save
 @pytest.mark.parametrize("family,objective", [("sd1", "v_prediction"), ("sd2-v", "epsilon"), ("sd2", "v_prediction")])

@@ -8,6 +8,8 @@ import torch
 from sdtune.models.text import encode, encode_prompts, tokenize
 from sdtune.models.tiny import build_tiny
 
+pytestmark = pytest.mark.component
+
 LONG = ", ".join(f"word{i}" for i in range(50))  # 189 tokens: three chunks, the last one partly filled
 
 

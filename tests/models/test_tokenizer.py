@@ -1,4 +1,8 @@
+import pytest
+
 from sdtune.models.tokenizer import packaged_tokenizer, packaged_vocabulary
+
+pytestmark = pytest.mark.unit
 
 
 def test_packaged_vocabulary_is_clips():

@@ -15,7 +15,10 @@ from sdtune.review.command import write_review
 from tests.review.conftest import LONG_CAPTION, LONG_CUT, PREPARE, SIZES
 
 BROWSER, MISSING = find_browser()
-pytestmark = pytest.mark.skipif(BROWSER is None, reason=f"no headless browser to test the review page: {MISSING}")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(BROWSER is None, reason=f"no headless browser to test the review page: {MISSING}"),
+]
 
 
 @pytest.fixture(scope="module")

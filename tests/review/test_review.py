@@ -27,6 +27,8 @@ from sdtune.review.page import json_for_script, render
 from sdtune.review.tokens import count_tokens, find_cuts, load_review_tokenizer
 from tests.review.conftest import LONG_CAPTION, LONG_CUT, PREPARE, SIZES, XSS_CAPTION, draw
 
+pytestmark = pytest.mark.component
+
 
 def options(dataset, out: Path, **kw) -> ReviewOptions:
     return ReviewOptions(in_json=dataset.meta, train_data_dir=dataset.folder, out=out, workers=0, **PREPARE, **kw)

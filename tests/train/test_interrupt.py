@@ -24,6 +24,8 @@ from sdtune.train.interrupt import TrainingStopped
 from sdtune.train.loop import Trainer, train
 from tests.train.test_train import options
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = """
 import json, signal, subprocess, sys

@@ -16,6 +16,8 @@ from sdtune.train.optim import HalfWeightAdamW, build_lr_scheduler, build_optimi
 from sdtune.train.precision import LossScaler
 from tests.train.test_train import options
 
+pytestmark = pytest.mark.component
+
 
 def saved_activation_bytes(trainer: Trainer) -> int:
     keys, _ = trainer.data.epoch_batches(0, 0, 2, 1, 0)[0]

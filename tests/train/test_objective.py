@@ -13,6 +13,8 @@ from sdtune.models.families import SD2_V
 from diffusers import DDPMScheduler
 from sdtune.train import noise
 
+pytestmark = pytest.mark.unit
+
 
 def test_schedule_is_sds_scaled_linear():
     sched = DDPMScheduler.from_config(SD2_V.scheduler_config())

@@ -13,6 +13,8 @@ import torch
 from sdtune.train.optim import HalfWeightAdamW
 from sdtune.train.precision import stochastic_round
 
+pytestmark = pytest.mark.unit
+
 LR = 2e-6
 
 

@@ -24,6 +24,8 @@ from sdtune.models.io import load_model
 from sdtune.train.loop import TrainOptions, Trainer
 from sdtune.train.precision import LossScaler
 
+pytestmark = pytest.mark.component
+
 SD_SCALING_FACTOR = 0.18215  # the SD VAE's latent scale (CompVis configs: scale_factor)
 LONG = ", ".join(f"word{i} thing{i}" for i in range(70))  # about 280 tokens: cut off in every chunk mode
 MEDIUM = ", ".join(f"red{i}" for i in range(30))  # about 90 tokens: the third 225-chunk is empty

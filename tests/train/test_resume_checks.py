@@ -20,6 +20,8 @@ from sdtune.models.tiny import build_tiny
 from sdtune.train.loop import train
 from tests.train.test_train import options, run_with_ctrl_c_after
 
+pytestmark = pytest.mark.component
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -20,6 +20,8 @@ from sdtune.train.loop import train
 from sdtune.train.run_folder import LOCK_NAME, pid_alive
 from tests.train.test_train import options
 
+pytestmark = pytest.mark.component
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

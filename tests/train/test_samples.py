@@ -14,6 +14,8 @@ from sdtune.errors import SdtuneError
 from sdtune.models.tiny import build_tiny
 from sdtune.train.samples import sample_during_training
 
+pytestmark = pytest.mark.component
+
 
 class FakeWriter:
     def __init__(self) -> None:

@@ -11,6 +11,8 @@ from sdtune.train.loop import Trainer
 from sdtune.train.syncs import HostSyncCounter, count_run_syncs
 from tests.train.test_train import options
 
+pytestmark = pytest.mark.component
+
 
 @pytest.mark.parametrize("settings", [
     {},

@@ -18,6 +18,8 @@ from sdtune.models.io import load_model
 from sdtune.train import loop
 from sdtune.train.loop import TrainOptions, Trainer, TrainingDiverged, train
 
+pytestmark = pytest.mark.component
+
 
 def options(prepared, tmp_path: Path, family: str = "sd1", flip_aug: bool = False, **overrides) -> TrainOptions:
     model, train_dir, meta = prepared(family, flip_aug)
