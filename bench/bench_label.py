@@ -23,8 +23,10 @@ from PIL import Image
 
 from sdtune.label.blip import CaptionOptions, run_captioning
 from sdtune.label.common import LabelReport
-from sdtune.label.tiny import build_tiny_blip, build_tiny_tagger
 from sdtune.label.wd14 import TagOptions, run_tagging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tiny labelers are test fixtures
+from tests.fixtures.labelers import build_tiny_blip, build_tiny_tagger  # noqa: E402
 
 
 def make_images(folder: Path, count: int, size: int) -> None:

@@ -52,6 +52,7 @@ from sdtune.devices import HALF_ON_CPU_HELP, half_precision_on_cpu_warning, reso
 from sdtune.errors import SdtuneError
 from sdtune.models.sd import place
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, encode_prompts
+from sdtune.option_groups import ModelSource
 from sdtune.options import opt
 
 if TYPE_CHECKING:
@@ -531,14 +532,10 @@ DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, 
 
 
 @dataclass
-class GenerateOptions:
-    pretrained_model_name_or_path: Optional[str] = opt(
+class GenerateOptions(ModelSource):
+    pretrained_model_name_or_path: str = opt(
         None, "model: diffusers folder, .safetensors or .ckpt (anything sdtune train / convert writes)",
         aliases=("--ckpt",))
-    vae: Optional[str] = opt(None, "replace the model's VAE with this one (diffusers folder or single file)")
-    v2: Optional[bool] = opt(None, "the model is SD 2.x (normally detected from the weights)")
-    v_parameterization: Optional[bool] = opt(None, "the model predicts velocity (SD 2.x 768-v); default: detected")
-    tokenizer: Optional[str] = opt(None, "CLIP tokenizer folder for single files (default: the packaged vocabulary)")
     prompt: Optional[str] = opt(None, "the prompt")
     from_file: Optional[Path] = opt(None, "text file of prompts, one a line (blank and # lines skipped); a line may "
                                     "carry " + _INLINE_HELP)
@@ -586,9 +583,6 @@ def read_prompts(opts: GenerateOptions) -> list[PromptSpec]:
 
 def generate(opts: GenerateOptions) -> list[Path]:
     """The ``generate`` stage: validate, load, generate, save; returns the written files in order."""
-    if not opts.pretrained_model_name_or_path:
-        raise SdtuneError("--pretrained_model_name_or_path (or --ckpt) is required: a diffusers folder, "
-                          ".safetensors or .ckpt file")
     prompts = read_prompts(opts)  # every option and the prompt file are checked before the model loads
     device = resolve_device(opts.device)
     seed = opts.seed if opts.seed is not None else random_seed()

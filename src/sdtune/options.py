@@ -374,5 +374,7 @@ def parse_options(cls: type[T], argv: Sequence[str], prog: str, description: str
                 raise OptionsError(f"config file {config_path}: option {f.name} = {raw!r}: choose one of "
                                    f"{', '.join(map(str, choices))}")
         kwargs[f.name] = value
-    # required options (marked so in --help) are checked by the command's own validation, with its other checks
+    missing = [f"--{f.name}" for f in fields if kwargs[f.name] is None and is_required(f, hints)]
+    if missing:  # all of them at once, not one a run
+        raise OptionsError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
     return cls(**kwargs)

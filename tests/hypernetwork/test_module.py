@@ -68,13 +68,17 @@ def test_activate_output_puts_the_activation_after_the_last_layer_too():
     assert layer_types(config) == ["Linear", "Tanh", "Linear", "Tanh"]
 
 
+# sdtune train's required options (the options layer refuses a config without them); nothing here reads them.
+REQUIRED_TRAIN_OPTIONS = "pretrained_model_name_or_path = 'm'\nin_json = 'm.json'\ntrain_data_dir = 'd'\noutput_dir = 'o'\n"
+
+
 def test_layout_options_from_a_config_file(tmp_path):
     from sdtune.options import parse_options
     from sdtune.train.loop import TrainOptions
     from sdtune.train.targets import hypernetwork_config
 
     (tmp_path / "c.toml").write_text("hypernetwork_module = 'default'\nhypernetwork_layer_structure = [1, 1.5, 1]\n"
-                                     "hypernetwork_dropout = 0.2\n", encoding="utf-8")
+                                     "hypernetwork_dropout = 0.2\n" + REQUIRED_TRAIN_OPTIONS, encoding="utf-8")
     opts = parse_options(TrainOptions, ["--config_file", str(tmp_path / "c.toml")], "sdtune train")
     assert hypernetwork_config(opts).layer_structure == (1, 1.5, 1)
     assert hypernetwork_config(opts).dropout_structure == (0, 0.2, 0)

@@ -68,6 +68,7 @@ from sdtune.data.metadata import (
     Coverage, Images, KeyIndex, check_unique_keys, failure_exit_code, load_metadata, save_metadata)
 from sdtune.devices import HALF_ON_CPU_HELP, half_precision_on_cpu_warning, resolve_device
 from sdtune.errors import SdtuneError
+from sdtune.option_groups import ImageFolder, ImageKeys, LoaderWorkers
 from sdtune.options import opt
 
 if TYPE_CHECKING:
@@ -382,14 +383,12 @@ def _as_list(batch: list[Loaded]) -> list[Loaded]:
 
 # ------------------------------------------------------------------------------------------------ options
 @dataclass
-class PrepareOptions:
-    train_data_dir: Path = opt(help="folder of training images", positional=True)
+class PrepareOptions(ImageFolder, ImageKeys, LoaderWorkers):
     in_json: Path = opt(help="metadata JSON to read (from merge-captions / merge-tags / clean)", positional=True)
     out_json: Path = opt(help="metadata JSON to write, with train_resolution per image", positional=True)
     model_name_or_path: str = opt(help="model whose VAE encodes: diffusers folder, .safetensors/.ckpt checkpoint "
                                        "or standalone VAE file", positional=True, metavar="MODEL")
     batch_size: int = opt(1, "images encoded at once")
-    max_data_loader_n_workers: int = opt(2, "worker processes decoding images (0: in the main process)")
     max_resolution: str = opt("512,512", "WIDTH,HEIGHT whose area bounds every bucket")
     min_bucket_reso: int = opt(256, "smallest bucket side")
     max_bucket_reso: int = opt(1024, "largest bucket side")
@@ -397,10 +396,8 @@ class PrepareOptions:
     bucket_no_upscale: bool = opt(False, "never enlarge images: each gets a bucket of its own size (floored to the "
                                          "step; --min/max_bucket_reso do not apply, as in sd-scripts)")
     mixed_precision: str = opt("no", f"precision the VAE runs in; {HALF_ON_CPU_HELP}", choices=("no", "fp16", "bf16"))
-    full_path: bool = opt(False, "metadata keys are absolute image paths (as written by merge --full_path)")
     flip_aug: bool = opt(False, "also cache the latents of the horizontally mirrored image")
     skip_existing: bool = opt(False, "reuse latent files still valid for this image, bucket and VAE")
-    recursive: bool = opt(False, "also prepare images in sub-folders")
     v2: bool = opt(False, "sd-scripts' option, accepted and not needed: SD 1.x and 2.x share the VAE layout, which "
                           "prepare reads from the file itself")
     max_image_pixels: int = opt(DEFAULT_MAX_PIXELS, "images with more pixels are skipped as possible "

@@ -50,6 +50,7 @@ from typing import Any
 from sdtune.atomic import write_json_atomic, write_text_atomic
 from sdtune.data.images import list_image_files, other_images_message
 from sdtune.errors import SdtuneError
+from sdtune.option_groups import ImageFolder, ImageKeys
 from sdtune.options import opt
 
 logger = logging.getLogger(__name__)
@@ -367,23 +368,19 @@ def merge_sidecars_into(
 
 # ------------------------------------------------------------------------------------------------ commands
 @dataclass
-class MergeOptions:
-    train_data_dir: Path = opt(help="folder of training images with caption files beside them", positional=True)
+class MergeOptions(ImageFolder, ImageKeys):
+    """``merge-captions``: the caption file beside each image goes into the metadata."""
+
     out_json: Path = opt(help="metadata JSON to write", positional=True)
     in_json: Path | None = opt(None, "metadata JSON to read first (default: OUT_JSON when it exists)")
     caption_extension: str = opt(".caption", "extension of the caption files", aliases=("--caption_extention",))
-    full_path: bool = opt(False, "key images by absolute path instead of file stem (several folders, one JSON)")
-    recursive: bool = opt(False, "also read images in sub-folders")
 
 
 @dataclass
-class MergeTagsOptions:
-    train_data_dir: Path = opt(help="folder of training images with tag files beside them", positional=True)
-    out_json: Path = opt(help="metadata JSON to write", positional=True)
-    in_json: Path | None = opt(None, "metadata JSON to read first (default: OUT_JSON when it exists)")
+class MergeTagsOptions(MergeOptions):
+    """``merge-tags``: the same options; the files read are tag files, ``.txt`` by default."""
+
     caption_extension: str = opt(".txt", "extension of the tag files", aliases=("--caption_extention",))
-    full_path: bool = opt(False, "key images by absolute path instead of file stem (several folders, one JSON)")
-    recursive: bool = opt(False, "also read images in sub-folders")
 
 
 def merge_folder(

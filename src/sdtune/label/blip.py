@@ -42,6 +42,7 @@ from sdtune.label.common import (
     plan_work,
     resolve_workers,
 )
+from sdtune.option_groups import ImageFolder, LoaderWorkers
 from sdtune.options import opt
 
 logger = logging.getLogger(__name__)
@@ -56,22 +57,18 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
-class CaptionOptions:
-    train_data_dir: Path = opt(help="folder of images to caption", positional=True, metavar="TRAIN_DIR")
+class CaptionOptions(ImageFolder, LoaderWorkers):
     model: str = opt(DEFAULT_BLIP_MODEL, "BLIP captioning model: a Hugging Face repo id or a local folder in the "
                      "same layout (config.json, model weights, tokenizer files, preprocessor_config.json)")
     caption_extension: str = opt(".caption", "extension of the caption files written next to the images",
                                  aliases=("--caption_extention",))
     batch_size: int = opt(1, "images per model call")
-    max_data_loader_n_workers: int | None = opt(
-        None, "threads decoding images while the model runs; 0 decodes in the main thread, unset means up to 4")
     beam_search: bool = opt(False, "beam search instead of nucleus sampling (deterministic)")
     num_beams: int = opt(1, "beams for --beam_search (1 is greedy decoding)")
     top_p: float = opt(0.9, "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p")
     max_length: int = opt(75, "longest caption, in tokens (counting BLIP's 4-token prompt, as BLIP and sd-scripts do)")
     min_length: int = opt(5, "shortest caption, in tokens (counting the prompt)")
     seed: int | None = opt(42, "seed for sampling; the same seed, images, batch size and device repeat the captions")
-    recursive: bool = opt(False, "also caption images in sub-folders")
     overwrite: bool = opt(False, "caption images that already have a caption file, replacing it (without it they are skipped)")
     device: str | None = opt(None, "torch device, e.g. cuda, cuda:1, cpu; unset means cuda if available, else cpu")
     caption_weights: str | None = opt(

@@ -24,7 +24,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 #: Background loaders used when ``--max_data_loader_n_workers`` is not given (more rarely helps on a CPU-bound box).
-DEFAULT_WORKERS = 4
 
 
 class LabelError(SdtuneError):
@@ -116,9 +115,8 @@ def plan_work(
     return items
 
 
-def resolve_workers(workers: int | None) -> int:
-    if workers is None:
-        return min(DEFAULT_WORKERS, os.cpu_count() or 1)
+def resolve_workers(workers: int) -> int:
+    """The ``--max_data_loader_n_workers`` value, checked: threads decoding images while the model runs."""
     if workers < 0:
         raise LabelError(f"--max_data_loader_n_workers must be 0 or more, got {workers}")
     return workers

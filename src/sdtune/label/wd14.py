@@ -55,6 +55,7 @@ from sdtune.label.common import (
     resolve_workers,
     split_list,
 )
+from sdtune.option_groups import ImageFolder, LoaderWorkers
 from sdtune.options import opt
 
 logger = logging.getLogger(__name__)
@@ -70,15 +71,12 @@ _KEEP_UNDERSCORE_MAX_LEN = 3
 
 
 @dataclass
-class TagOptions:
-    train_data_dir: Path = opt(help="folder of images to tag", positional=True, metavar="TRAIN_DIR")
+class TagOptions(ImageFolder, LoaderWorkers):
     repo_id: str = opt(DEFAULT_WD14_REPO, "Hugging Face repo of the WD14 tagger (v2 and v3 taggers work)")
     model_dir: Path = opt(Path("wd14_tagger_model"), "folder holding model.onnx and selected_tags.csv, or their "
                           "parent: the model is then MODEL_DIR/<owner>_<name>, downloaded there on first use")
     force_download: bool = opt(False, "download the model files again, replacing the ones in the model folder")
     batch_size: int = opt(1, "images per model call (a model exported with a fixed batch of 1 is run image by image)")
-    max_data_loader_n_workers: int | None = opt(
-        None, "threads decoding images while the model runs; 0 decodes in the main thread, unset means up to 4")
     thresh: float = opt(0.35, "score a tag needs to be written")
     general_threshold: float | None = opt(None, "threshold for general tags; unset means --thresh")
     character_threshold: float | None = opt(None, "threshold for character tags; unset means --thresh")
@@ -99,7 +97,6 @@ class TagOptions:
     append_tags: bool = opt(False, "add new tags to existing tag files instead of skipping those images")
     overwrite: bool = opt(False, "tag images that already have a tag file, replacing it")
     frequency_tags: bool = opt(False, "log how often each tag was written, at the end")
-    recursive: bool = opt(False, "also tag images in sub-folders")
     onnx_providers: str = opt("", "comma-separated onnxruntime execution providers; empty means CUDA if available, "
                               "then CPU")
     onnx: bool = opt(False, "sd-scripts' option, accepted: sdtune always runs the tagger with ONNX Runtime")

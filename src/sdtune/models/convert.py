@@ -10,22 +10,19 @@ from typing import Optional
 
 from sdtune.errors import SdtuneError
 from sdtune.models.choices import SAVE_FORMATS
+from sdtune.option_groups import ModelSource
 from sdtune.options import opt
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ConvertOptions:
+class ConvertOptions(ModelSource):
     src: str = opt(help="model to read: diffusers folder, .safetensors/.ckpt file or hub repo id", positional=True)
     dst: Path = opt(help="where to write (a file for ckpt/safetensors, a folder for diffusers)", positional=True)
     save_model_as: Optional[str] = opt(None, "output format; default: from DST's suffix (.ckpt, .safetensors, "
                                        "else a diffusers folder with .safetensors weights)", choices=SAVE_FORMATS)
     save_precision: str = opt("float", "precision of the written weights", choices=("float", "fp16", "bf16"))
-    v2: Optional[bool] = opt(None, "the source is SD 2.x (normally detected from the weights)")
-    v_parameterization: Optional[bool] = opt(None, "the source predicts velocity (SD 2.x 768-v); overrides detection")
-    vae: Optional[str] = opt(None, "replace the VAE with this one (diffusers folder or single file)")
-    tokenizer: Optional[str] = opt(None, "CLIP tokenizer folder for single files (default: the packaged vocabulary)")
     epoch: Optional[int] = opt(None, "epoch to record in a .ckpt / metadata (default: the one SRC records, else 0)")
     global_step: Optional[int] = opt(None, "step to record in a .ckpt / metadata (default: the one SRC records, "
                                      "else 0)")

@@ -98,7 +98,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # Copied out of the file's memory map: views into it sit at the file's byte offsets (not 64-byte aligned,
+            # so CPU kernels sum in another order than for the same weights from a .ckpt: the tiny test models gave
+            # images 13 levels apart) and keep the file mapped, which on Windows stops it being replaced or deleted.
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(
             f"{path}: not a readable .safetensors file ({exc}); it may be truncated or not a model file"

@@ -27,6 +27,7 @@ from sdtune.data.latents import parse_resolution
 from sdtune.data.metadata import KeyIndex, duplicate_stems, load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, check_max_token_length
+from sdtune.option_groups import ImageKeys, Recursive
 from sdtune.options import opt
 from sdtune.review.thumbs import VALID, ImageFacts, ImageJob, inspect_images
 from sdtune.review.tokens import count_tokens, find_cuts, load_review_tokenizer
@@ -38,7 +39,7 @@ PAGE_FILE = "index.html"
 
 
 @dataclass
-class ReviewOptions:
+class ReviewOptions(ImageKeys, Recursive):
     in_json: Path = opt(help="metadata JSON (from merge-captions / clean / prepare)", positional=True,
                         metavar="META_JSON")
     train_data_dir: Optional[Path] = opt(None, "folder of training images (without it: captions, tags and buckets "
@@ -55,8 +56,6 @@ class ReviewOptions:
     shuffle_caption: bool = opt(False, "the train option: show which caption parts are shuffled")
     keep_tokens: int = opt(0, "the train option: the first N comma-separated parts stay fixed")
     seed: int = opt(0, "seed for the epoch's batches shown (their number and sizes do not depend on it)")
-    full_path: bool = opt(False, "the metadata keys are full image paths (merge --full_path)")
-    recursive: bool = opt(False, "look for images in sub-folders too")
     max_resolution: str = opt("512,512", "the prepare option, for images not prepared yet")
     min_bucket_reso: int = opt(256, "the prepare option, for images not prepared yet")
     max_bucket_reso: int = opt(1024, "the prepare option, for images not prepared yet")

@@ -112,10 +112,6 @@ def resolve_resume(path: Path) -> Path:
 
 def validate(opts: TrainOptions) -> None:
     """Option errors, before any model is loaded."""
-    missing = [f"--{name}" for name in ("pretrained_model_name_or_path", "in_json", "train_data_dir", "output_dir")
-               if not getattr(opts, name)]
-    if missing:  # all of them at once, not one a run
-        raise SdtuneError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
     if attention_kind(opts) == "xformers" and importlib.util.find_spec("xformers") is None:
         raise SdtuneError("--xformers needs the xformers package, which is not installed: pip install xformers "
                           "(GPU only), or drop the option (the default SDPA attention is as memory-efficient)")
@@ -154,7 +150,7 @@ def validate(opts: TrainOptions) -> None:
                           "--use_8bit_adam, or use --optimizer_type AdamW8bit alone")
     if opts.clip_skip is not None and opts.clip_skip < 1:
         raise SdtuneError("--clip_skip must be 1 or more")
-    if sum([opts.xformers or opts.diffusers_xformers, opts.mem_eff_attn, opts.sdpa]) > 1:
+    if sum([opts.xformers, opts.mem_eff_attn, opts.sdpa]) > 1:
         raise SdtuneError("choose one attention: --sdpa, --xformers or --mem_eff_attn")
     if opts.resume and not (Path(opts.resume) / "progress.json").is_file():
         raise SdtuneError(f"--resume {opts.resume}: not a state folder written by --save_state (no progress.json)")
@@ -194,7 +190,7 @@ def validate_hypernetwork_options(opts: TrainOptions) -> None:
 
 
 def attention_kind(opts: TrainOptions) -> str:
-    if opts.xformers or opts.diffusers_xformers:
+    if opts.xformers:
         return "xformers"
     return "mem_eff" if opts.mem_eff_attn else "sdpa"
 

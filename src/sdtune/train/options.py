@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from sdtune.models.choices import ACTIVATION_CHOICES, HYPERNETWORK_MODULES, NOT_IN_COMFYUI, SAVE_FORMATS
+from sdtune.option_groups import ImageKeys, LoaderWorkers, ModelSource, Recursive
 from sdtune.options import opt
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "SGDNesterov")
@@ -16,18 +17,12 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 
 @dataclass
-class TrainOptions:
+class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
     # model
     pretrained_model_name_or_path: str = opt(None, "base model: diffusers folder, .safetensors/.ckpt or hub repo id")
-    v2: Optional[bool] = opt(None, "the model is SD 2.x (normally detected from the weights)")
-    v_parameterization: Optional[bool] = opt(None, "train with the velocity target (SD 2.x 768-v); default: detected")
-    vae: Optional[str] = opt(None, "use this VAE to encode images whose latent cache is missing")
-    tokenizer: Optional[str] = opt(None, "CLIP tokenizer folder for single-file models (default: packaged vocabulary)")
     # data
     in_json: str = opt(None, "metadata JSON written by sdtune prepare")
     train_data_dir: str = opt(None, "folder with the images and their .npz latent caches")
-    full_path: bool = opt(False, "the metadata keys are full image paths (merge --full_path)")
-    recursive: bool = opt(False, "look for images in sub-folders too")
     dataset_repeats: int = opt(1, "how many times each image appears per epoch")
     shuffle_caption: bool = opt(False, "shuffle the comma-separated parts of each caption every time it is used")
     keep_tokens: int = opt(0, "keep the first N comma-separated parts of each caption in place: never shuffled "
@@ -42,7 +37,6 @@ class TrainOptions:
                                 choices=(75, 150, 225))
     clip_skip: Optional[int] = opt(None, "use the hidden state N layers from the end of the text encoder "
                                    "(2 = penultimate; default 1; SD 2.x already uses its penultimate layer)")
-    max_data_loader_n_workers: int = opt(2, "processes that read latent files ahead of the step (0: main process)")
     # training
     train_batch_size: int = opt(1, "images per batch (per process)")
     learning_rate: float = opt(2e-6, "learning rate of the U-Net")
@@ -72,8 +66,8 @@ class TrainOptions:
     lr_scheduler_power: float = opt(1.0, "power for the polynomial schedule")
     # speed and memory
     sdpa: bool = opt(False, "PyTorch scaled-dot-product attention (the default)")
-    xformers: bool = opt(False, "xformers attention (needs pip install xformers; GPU)")
-    diffusers_xformers: bool = opt(False, "same as --xformers")
+    xformers: bool = opt(False, "xformers attention (needs pip install xformers; GPU)",
+                         aliases=("--diffusers_xformers",))
     mem_eff_attn: bool = opt(False, "sliced attention, a few heads at a time: only for devices where SDPA has "
                              "no fused kernel; next to SDPA it keeps more for backward (4.5 vs 1.7 GiB at 512 px)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: 83 % less activation memory "
