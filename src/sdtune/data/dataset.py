@@ -9,7 +9,6 @@ would, whatever the number of data-loader workers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from sdtune.data.latents import (
 )
 from sdtune.data.metadata import Coverage, Images, KeyIndex
 from sdtune.errors import SdtuneError
+from sdtune.seeds import derived_rng
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,8 @@ class CaptionRules:
 
 
 def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """The generator for one item of one epoch (derived, never global)."""
-    digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, epoch, digest])
+    """The generator for one item of one epoch (derived, never global: ``sdtune.seeds``)."""
+    return derived_rng(seed, epoch, key)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from sdtune.label.common import (
 )
 from sdtune.option_groups import ImageFolder, LoaderWorkers
 from sdtune.options import opt
+from sdtune.seeds import derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -181,11 +182,6 @@ def load_blip(name: str, device: Any) -> BlipModel:
                      device=device)
 
 
-def _batch_seed(seed: int, batch_index: int) -> int:
-    # Independent, well-mixed streams per batch (a plain seed + index would make neighbouring runs overlap).
-    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0])
-
-
 def _forked_rng(device: Any) -> Any:
     """A context restoring the CPU generator (and ``device``'s) afterwards: seeding for one batch must not change
     anyone else's randomness."""
@@ -225,7 +221,7 @@ def caption_batch(blip: BlipModel, pixel_values: np.ndarray, options: CaptionOpt
             ids = blip.model.generate(**kwargs)
         else:
             with _forked_rng(blip.device):
-                torch.manual_seed(_batch_seed(options.seed, batch_index))
+                torch.manual_seed(derived_seed(options.seed, batch_index, bits=64))
                 ids = blip.model.generate(**kwargs)
         ids = ids.cpu()
     return [strip_prompt(text) for text in blip.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -51,6 +51,7 @@ from sdtune.models.prediction import (
 )
 from sdtune.models.sd import StableDiffusion, build_modules, place, with_prediction_type
 from sdtune.models.tokenizer import load_tokenizer
+from sdtune.precision_names import dtypes_of
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = dtypes_of(("float", "fp32", "fp16", "bf16"))  # the names --save_precision and loading take
 VAE_TRAINING_PREFIXES = ("loss.",)
 _META_FAMILY = META_FAMILY
 _META_CONFIGS = META_CONFIGS

@@ -11,13 +11,9 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import numpy as np
 import torch
 
-
-def derived_seed(*parts: int) -> int:
-    state = np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & 0x7FFF_FFFF_FFFF_FFFF
+from sdtune.seeds import derived_seed  # re-exported: train/ imports it from here
 
 
 def step_batch_index(micro: int, world_size: int, rank: int) -> int:
