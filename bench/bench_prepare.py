@@ -73,7 +73,7 @@ def _timed(label: str, fn: Callable[[], object]) -> object:
 
 
 def bench_entries(root: Path, n: int) -> None:
-    from sdtune.data.buckets import AspectBuckets
+    from sdtune.data.buckets import AspectBuckets, share_batches
     from sdtune.data.clean import clean_images, load_rules
     from sdtune.data.metadata import load_metadata, save_metadata
 
@@ -89,7 +89,7 @@ def bench_entries(root: Path, n: int) -> None:
         return buckets
 
     buckets = _timed("bucket assignment", assign)
-    _timed("epoch plan (batch 4, 4 ranks)", lambda: buckets.epoch_plan(0, 0, 4, world_size=4))
+    _timed("epoch plan (batch 4, 4 ranks)", lambda: share_batches(buckets.batches(0, 0, 4), 4, 0))
     images = {k: {"caption": "a young woman in a field", "tags": "1girl, long_hair, shirt, white_shirt, rating:safe",
                   "train_resolution": list(buckets.bucket_of(k))} for k in keys}
     path = root / "meta.json"

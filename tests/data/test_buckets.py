@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from sdtune.data.buckets import AspectBuckets, TooSmall, bucket_table, make_bucket_resolutions
+from sdtune.data.buckets import AspectBuckets, TooSmall, bucket_table, make_bucket_resolutions, share_batches
 from sdtune.errors import SdtuneError
 
 pytestmark = pytest.mark.unit
@@ -196,24 +196,20 @@ def test_every_image_once_per_epoch_for_any_world_size(world_size, n, batch_size
     buckets = _assigned(n)
     keys = {f"img{i:03d}" for i in range(n)}
     for epoch in range(3):
-        plan = buckets.epoch_plan(epoch, seed=1234, batch_size=batch_size, world_size=world_size)
+        batches = buckets.batches(epoch, seed=1234, batch_size=batch_size)
         # the global order holds every image exactly once, batches of one bucket, none larger than batch_size
-        flat = [k for batch in plan.batches for k in batch]
+        flat = [k for batch in batches for k in batch]
         assert Counter(flat) == Counter(keys)
-        for batch in plan.batches:
+        for batch in batches:
             assert 1 <= len(batch) <= batch_size
             assert len({buckets.bucket_of(k) for k in batch}) == 1
-        # dealt to the ranks: the same number of batches each; together the global order plus the padding
-        per_rank = [buckets.batches(epoch, 1234, batch_size, world_size, rank) for rank in range(world_size)]
+        # dealt to the ranks: the same number of batches each; the weighted ones hold every image exactly once
+        per_rank = [share_batches(batches, world_size, rank) for rank in range(world_size)]
         assert len({len(r) for r in per_rank}) == 1
-        total = sum(len(r) for r in per_rank)
-        assert total == len(plan.batches) + plan.padded and plan.padded < world_size
-        seen = Counter(k for r in per_rank for batch in r for k in batch)
-        assert set(seen) == keys  # nothing dropped
-        padding = [plan.batches[i % len(plan.batches)] for i in range(len(plan.batches), total)]
-        assert seen == Counter(keys) + Counter(k for batch in padding for k in batch)
-        # stride sharding of one shared list: rank r has global batches r, r + W, ...
-        assert per_rank[0][0] == list(plan.batches[0])
+        seen = Counter(k for r in per_rank for batch, weight in r if weight > 0 for k in batch)
+        assert seen == Counter(keys)  # nothing dropped, nothing twice
+        # stride sharding of one shared list: rank 0 starts with the first batch (or its first half)
+        assert per_rank[0][0][0] == batches[0][:len(per_rank[0][0][0])]
 
 
 def test_batches_are_deterministic_and_change_with_epoch_and_seed():
@@ -232,11 +228,20 @@ def test_small_bucket_yields_a_smaller_batch_and_more_ranks_than_batches():
     buckets = AspectBuckets.from_assignments({"a": (512, 512), "b": (512, 512), "c": (256, 1024)})
     batches = buckets.batches(0, 0, batch_size=4)
     assert sorted(map(sorted, batches)) == [["a", "b"], ["c"]]
-    plan = buckets.epoch_plan(0, 0, batch_size=4, world_size=4)
-    assert plan.padded == 2 and all(len(plan.for_rank(r)) == 1 for r in range(4))
-    with pytest.raises(ValueError):
-        plan.for_rank(4)
-    assert AspectBuckets().batches(0, 0, 4, world_size=2, rank=1) == []
+    assert all(len(share_batches(batches, 4, r)) == 1 for r in range(4))
+    assert AspectBuckets().batches(0, 0, 4) == []
+
+
+def test_uneven_single_images_pad_with_zero_weight_instead_of_hanging():
+    shares = [share_batches([["a"], ["b"], ["c"]], 2, r) for r in range(2)]
+    assert shares[0] == [(["a"], 1.0), (["c"], 2.0)]
+    assert shares[1] == [(["b"], 1.0), (["a"], 0.0)]  # runs a copy so the collectives line up, learns nothing
+
+
+def test_splitting_keeps_images_unique():
+    shares = [share_batches([["a", "b"], ["c", "d"], ["e"]], 2, r) for r in range(2)]
+    keys = [k for share in shares for b, w in share for k in b]
+    assert sorted(keys) == list("abcde") and all(w == 1.0 for share in shares for _, w in share)
 
 
 def test_table_lists_buckets_counts_and_total():

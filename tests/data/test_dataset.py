@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sdtune.data.buckets import AspectBuckets
-from sdtune.data.dataset import FineTuneData, share_batches
+from sdtune.data.dataset import FineTuneData
 
 pytestmark = pytest.mark.unit
 
@@ -42,15 +42,3 @@ def test_batches_depend_on_seed_and_epoch_only():
     data = data_with({(512, 512): 10})
     assert data.epoch_batches(0, 5, 2, 1, 0) == data.epoch_batches(0, 5, 2, 1, 0)
     assert data.epoch_batches(0, 5, 2, 1, 0) != data.epoch_batches(1, 5, 2, 1, 0)
-
-
-def test_uneven_single_images_pad_with_zero_weight_instead_of_hanging():
-    shares = [share_batches([["a"], ["b"], ["c"]], 2, r) for r in range(2)]
-    assert shares[0] == [(["a"], 1.0), (["c"], 2.0)]
-    assert shares[1] == [(["b"], 1.0), (["a"], 0.0)]  # runs a copy so the collectives line up, learns nothing
-
-
-def test_splitting_keeps_images_unique():
-    shares = [share_batches([["a", "b"], ["c", "d"], ["e"]], 2, r) for r in range(2)]
-    keys = [k for share in shares for b, w in share for k in b]
-    assert sorted(keys) == list("abcde") and all(w == 1.0 for share in shares for _, w in share)

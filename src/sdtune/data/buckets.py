@@ -18,7 +18,10 @@ about the same area, and each batch holds images of one resolution.
   ``min_bucket_reso`` and ``max_bucket_reso`` do not apply (sd-scripts ignores them in this mode, and an image it
   trains must not be dropped): a 300x200 image gets 256x192, a 4000x500 one 1024x128. Only an image with a side
   under one step is refused (``TooSmall``): its bucket would have a side of 0 px.
-* **Batches** (``AspectBuckets.batches``): see there. Every image is in exactly one batch per epoch.
+* **Batches** (``AspectBuckets.batches``): one epoch's batches, one bucket each, every image in exactly one; the
+  same list on every rank.
+* **Sharding** (``share_batches``): ranks take that list by stride; when its length does not divide, the largest
+  batches are split, so every rank runs the same number of steps and no image is seen twice (see there).
 """
 
 from __future__ import annotations
@@ -99,29 +102,6 @@ def cover(width: int, height: int, bucket: Reso) -> Placement:
     scale = max(bucket[0] / width, bucket[1] / height)
     resized = (max(bucket[0], int(width * scale + 0.5)), max(bucket[1], int(height * scale + 0.5)))
     return Placement(bucket, resized, _centre_crop(resized, bucket), bucket[0] / bucket[1] - width / height)
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """All ranks' batches for one epoch.
-
-    ``batches`` is the global order (each image exactly once). Rank ``r`` takes batches ``r, r + world_size,
-    r + 2 * world_size, ...``; when their number is not a multiple of ``world_size``, the first ``padded``
-    batches are repeated at the end so that every rank runs the same number of steps (a rank that finished early
-    would hang the others at the next all-reduce). Only those few images are seen twice.
-    """
-
-    batches: tuple[tuple[str, ...], ...]
-    world_size: int
-    padded: int
-
-    def for_rank(self, rank: int) -> list[list[str]]:
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} is outside world size {self.world_size}")
-        n = len(self.batches)
-        # Position i of the padded list is batch i % n: the first `padded` batches again (cycling when there are
-        # fewer batches than ranks).
-        return [list(self.batches[i % n]) for i in range(rank, n + self.padded, self.world_size)]
 
 
 @dataclass
@@ -244,35 +224,59 @@ class AspectBuckets:
         return bucket_table(self.counts(), self.mean_aspect_error())
 
     # ---------------------------------------------------------------------------------------------- batches
-    def epoch_plan(self, epoch: int, seed: int, batch_size: int, world_size: int = 1) -> EpochPlan:
-        """Every rank's batches for ``epoch``; the same on every rank for the same arguments.
+    def batches(self, epoch: int, seed: int, batch_size: int) -> list[list[str]]:
+        """One epoch's batches (lists of image keys, all of one bucket), the same on every rank for the same
+        arguments; ranks take their shares with :func:`share_batches`.
 
         Each bucket's images (sorted by key, so insertion order does not matter) are shuffled and cut into batches
         of ``batch_size``; a bucket's last batch may be smaller (nothing is dropped). Then the list of all batches
-        is shuffled with the same generator, so that buckets are mixed, and dealt to ranks with a stride.
-        The generator is derived from ``(seed, epoch)``: no global random state is read or changed.
+        is shuffled with the same generator, so that buckets are mixed. The generator is derived from
+        ``(seed, epoch)``: no global random state is read or changed.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be at least 1, not {world_size}")
         rng = np.random.default_rng([seed, epoch])
         by_bucket: dict[Reso, list[str]] = {}
         for key in sorted(self._assigned):
             by_bucket.setdefault(self._assigned[key], []).append(key)
-        batches: list[tuple[str, ...]] = []
+        batches: list[list[str]] = []
         for bucket in sorted(by_bucket):
             keys = by_bucket[bucket]
             order = rng.permutation(len(keys))
             shuffled = [keys[i] for i in order]
-            batches += [tuple(shuffled[i : i + batch_size]) for i in range(0, len(shuffled), batch_size)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        padded = (-len(batches)) % world_size if batches else 0
-        return EpochPlan(tuple(batches), world_size, padded)
+            batches += [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
-    def batches(self, epoch: int, seed: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[list[str]]:
-        """This rank's batches (lists of image keys, all of one bucket) for ``epoch``; see ``epoch_plan``."""
-        return self.epoch_plan(epoch, seed, batch_size, world_size).for_rank(rank)
+
+def share_batches(batches: list[list[str]], world_size: int, rank: int) -> list[tuple[list[str], float]]:
+    """Deal one epoch's batches to ranks by stride, every rank getting the same number, as (keys, loss weight).
+
+    Every rank must take the same number of steps (one that finished early would hang the others at the next
+    gradient all-reduce). When the count does not divide, the largest batches are split in two, so no image is
+    dropped and none is seen twice in the epoch. When every batch is a single image and the count still does not
+    divide, the ranks left without a batch in the last step run a copy of another with loss weight 0, and the
+    real batches of that step get weight ``world_size / real batches``: the averaged gradient is then exactly
+    the mean over the real batches.
+    """
+    batches = [list(b) for b in batches]
+    while len(batches) % world_size:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        if len(batches[largest]) < 2:
+            break
+        whole = batches[largest]
+        batches[largest: largest + 1] = [whole[: len(whole) // 2], whole[len(whole) // 2:]]
+    real = len(batches)
+    last_step_real = real % world_size or world_size
+    steps = math.ceil(real / world_size)
+    out: list[tuple[list[str], float]] = []
+    for step in range(steps):
+        index = step * world_size + rank
+        if index < real:
+            weight = world_size / last_step_real if step == steps - 1 else 1.0
+            out.append((batches[index], weight))
+        else:
+            out.append((batches[index % real], 0.0))
+    return out
 
 
 def bucket_table(counts: Mapping[Reso, int], mean_aspect_error: float | None = None) -> str:

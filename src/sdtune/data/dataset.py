@@ -1,16 +1,15 @@
 """Training examples: cached latents + captions, batched by bucket, deterministic per (seed, epoch, item).
 
 Each batch holds images of one bucket (so the latents stack). The epoch's batches come from
-:meth:`sdtune.data.buckets.AspectBuckets.epoch_plan`, which every rank computes identically; a rank takes its share
-by stride. Every random choice (caption shuffle, picking the flipped latent) draws from a generator seeded by
-``(seed, epoch, item key, repeat)``, so a resumed run sees exactly the batches and captions an uninterrupted one
+:meth:`sdtune.data.buckets.AspectBuckets.batches`, which every rank computes identically; a rank takes its share
+with :func:`sdtune.data.buckets.share_batches`. Every random choice (caption shuffle, picking the flipped latent)
+draws from a generator seeded by ``(seed, epoch, item key, repeat)``, so a resumed run sees exactly the batches and captions an uninterrupted one
 would, whatever the number of data-loader workers.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sdtune.data.buckets import AspectBuckets, Reso, cover
+from sdtune.data.buckets import AspectBuckets, Reso, cover, share_batches
 from sdtune.data.images import list_images, open_image
 from sdtune.data.latents import (
     LatentFileError, cache_staleness, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels, vae_fingerprint,
@@ -167,8 +166,7 @@ class FineTuneData:
     def epoch_batches(self, epoch: int, seed: int, batch_size: int, world_size: int, rank: int
                       ) -> list[tuple[list[str], float]]:
         """This rank's batches of ``epoch``: see :func:`share_batches`."""
-        plan = self.buckets.epoch_plan(epoch, seed, batch_size, world_size=1)
-        return share_batches([list(b) for b in plan.batches], world_size, rank)
+        return share_batches(self.buckets.batches(epoch, seed, batch_size), world_size, rank)
 
     def load_batch(self, bucket_keys: Sequence[str], epoch: int, seed: int,
                    caption_rules: CaptionRules = CaptionRules()) -> dict[str, Any]:
@@ -193,37 +191,6 @@ class FineTuneData:
             captions.append(caption)
             keys.append(key)
         return {"latents": torch.stack(latents), "captions": captions, "keys": keys}
-
-
-def share_batches(batches: list[list[str]], world_size: int, rank: int) -> list[tuple[list[str], float]]:
-    """Deal one epoch's batches to ranks by stride, every rank getting the same number, as (keys, loss weight).
-
-    Every rank must take the same number of steps (one that finished early would hang the others at the next
-    gradient all-reduce). When the count does not divide, the largest batches are split in two, so no image is
-    dropped and none is seen twice in the epoch. When every batch is a single image and the count still does not
-    divide, the ranks left without a batch in the last step run a copy of another with loss weight 0, and the
-    real batches of that step get weight ``world_size / real batches``: the averaged gradient is then exactly
-    the mean over the real batches.
-    """
-    batches = [list(b) for b in batches]
-    while len(batches) % world_size:
-        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
-        if len(batches[largest]) < 2:
-            break
-        whole = batches[largest]
-        batches[largest: largest + 1] = [whole[: len(whole) // 2], whole[len(whole) // 2:]]
-    real = len(batches)
-    last_step_real = real % world_size or world_size
-    steps = math.ceil(real / world_size)
-    out: list[tuple[list[str], float]] = []
-    for step in range(steps):
-        index = step * world_size + rank
-        if index < real:
-            weight = world_size / last_step_real if step == steps - 1 else 1.0
-            out.append((batches[index], weight))
-        else:
-            out.append((batches[index % real], 0.0))
-    return out
 
 
 class RunBatches(torch.utils.data.Dataset):
