@@ -33,7 +33,7 @@ LIMITS = dict(max_resolution="128,128", min_bucket_reso=64, max_bucket_reso=256,
 
 def make_dataset(root: Path, n: int) -> tuple[Path, Path]:
     from sdtune.data.buckets import AspectBuckets
-    from sdtune.data.latents import LATENT_FORMAT_VERSION, LatentCache, cache_key, content_hash, write_latent_file
+    from sdtune.data.latent_cache import LATENT_FORMAT_VERSION, LatentCache, cache_key, content_hash, write_latent_file
     from sdtune.data.metadata import save_metadata
 
     train = root / "train"

@@ -24,7 +24,7 @@ import torch
 
 from bench_train import build_model, make_dataset
 from sdtune.data.dataset import FineTuneData
-from sdtune.data.latents import PrepareOptions, prepare_latents
+from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents
 from sdtune.data.metadata import load_metadata
 from sdtune.models.io import load_model, save_model
 from sdtune.models.text import encode_prompts
@@ -86,7 +86,7 @@ def main() -> None:
         prepare_latents(PrepareOptions(train_data_dir=root / "train", in_json=root / "meta.json",
                                        out_json=root / "lat.json", model_name_or_path=str(model_path),
                                        max_resolution="64,64", min_bucket_reso=64, bucket_reso_steps=64,
-                                       max_data_loader_n_workers=0))
+                                       max_data_loader_n_workers=0), load_prepare_vae(str(model_path)))
         data = FineTuneData.from_metadata(load_metadata(root / "lat.json"), root / "train")
         reference = count_reference(model_path, data, args.steps, args.batch, args.device, device_only)
         print(f"{'configuration':50} syncs/step")

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from sdtune.data.dataset import FineTuneData
-from sdtune.data.latents import PrepareOptions, prepare_latents
+from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents
 from sdtune.data.metadata import load_metadata, save_metadata
 from sdtune.models.io import load_model, save_model
 from sdtune.models.text import encode_prompts
@@ -100,7 +100,8 @@ def main() -> None:
         prepare_latents(PrepareOptions(train_data_dir=root / "train", in_json=root / "meta.json",
                                        out_json=root / "lat.json", model_name_or_path=str(model_path),
                                        max_resolution=f"{args.size},{args.size}", min_bucket_reso=64,
-                                       bucket_reso_steps=64, max_data_loader_n_workers=0))
+                                       bucket_reso_steps=64, max_data_loader_n_workers=0),
+                        load_prepare_vae(str(model_path)))
         data = FineTuneData.from_metadata(load_metadata(root / "lat.json"), root / "train")
         # warm-up of both paths (first-call allocations, lazy imports)
         bare_loop(model_path, data, 3, args.batch, 0)

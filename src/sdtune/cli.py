@@ -41,7 +41,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("clean", "clean captions and tags in a metadata JSON",
             "sdtune.data.clean", "CleanOptions", "clean_command", "finetune/clean_captions_and_tags.py"),
     Command("prepare", "assign aspect-ratio buckets and cache VAE latents",
-            "sdtune.data.latents", "PrepareOptions", "prepare_command", "finetune/prepare_buckets_latents.py"),
+            "sdtune.data.prepare", "PrepareOptions", "prepare_command", "finetune/prepare_buckets_latents.py"),
     Command("train", "fine-tune the U-Net (and optionally the text encoder) or train a hypernetwork",
             "sdtune.train.loop", "TrainOptions", "train_command", "fine_tune.py", "sdtune.train.options"),
     Command("generate", "text-to-image with a model sdtune loads or wrote",

@@ -312,14 +312,14 @@ def _stage_clean(workdir: Path) -> list[Path]:
 
 
 def _stage_prepare(workdir: Path, summary: DemoSummary) -> list[Path]:
-    from sdtune.data.latents import PrepareOptions, prepare_latents
+    from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents
 
     options = PrepareOptions(
         train_data_dir=workdir / "dataset", in_json=workdir / "meta_clean.json", out_json=workdir / "meta_lat.json",
         model_name_or_path=str(workdir / "base-model"), batch_size=4, max_data_loader_n_workers=0,
         max_resolution="64,64", min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, flip_aug=True,
     )
-    result = prepare_latents(options)
+    result = prepare_latents(options, load_prepare_vae(options.model_name_or_path))
     result.log()
     if result.skipped:
         raise SdtuneError(f"prepare skipped {len(result.skipped)} demo image(s): {result.skipped[0][1]}")

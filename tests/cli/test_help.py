@@ -154,7 +154,7 @@ def test_debug_logs_each_file_as_sd_scripts_does(tmp_path, caplog):
 
 
 def test_prepare_accepts_v2(tmp_path):
-    from sdtune.data.latents import PrepareOptions
+    from sdtune.data.prepare import PrepareOptions
 
     opts = parse_options(PrepareOptions, [str(tmp_path), "in.json", "out.json", "model", "--v2"], "sdtune prepare")
     assert opts.v2

@@ -58,3 +58,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def dataset(tmp_path, make_image) -> tuple[Path, Path]:
+    """A training folder of the three ``EXPECTED`` images with captions, and its merged metadata JSON."""
+    from sdtune.cli import main
+
+    from tests.data.prepared import EXPECTED
+
+    train = tmp_path / "train"
+    for i, (name, (size, *_)) in enumerate(EXPECTED.items()):
+        make_image(train / f"{name}.png", *size, seed=i)
+        (train / f"{name}.caption").write_text(f"a picture of {name}")
+    meta = tmp_path / "meta.json"
+    assert main(["merge-captions", str(train), str(meta)]) == 0
+    return train, meta

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sdtune.cli import main
-from sdtune.data.latents import load_latent_file
+from sdtune.data.latent_cache import load_latent_file
 from sdtune.data.metadata import load_metadata
 from sdtune.demo import DEMO_ENTRIES, MARKER, SIZES, SUMMARY_FILE, prepare_workdir
 from sdtune.errors import SdtuneError

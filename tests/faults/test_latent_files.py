@@ -11,7 +11,7 @@ import pytest
 
 from sdtune.cli import main
 from sdtune.data import dataset as dataset_module
-from sdtune.data.latents import LatentFileError, load_latent_file
+from sdtune.data.latent_cache import LatentFileError, load_latent_file
 
 pytestmark = pytest.mark.component
 

@@ -105,7 +105,7 @@ def test_prepare_and_training_see_the_same_vae_of_a_file_from_elsewhere(tmp_path
     latent cache of an SD 2.x 768-v file would look stale to training."""
     from safetensors.torch import save_file
 
-    from sdtune.data.latents import vae_fingerprint
+    from sdtune.data.latent_cache import vae_fingerprint
     from sdtune.models.io import load_vae
 
     path = tmp_path / "v2-768.safetensors"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdtune.data.latents import PrepareOptions, prepare_latents
+from sdtune.data.prepare import PrepareOptions, prepare_latents
 from sdtune.data.metadata import load_metadata, save_metadata
 
 # (stem, (width, height), caption or None, tags or None)

@@ -16,7 +16,7 @@ from PIL import Image
 from sdtune.cli import main
 from sdtune.data.buckets import AspectBuckets, cover
 from sdtune.data.dataset import FineTuneData, build_caption
-from sdtune.data.latents import load_latent_file
+from sdtune.data.latent_cache import load_latent_file
 from sdtune.data.metadata import load_metadata, save_metadata
 from sdtune.errors import ModelLoadError, SdtuneError
 from sdtune.models.text import tokenize

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.data.latents import PrepareOptions, prepare_latents
+from sdtune.data.prepare import PrepareOptions, prepare_latents
 from sdtune.data.metadata import save_metadata
 from sdtune.models.io import load_vae
 

@@ -3,8 +3,8 @@
 Each batch holds images of one bucket (so the latents stack). The epoch's batches come from
 :meth:`sdtune.data.buckets.AspectBuckets.batches`, which every rank computes identically; a rank takes its share
 with :func:`sdtune.data.buckets.share_batches`. Every random choice (caption shuffle, picking the flipped latent)
-draws from a generator seeded by ``(seed, epoch, item key, repeat)``, so a resumed run sees exactly the batches and captions an uninterrupted one
-would, whatever the number of data-loader workers.
+draws from a generator seeded by ``(seed, epoch, item key, repeat)`` (``sdtune.seeds``), so a resumed run sees
+exactly the batches and captions an uninterrupted one would, whatever the number of data-loader workers.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 
 from sdtune.data.buckets import AspectBuckets, Reso, cover, share_batches
 from sdtune.data.images import list_images, open_image
-from sdtune.data.latents import (
-    LatentFileError, cache_staleness, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels, vae_fingerprint,
-)
+from sdtune.data.latent_cache import (
+    LatentFileError, cache_staleness, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels,
+    vae_fingerprint)
 from sdtune.data.metadata import Coverage, Images, KeyIndex
 from sdtune.errors import SdtuneError
 from sdtune.seeds import derived_rng
@@ -129,7 +129,7 @@ class FineTuneData:
 
     def encode_missing(self, vae, batch_size: int = 4) -> int:
         """Encode (in memory) the images whose latent file is missing, unreadable or stale for this model's VAE
-        (see ``latents.cache_staleness``: bucket, VAE fingerprint, image size/mtime, then its hash); returns how
+        (see ``latent_cache.cache_staleness``: bucket, VAE fingerprint, image size/mtime, then its hash); returns how
         many. Every such file is named in the log."""
         missing = []
         vae_print = vae_fingerprint(vae)

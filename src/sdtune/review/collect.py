@@ -23,7 +23,7 @@ from typing import Any, Optional
 from sdtune.data.buckets import AspectBuckets, Reso, TooSmall, cover
 from sdtune.data.dataset import FineTuneData, build_caption
 from sdtune.data.images import DEFAULT_MAX_PIXELS, list_images
-from sdtune.data.latents import parse_resolution
+from sdtune.data.prepare import parse_resolution
 from sdtune.data.metadata import KeyIndex, duplicate_stems, load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, check_max_token_length
@@ -291,7 +291,7 @@ def _vae_fingerprint(options: ReviewOptions) -> str | None:
         if source is not None:
             logger.warning("%s is not a local file or folder: the latent caches' VAE is not checked", source)
         return None
-    from sdtune.data.latents import vae_fingerprint
+    from sdtune.data.latent_cache import vae_fingerprint
     from sdtune.models.io import load_vae
 
     return vae_fingerprint(load_vae(source))

@@ -19,7 +19,7 @@ from PIL import Image
 from sdtune.atomic import atomic_path
 from sdtune.data.buckets import Reso
 from sdtune.data.images import ImageError, image_size, open_image
-from sdtune.data.latents import LatentFileError, cache_staleness, content_hash, latent_path, load_latent_file
+from sdtune.data.latent_cache import LatentFileError, cache_staleness, content_hash, latent_path, load_latent_file
 
 THUMB_QUALITY = 85
 

@@ -1,7 +1,7 @@
-"""sdtune prepare: buckets in the metadata, latent files that hold the right pixels, cache validity, bad input."""
+"""sdtune prepare: buckets in the metadata, latent files that hold the right pixels, skipping what is valid, bad
+input. The cache format itself: test_latent_cache.py."""
 
 from __future__ import annotations
-
 
 import json
 from dataclasses import replace
@@ -13,59 +13,15 @@ import torch
 from PIL import Image
 
 from sdtune.cli import main
-from sdtune.data.latents import (
-    LATENT_FORMAT_VERSION, LatentFileError, PrepareOptions, latent_files, latent_path, load_latent_file,
-    prepare_latents, vae_fingerprint,
-)
+from sdtune.data.latent_cache import (
+    LATENT_FORMAT_VERSION, LatentFileError, latent_files, load_latent_file, vae_fingerprint)
 from sdtune.data.metadata import load_metadata, save_metadata
+from sdtune.data.prepare import PrepareOptions, prepare_latents
 from sdtune.errors import SdtuneError
 
+from tests.data.prepared import BUCKET_ARGS, CLI_BUCKET_ARGS, EXPECTED, encode, expected_crop, options
+
 pytestmark = pytest.mark.component
-
-# Small buckets so that tests run in milliseconds: area 96x96, sides 32..160 in steps of 32 give
-# (32,160) (64,128) (96,96) (128,64) (160,32).
-BUCKET_ARGS = dict(max_resolution="96,96", min_bucket_reso=32, max_bucket_reso=160, bucket_reso_steps=32)
-CLI_BUCKET_ARGS = ["--max_resolution", "96,96", "--min_bucket_reso", "32", "--max_bucket_reso", "160",
-                   "--bucket_reso_steps", "32"]
-
-# image size -> (bucket, resized size, crop box), worked by hand:
-# 130x70 (aspect 1.86) -> 128x64 (2.0); scale max(128/130, 64/70) = 0.985 -> 128x69, crop rows 2..66
-# 50x40 (1.25) -> 96x96 (1.0); scale max(96/50, 96/40) = 2.4 -> 120x96, crop columns 12..108
-# 40x90 (0.44) -> 64x128 (0.5); scale max(64/40, 128/90) = 1.6 -> 64x144, crop rows 8..136
-EXPECTED = {
-    "wide": ((130, 70), (128, 64), (128, 69), (0, 2, 128, 66)),
-    "small": ((50, 40), (96, 96), (120, 96), (12, 0, 108, 96)),
-    "tall": ((40, 90), (64, 128), (64, 144), (0, 8, 64, 136)),
-}
-
-
-@pytest.fixture()
-def dataset(tmp_path, make_image) -> tuple[Path, Path]:
-    train = tmp_path / "train"
-    for i, (name, (size, *_)) in enumerate(EXPECTED.items()):
-        make_image(train / f"{name}.png", *size, seed=i)
-        (train / f"{name}.caption").write_text(f"a picture of {name}")
-    meta = tmp_path / "meta.json"
-    assert main(["merge-captions", str(train), str(meta)]) == 0
-    return train, meta
-
-
-def options(train: Path, meta: Path, model: Path | str = "unused", **kw) -> PrepareOptions:
-    values = dict(BUCKET_ARGS, max_data_loader_n_workers=0)
-    values.update(kw)
-    return PrepareOptions(train, meta, meta.with_name("meta_lat.json"), str(model), **values)
-
-
-def expected_crop(path: Path, resized, crop) -> np.ndarray:
-    """Resize and crop as the test reads the spec, independently of sdtune's bucket code."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize(resized, Image.Resampling.LANCZOS).crop(crop))
-
-
-def encode(vae, crop: np.ndarray) -> np.ndarray:
-    x = torch.tensor(crop.transpose(2, 0, 1).copy(), dtype=torch.float32)[None] / 127.5 - 1.0
-    with torch.no_grad():
-        return vae.encode(x).latent_dist.mean[0].numpy()
 
 
 def test_latents_hold_the_resized_and_cropped_image_and_its_mirror(dataset, tiny_vae):
@@ -89,16 +45,6 @@ def test_latents_hold_the_resized_and_cropped_image_and_its_mirror(dataset, tiny
         assert np.abs(cache.latents_flipped - cache.latents).max() > 1e-3
     assert summary.bucket_counts == {(64, 128): 1, (96, 96): 1, (128, 64): 1}
     assert summary.enlarged == 2  # small and tall were enlarged to cover their buckets
-
-
-def test_npz_keys_are_the_documented_ones(dataset, tiny_vae):
-    train, meta = dataset
-    prepare_latents(options(train, meta), vae=tiny_vae)
-    with np.load(train / "wide.npz", allow_pickle=False) as z:
-        assert sorted(z.files) == sorted(["latents", "original_size", "resized_size", "crop_ltrb", "train_resolution",
-                                          "vae_fingerprint", "cache_key", "format_version", "image_hash",
-                                          "image_bytes", "image_mtime_ns"])  # no flip: no mirror
-    assert load_latent_file(train / "wide.npz").latents_flipped is None
 
 
 def test_workers_give_the_same_latents_as_the_main_process(dataset, tiny_vae):
@@ -176,22 +122,6 @@ def test_no_upscale_never_enlarges(dataset, tiny_vae):
         assert cache.train_resolution == (size[0] - size[0] % 32, size[1] - size[1] % 32)
 
 
-def test_an_interrupted_write_leaves_no_half_files(dataset, tiny_vae, monkeypatch):
-    train, meta = dataset
-    calls = []
-
-    def savez_then_interrupt(path, **arrays):
-        calls.append(path)
-        Path(path).write_bytes(b"half a file")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("sdtune.data.latents.np.savez", savez_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_latents(options(train, meta), vae=tiny_vae)
-    assert calls and not list(train.glob("*.npz")) and not list(train.glob(".*"))
-    assert not meta.with_name("meta_lat.json").exists()
-
-
 def test_failed_image_loses_a_stale_train_resolution(dataset, tiny_vae):
     train, meta = dataset
     images = load_metadata(meta)
@@ -243,15 +173,6 @@ def test_bad_options_fail_before_any_work(dataset, tmp_path, args, message, caps
     code = main(["prepare", str(train), str(meta), str(tmp_path / "out.json"), str(tmp_path / "no-model"), *args])
     assert code == 2 and message in capsys.readouterr().err
     assert not list(train.glob("*.npz"))
-
-
-def test_damaged_latent_file_is_a_clear_error(tmp_path):
-    (tmp_path / "x.npz").write_bytes(b"nope")
-    with pytest.raises(LatentFileError, match="damaged"):
-        load_latent_file(tmp_path / "x.npz")
-    with pytest.raises(LatentFileError, match="does not exist"):
-        load_latent_file(tmp_path / "y.npz")
-    assert latent_path(tmp_path / "a.b.png") == tmp_path / "a.b.npz"
 
 
 def test_cli_end_to_end_with_every_kind_of_bad_input(tmp_path, make_image, tiny_model_dir, caplog, capsys):
@@ -330,32 +251,11 @@ def test_missing_in_json_is_a_clean_error(dataset, tmp_path, capsys):
     assert code == 2 and "none.json" in capsys.readouterr().err
 
 
-def test_options_are_validated_in_the_library_too(dataset):
+def test_options_are_validated_in_the_library_too(dataset, tiny_vae):
     train, meta = dataset
     with pytest.raises(SdtuneError, match="max_data_loader_n_workers"):
-        prepare_latents(options(train, meta, max_data_loader_n_workers=-1))
+        prepare_latents(options(train, meta, max_data_loader_n_workers=-1), tiny_vae)
     json.loads(meta.read_text())  # untouched
-
-
-def test_the_training_side_reading_path(dataset, tiny_vae):
-    """What docs/metadata.md shows the training code doing, end to end."""
-    from sdtune.data.buckets import AspectBuckets
-
-    train, meta = dataset
-    for name in ("wide2", "wide3"):  # two more in the 128x64 bucket, so that a batch holds several images
-        (train / f"{name}.png").write_bytes((train / "wide.png").read_bytes())
-    prepare_latents(options(train, meta, flip_aug=True), vae=tiny_vae)
-    images = load_metadata(meta.with_name("meta_lat.json"))
-    files = latent_files(train, images)
-    assert set(files) == {"wide", "wide2", "wide3", "small", "tall"}
-    buckets = AspectBuckets.from_assignments({k: tuple(images[k]["train_resolution"]) for k in files})
-    seen = []
-    for batch in buckets.batches(epoch=0, seed=42, batch_size=4):
-        stacked = np.stack([load_latent_file(files[k]).latents for k in batch])
-        w, h = images[batch[0]]["train_resolution"]
-        assert stacked.shape == (len(batch), 4, h // 8, w // 8)
-        seen += batch
-    assert sorted(seen) == sorted(files)
 
 
 STEPS = 200
@@ -435,7 +335,7 @@ def test_recursive_and_empty_folders(tmp_path, make_image, tiny_vae):
 
 def test_nan_latents_are_not_cached(dataset, tiny_vae, monkeypatch):
     train, meta = dataset
-    real = __import__("sdtune.data.latents", fromlist=["encode_pixels"]).encode_pixels
+    real = __import__("sdtune.data.prepare", fromlist=["encode_pixels"]).encode_pixels
 
     def poisoned(vae, pixels):
         out = real(vae, pixels).clone()
@@ -443,53 +343,11 @@ def test_nan_latents_are_not_cached(dataset, tiny_vae, monkeypatch):
             out[0, 0, 0, 0] = float("nan")
         return out
 
-    monkeypatch.setattr("sdtune.data.latents.encode_pixels", poisoned)
+    monkeypatch.setattr("sdtune.data.prepare.encode_pixels", poisoned)
     summary = prepare_latents(options(train, meta, batch_size=3), vae=tiny_vae)
     assert summary.encoded == 2 and len(summary.skipped) == 1 and "NaN" in summary.skipped[0][1]
     assert sorted(p.name for p in train.glob("*.npz")) == ["small.npz", "tall.npz"]
     assert "train_resolution" not in load_metadata(meta.with_name("meta_lat.json"))["wide"]
-
-
-# ---------------------------------------------------------------------------------- training notices stale caches
-def _fine_tune_data(train: Path, meta: Path):
-    from sdtune.data.dataset import FineTuneData
-
-    return FineTuneData.from_metadata(load_metadata(meta.with_name("meta_lat.json")), train)
-
-
-@pytest.mark.parametrize("old_file", [False, True], ids=["current", "without-image-fields"])
-def test_training_reencodes_caches_of_edited_images_and_of_another_vae(dataset, tiny_vae, make_image, caplog,
-                                                                       old_file):
-    import os
-
-    from sdtune.models.tiny import build_tiny
-
-    train, meta = dataset
-    prepare_latents(options(train, meta, flip_aug=old_file), vae=tiny_vae)
-    if old_file:  # as prepare wrote them before the image fields existed: validity through cache_key alone
-        for npz in train.glob("*.npz"):
-            with np.load(npz, allow_pickle=False) as z:
-                kept = {k: z[k] for k in z.files if not k.startswith("image_")}
-            np.savez(npz, **kept)
-    assert _fine_tune_data(train, meta).encode_missing(tiny_vae) == 0
-
-    st = (train / "wide.png").stat()
-    os.utime(train / "wide.png", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # touched, same bytes
-    assert _fine_tune_data(train, meta).encode_missing(tiny_vae) == 0
-
-    make_image(train / "small.png", 50, 40, seed=9)  # edited: same size, other pixels
-    caplog.set_level("WARNING")
-    data = _fine_tune_data(train, meta)
-    assert data.encode_missing(tiny_vae) == 1
-    assert "small.npz: stale latent cache" in caplog.text and "changed since it was cached" in caplog.text
-    _, bucket, resized, crop = EXPECTED["small"]
-    reference = encode(tiny_vae, expected_crop(train / "small.png", resized, crop))  # the new image, not the cache
-    torch.testing.assert_close(data.in_memory["small"], torch.from_numpy(reference), atol=2e-5, rtol=0)
-
-    caplog.clear()
-    other = build_tiny("sd1", seed=5).vae
-    assert _fine_tune_data(train, meta).encode_missing(other) == 3
-    assert caplog.text.count("another VAE") == 3
 
 
 def _sd_scripts_npz(path: Path) -> None:

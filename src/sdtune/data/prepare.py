@@ -1,0 +1,457 @@
+"""``sdtune prepare``: assign aspect-ratio buckets and cache every image's VAE latents next to it.
+
+For every image of the training folder: read its size from the header, place it in a bucket
+(``sdtune.data.buckets``), decode, resize to cover the bucket and centre-crop (PIL Lanczos, which also
+anti-aliases when shrinking), encode with the model's VAE, and write ``<image stem>.npz`` beside the image (the
+format and its validity rules: ``sdtune.data.latent_cache``). The metadata JSON gets ``train_resolution``
+``[width, height]`` for every image that succeeded; an image that failed loses any ``train_resolution`` an earlier
+run wrote, so training cannot pair it with a stale cache.
+
+The stage is three steps: **place** (``place_images``: options, metadata and folders checked, every image put in
+its bucket; no model needed), **encode** (``encode_images``: the VAE the caller gives encodes and each latent file
+is written) and **write** (``write_metadata``: the metadata JSON and the summary). ``prepare_latents`` runs them
+with a VAE in hand; ``prepare_command`` loads the model's VAE between the first two, so bad options or folders
+fail before any model loads.
+
+Decoding and resizing run in ``--max_data_loader_n_workers`` worker processes (a torch ``DataLoader``) while the
+VAE encodes the previous batch; 0 workers decodes in the main process.
+
+Images smaller than their bucket are enlarged to cover it. With ``--bucket_no_upscale`` they are never enlarged
+and get a bucket of their own size, as in sd-scripts (``--min_bucket_reso``/``--max_bucket_reso`` do not apply);
+only an image with a side under ``--bucket_reso_steps`` is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sdtune.atomic import check_writable, clean_stale_temporaries
+from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket_table
+from sdtune.data.images import (
+    DEFAULT_MAX_PIXELS, ImageError, image_size, list_image_files, open_image, other_images_message)
+from sdtune.data.latent_cache import (
+    LATENT_FORMAT_VERSION, MIXED_PRECISIONS, LatentCache, cache_key, content_hash, encode_pixels,
+    foreign_latent_file, latent_path, resize_and_crop, stored_cache_key, to_pixels, vae_fingerprint,
+    write_latent_file)
+from sdtune.data.metadata import (
+    Coverage, Images, KeyIndex, check_unique_keys, failure_exit_code, load_metadata, save_metadata)
+from sdtune.devices import HALF_ON_CPU_HELP, half_precision_on_cpu_warning, resolve_device
+from sdtune.errors import SdtuneError
+from sdtune.option_groups import ImageFolder, ImageKeys, LoaderWorkers
+from sdtune.options import opt
+from sdtune.precision_names import dtype_of
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclass
+class PrepareOptions(ImageFolder, ImageKeys, LoaderWorkers):
+    in_json: Path = opt(help="metadata JSON to read (from merge-captions / merge-tags / clean)", positional=True)
+    out_json: Path = opt(help="metadata JSON to write, with train_resolution per image", positional=True)
+    model_name_or_path: str = opt(help="model whose VAE encodes: diffusers folder, .safetensors/.ckpt checkpoint "
+                                       "or standalone VAE file", positional=True, metavar="MODEL")
+    batch_size: int = opt(1, "images encoded at once")
+    max_resolution: str = opt("512,512", "WIDTH,HEIGHT whose area bounds every bucket")
+    min_bucket_reso: int = opt(256, "smallest bucket side")
+    max_bucket_reso: int = opt(1024, "largest bucket side")
+    bucket_reso_steps: int = opt(64, "bucket sides are multiples of this")
+    bucket_no_upscale: bool = opt(False, "never enlarge images: each gets a bucket of its own size (floored to the "
+                                         "step; --min/max_bucket_reso do not apply, as in sd-scripts)")
+    mixed_precision: str = opt("no", f"precision the VAE runs in; {HALF_ON_CPU_HELP}", choices=MIXED_PRECISIONS)
+    flip_aug: bool = opt(False, "also cache the latents of the horizontally mirrored image")
+    skip_existing: bool = opt(False, "reuse latent files still valid for this image, bucket and VAE")
+    v2: bool = opt(False, "sd-scripts' option, accepted and not needed: SD 1.x and 2.x share the VAE layout, which "
+                          "prepare reads from the file itself")
+    max_image_pixels: int = opt(DEFAULT_MAX_PIXELS, "images with more pixels are skipped as possible "
+                                                    "decompression bombs")
+    device: str = opt("auto", "device the VAE runs on (auto: cuda when available, else cpu)")
+
+
+def parse_resolution(text: str) -> Reso:
+    """``--max_resolution``'s ``WIDTH,HEIGHT`` (or one number for a square) as (width, height)."""
+    try:
+        parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise SdtuneError(f"--max_resolution {text!r}: expected WIDTH,HEIGHT such as 512,512")
+    return parts[0], parts[1]
+
+
+def make_buckets(options: PrepareOptions) -> AspectBuckets:
+    """The (empty) buckets the options describe."""
+    return AspectBuckets(parse_resolution(options.max_resolution), options.min_bucket_reso, options.max_bucket_reso,
+                         options.bucket_reso_steps, options.bucket_no_upscale)
+
+
+def validate(options: PrepareOptions) -> AspectBuckets:
+    """Check the options before anything is read or loaded; returns the (empty) buckets."""
+    buckets = make_buckets(options)
+    if options.batch_size < 1:
+        raise SdtuneError(f"--batch_size must be at least 1, not {options.batch_size}")
+    if options.max_data_loader_n_workers < 0:
+        raise SdtuneError("--max_data_loader_n_workers must be 0 or more")
+    if options.max_image_pixels < 1:
+        raise SdtuneError("--max_image_pixels must be positive")
+    if options.mixed_precision not in MIXED_PRECISIONS:
+        raise SdtuneError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}")
+    resolve_device(options.device)
+    if not Path(options.in_json).is_file():
+        raise SdtuneError(f"{options.in_json}: metadata file does not exist; create it with sdtune merge-captions "
+                          "or merge-tags")
+    return buckets
+
+
+@dataclass
+class PrepareSummary:
+    """What a prepare run did: counts, skipped images with their reasons, the bucket table, timings."""
+
+    found: int = 0
+    encoded: int = 0
+    reused: int = 0
+    enlarged: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    other_images: list[Path] = field(default_factory=list)  # image files of extensions sdtune does not read
+    folder: Path | None = None
+    bucket_counts: dict[Reso, int] = field(default_factory=dict)
+    mean_aspect_error: float | None = None
+    seconds: float = 0.0
+    encode_seconds: float = 0.0  # time the VAE was busy (including copies to and from its device)
+
+    @property
+    def prepared(self) -> int:
+        return self.encoded + self.reused
+
+    def log(self, log: logging.Logger = logger) -> None:
+        log.info("buckets:\n%s", bucket_table(self.bucket_counts, self.mean_aspect_error))
+        log.info("%d images found: %d encoded, %d reused from valid caches, %d skipped (%.1f s, VAE busy %.1f s)",
+                 self.found, self.encoded, self.reused, len(self.skipped), self.seconds, self.encode_seconds)
+        if self.enlarged:
+            log.info("%d images were smaller than their bucket and were enlarged (--bucket_no_upscale prevents it)",
+                     self.enlarged)
+        if self.other_images:
+            log.warning("%s", other_images_message(self.other_images, self.folder or "the folder"))
+        if self.skipped:
+            log.warning("%d images were skipped:\n%s", len(self.skipped),
+                        "\n".join(f"  {reason}" for _path, reason in self.skipped))
+
+
+# ------------------------------------------------------------------------------------------------ place
+@dataclass
+class PreparePlan:
+    """What the place step found, and what the encode and write steps add to: the metadata, one ``Job`` per image
+    that got a bucket, the keys that failed and those that succeeded (with their placement)."""
+
+    options: PrepareOptions
+    images: Images
+    coverage: Coverage
+    summary: PrepareSummary
+    jobs: list[Job] = field(default_factory=list)
+    failed_keys: list[str] = field(default_factory=list)
+    succeeded: dict[str, Placement] = field(default_factory=dict)
+    start: float = 0.0  # perf_counter at the start of the run
+
+    def fail(self, path: Path, key: str, reason: str) -> None:
+        """Skip ``path`` (metadata key ``key``) for ``reason``: reported at the end, its train_resolution dropped."""
+        self.summary.skipped.append((path, reason))
+        self.failed_keys.append(key)
+
+
+def place_images(options: PrepareOptions) -> PreparePlan:
+    """The place step, before any model loads: check the options, the metadata against the folder and the folders'
+    permissions, then put every image in its bucket (only its header is read)."""
+    start = time.perf_counter()
+    buckets = validate(options)
+    slow = half_precision_on_cpu_warning(resolve_device(options.device), "--mixed_precision",
+                                         options.mixed_precision, "--mixed_precision no")
+    if slow:
+        logger.warning(slow)
+    images = load_metadata(options.in_json)
+    paths, others = list_image_files(options.train_data_dir, options.recursive)
+    check_unique_keys(paths, options.full_path)
+    index = KeyIndex(images, options.full_path)
+    summary = PrepareSummary(found=len(paths), other_images=others, folder=Path(options.train_data_dir))
+    logger.info("found %d images in %s", len(paths), options.train_data_dir)
+    coverage = _check_coverage(options, images, index, paths)
+    _check_folders(options, paths)
+    plan = PreparePlan(options, images, coverage, summary, start=start)
+    for path in tqdm(paths, desc="reading sizes", unit="img", leave=False, disable=None):
+        key = index.key_for(path)
+        try:
+            size = image_size(path, options.max_image_pixels)
+            placement = buckets.place(*size)
+        except (ImageError, TooSmall) as exc:
+            plan.fail(path, key, str(exc) if isinstance(exc, ImageError) else f"{path}: {exc}")
+            continue
+        plan.jobs.append(Job(len(plan.jobs), path, key, size, placement))
+    return plan
+
+
+def _check_coverage(options: PrepareOptions, images: Images, index: KeyIndex, paths: list[Path]) -> Coverage:
+    """How well the metadata describes the folder; raises when it is another folder's and preparing would overwrite
+    this folder's caches, logs the warnings otherwise."""
+    coverage = Coverage.of(images, (index.key_for(path) for path in paths))
+    if coverage.mostly_without_entry and not options.skip_existing:
+        no_entry = set(coverage.without_entry)
+        cached = [path for path in paths if index.key_for(path) in no_entry and latent_path(path).exists()]
+        if cached:  # metadata of another folder would overwrite this folder's caches, silently
+            raise SdtuneError(
+                f"{options.in_json} does not describe {options.train_data_dir}: {len(coverage.without_entry)} of "
+                f"{coverage.images} images have no entry in it, and {len(cached)} of them have latent caches (e.g. "
+                f"{latent_path(cached[0])}) that preparing would overwrite. Pass this folder's metadata (sdtune "
+                "merge-captions / merge-tags writes it), or --skip_existing to keep the valid caches, or delete the "
+                ".npz files to prepare the folder afresh")
+    for message in coverage.warnings(options.in_json, options.train_data_dir):
+        logger.warning(message)
+    return coverage
+
+
+def _check_folders(options: PrepareOptions, paths: list[Path]) -> None:
+    """Before the VAE loads: every folder that will get latent files, and the --out_json folder, must be writable
+    (a read-only image folder used to fail at the first write, naming a temporary file); temporaries a killed
+    prepare left there are removed."""
+    folders = sorted({path.parent for path in paths}) or [Path(options.train_data_dir)]
+    out_folder = Path(options.out_json).parent
+    for option, folder in [*(("--train_data_dir", f) for f in folders), ("--out_json", out_folder)]:
+        try:
+            check_writable([(option, folder)])
+        except SdtuneError as exc:
+            if option == "--train_data_dir":
+                raise SdtuneError(f"{exc}. prepare writes each image's latent cache (<image stem>.npz) beside it"
+                                  ) from exc
+            raise
+    for folder in sorted({*folders, out_folder}):
+        clean_stale_temporaries(folder)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+@dataclass(frozen=True)
+class Job:
+    index: int
+    path: Path
+    key: str
+    original_size: Reso
+    placement: Placement
+
+
+@dataclass
+class Loaded:
+    """What a worker hands back for one image: pixels to encode, a valid cache to reuse, or an error."""
+
+    index: int
+    cache_key: str = ""
+    image_hash: str = ""
+    image_stat: tuple[int, int] = (0, 0)  # size in bytes, mtime in ns, taken before the bytes were read
+    pixels: np.ndarray | None = None
+    reused: bool = False
+    error: str = ""
+
+
+class ImageJobs(torch.utils.data.Dataset):
+    """Reads, hashes, decodes, resizes and crops one image per item (in DataLoader workers).
+
+    Never raises for a bad image: an exception in a worker would end the whole run, so failures come back as
+    ``Loaded.error`` and are reported at the end.
+    """
+
+    def __init__(self, jobs: list[Job], flip_aug: bool, vae_print: str, precision: str, skip_existing: bool,
+                 max_pixels: int) -> None:
+        self.jobs = jobs
+        self.flip_aug = flip_aug
+        self.vae_print = vae_print
+        self.precision = precision
+        self.skip_existing = skip_existing
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> Loaded:
+        job = self.jobs[i]
+        foreign = foreign_latent_file(latent_path(job.path))
+        if foreign is not None:  # never overwritten: it may be the user's only copy of another tool's cache
+            return Loaded(i, error=foreign)
+        try:
+            st = job.path.stat()  # before reading: a change after this shows as a changed stat next time
+            data = job.path.read_bytes()
+        except OSError as exc:
+            return Loaded(i, error=f"{job.path}: cannot be read ({exc.strerror or exc})")
+        digest = content_hash(data)
+        key = cache_key(digest, job.placement, self.flip_aug, self.vae_print, self.precision)
+        if self.skip_existing and stored_cache_key(latent_path(job.path)) == key:
+            return Loaded(i, key, reused=True)
+        try:
+            image = open_image(job.path, self.max_pixels, data=data)
+        except ImageError as exc:
+            return Loaded(i, error=str(exc))
+        if image.size != job.original_size:
+            return Loaded(i, error=f"{job.path}: changed while preparing ({job.original_size} -> {image.size}); run "
+                                   "prepare again")
+        return Loaded(i, key, digest, (st.st_size, st.st_mtime_ns), pixels=resize_and_crop(image, job.placement))
+
+
+def _as_list(batch: list[Loaded]) -> list[Loaded]:
+    """DataLoader collate: keep the items as they are (a batch may mix encodable and failed images)."""
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ encode
+def encode_images(plan: PreparePlan, vae: AutoencoderKL) -> None:
+    """The encode step: decode and crop in worker processes while ``vae`` encodes, and write each image's latent
+    file as soon as its batch is encoded. ``vae`` is moved to ``--device`` and cast to ``--mixed_precision`` in
+    place."""
+    options = plan.options
+    fingerprint = vae_fingerprint(vae)  # of the float32 weights: the same VAE in any precision prints the same
+    from sdtune.models.sd import place  # heavy imports only when the stage runs
+
+    vae = place(vae, resolve_device(options.device), dtype_of(options.mixed_precision))
+    vae.eval().requires_grad_(False)
+
+    # Batches hold one bucket each (the VAE needs equal sizes); buckets in turn, images in folder order.
+    order = sorted(plan.jobs, key=lambda j: (j.placement.bucket, j.index))
+    dataset = ImageJobs(plan.jobs, options.flip_aug, fingerprint, options.mixed_precision, options.skip_existing,
+                        options.max_image_pixels)
+    workers = options.max_data_loader_n_workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_split_by_bucket(order, options.batch_size), num_workers=workers,
+        collate_fn=_as_list, prefetch_factor=2 if workers > 0 else None,
+    )
+    with tqdm(total=len(plan.jobs), desc="encoding latents", unit="img", disable=None) as bar:
+        for batch in loader:
+            todo = _to_encode(plan, batch)
+            if todo:
+                _encode_batch(plan, vae, todo, fingerprint)
+            bar.update(len(batch))
+
+
+def _to_encode(plan: PreparePlan, batch: list[Loaded]) -> list[Loaded]:
+    """The items of ``batch`` that need the VAE; failed ones are recorded as skipped, reused ones as succeeded."""
+    todo = []
+    for item in batch:
+        job = plan.jobs[item.index]
+        if item.error:
+            plan.fail(job.path, job.key, item.error)
+        elif item.reused:
+            plan.summary.reused += 1
+            plan.succeeded[job.key] = job.placement
+        else:
+            todo.append(item)
+    return todo
+
+
+def _encode_batch(plan: PreparePlan, vae: AutoencoderKL, todo: list[Loaded], fingerprint: str) -> None:
+    """Encode ``todo`` (one bucket), and its mirror with --flip_aug, and write a latent file per image."""
+    flip_aug = plan.options.flip_aug
+    t0 = time.perf_counter()
+    pixels = to_pixels(np.stack([item.pixels for item in todo]))
+    if flip_aug:
+        pixels = torch.cat([pixels, pixels.flip(-1)])
+    latents = encode_pixels(vae, pixels).numpy()
+    plan.summary.encode_seconds += time.perf_counter() - t0
+    for i, item in enumerate(todo):
+        job = plan.jobs[item.index]
+        mine = latents[i :: len(todo)]  # the image's latents, and its mirror's with --flip_aug
+        if not np.isfinite(mine).all():
+            # fp16 VAEs overflow on some images; a NaN in the cache would poison training later.
+            plan.fail(job.path, job.key, f"{job.path}: the VAE produced NaN/inf latents in "
+                      f"{plan.options.mixed_precision} precision; try --mixed_precision no")
+            continue
+        write_latent_file(latent_path(job.path), LatentCache(
+            latents=latents[i],
+            latents_flipped=latents[len(todo) + i] if flip_aug else None,
+            original_size=job.original_size, resized_size=job.placement.resized,
+            crop_ltrb=job.placement.crop_ltrb, train_resolution=job.placement.bucket,
+            vae_fingerprint=fingerprint, cache_key=item.cache_key, format_version=LATENT_FORMAT_VERSION,
+            image_hash=item.image_hash, image_bytes=item.image_stat[0], image_mtime_ns=item.image_stat[1],
+        ))
+        plan.succeeded[job.key] = job.placement
+        plan.summary.encoded += 1
+        plan.summary.enlarged += job.placement.resized[0] > job.original_size[0]
+
+
+def _split_by_bucket(order: list[Job], batch_size: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` of at most ``batch_size`` jobs, never mixing buckets."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    bucket: Reso | None = None
+    for job in order:
+        if current and (job.placement.bucket != bucket or len(current) == batch_size):
+            batches.append(current)
+            current = []
+        current.append(job.index)
+        bucket = job.placement.bucket
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------ write
+def write_metadata(plan: PreparePlan) -> PrepareSummary:
+    """The write step: ``--out_json`` with ``train_resolution`` for every image that succeeded and none for one that
+    failed; returns the run's summary."""
+    options, images, summary = plan.options, plan.images, plan.summary
+    for key, placement in plan.succeeded.items():
+        images.setdefault(key, {})["train_resolution"] = list(placement.bucket)
+    for key in plan.failed_keys:
+        if key in images:
+            images[key].pop("train_resolution", None)
+    save_metadata(options.out_json, images)
+
+    summary.bucket_counts = dict(sorted(Counter(p.bucket for p in plan.succeeded.values()).items()))
+    if plan.succeeded:
+        summary.mean_aspect_error = float(np.mean([abs(p.aspect_error) for p in plan.succeeded.values()]))
+    summary.seconds = time.perf_counter() - plan.start
+    coverage = plan.coverage
+    unlabelled = [k for k in plan.succeeded if not ({"caption", "tags"} & set(images[k]))]
+    if unlabelled and not (coverage.mostly_without_entry or len(coverage.unlabelled) * 2 > coverage.images):
+        logger.warning("%d prepared images have neither caption nor tags in %s (e.g. %s)", len(unlabelled),
+                       options.in_json, ", ".join(unlabelled[:5]))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+def prepare_latents(options: PrepareOptions, vae: AutoencoderKL) -> PrepareSummary:
+    """The ``prepare`` stage with ``vae`` (the caller loads it; ``options.model_name_or_path`` is not read): place,
+    encode, write. ``vae`` is moved to ``--device`` and cast to ``--mixed_precision`` in place."""
+    plan = place_images(options)
+    encode_images(plan, vae)
+    return write_metadata(plan)
+
+
+def load_prepare_vae(model: str) -> AutoencoderKL:
+    """The VAE of ``model`` (diffusers folder, checkpoint or standalone VAE file) in float32."""
+    from sdtune.models.io import load_vae  # heavy imports only when the stage runs
+
+    return load_vae(model, torch.float32)
+
+
+def prepare_command(options: PrepareOptions) -> int:
+    """``sdtune prepare``: the stage with the model's VAE, loaded once the options, metadata and folders passed."""
+    plan = place_images(options)
+    encode_images(plan, load_prepare_vae(options.model_name_or_path))
+    summary = write_metadata(plan)
+    summary.log()
+    logger.info("wrote %s", options.out_json)
+    return failure_exit_code(len(summary.skipped), "image(s) were skipped")
+
+
+__all__ = [
+    "ImageJobs", "PrepareOptions", "PreparePlan", "PrepareSummary", "encode_images", "load_prepare_vae",
+    "make_buckets", "parse_resolution", "place_images", "prepare_command", "prepare_latents", "validate",
+    "write_metadata",
+]
