@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
-from sdtune.generate import generate_images, read_prompt_file
 from sdtune.models.hypernetwork import Hypernetwork
 from sdtune.models.io import load_model
+from sdtune.sampling.pipeline import generate_images
+from sdtune.sampling.prompts import read_prompt_file
 from sdtune.train.loop import Trainer, train
 from tests.train.test_train import options
 

@@ -1,4 +1,4 @@
-"""The LMS sampler's SciPy-free coefficients (sdtune.lms) against exact polynomial integration and against Euler."""
+"""The LMS sampler's SciPy-free coefficients (sdtune.sampling.lms) against exact polynomial integration and Euler."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdtune.generate import get_sampler, make_scheduler
-from sdtune.lms import LMSScheduler, lms_coefficient
 from sdtune.models.families import get_family
+from sdtune.sampling.lms import LMSScheduler, lms_coefficient
+from sdtune.sampling.samplers import get_sampler, make_scheduler
 
 pytestmark = pytest.mark.unit
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from sdtune.cli import main
 from sdtune.errors import SdtuneError
-from sdtune.generate import PromptSpec, generate_images
 from sdtune.models.io import load_model
+from sdtune.sampling.pipeline import generate_images
+from sdtune.sampling.prompts import PromptSpec
 from sdtune.train import loop
 from sdtune.train.loop import TrainOptions, Trainer, TrainingDiverged, train
 

@@ -39,4 +39,5 @@ class LMSScheduler(LMSDiscreteScheduler):
     # No __init__ here: diffusers reads the accepted config keys from the signature of the parent's __init__.
 
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        """diffusers' hook for the multistep coefficient, answered by :func:`lms_coefficient` (no SciPy)."""
         return lms_coefficient(np.asarray(self.sigmas, dtype=np.float64), order, t, current_order)

@@ -155,7 +155,8 @@ def validate(opts: TrainOptions) -> None:
     if opts.resume and not (Path(opts.resume) / "progress.json").is_file():
         raise SdtuneError(f"--resume {opts.resume}: not a state folder written by --save_state (no progress.json)")
     if opts.sample_prompts:
-        from sdtune.generate import get_sampler, read_prompt_file
+        from sdtune.sampling.prompts import read_prompt_file
+        from sdtune.sampling.samplers import get_sampler
 
         read_prompt_file(opts.sample_prompts)  # a bad prompt file fails now, not after an hour of training
         get_sampler(opts.sample_sampler)

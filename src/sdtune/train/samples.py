@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from sdtune.devices import same_device
-from sdtune.generate import generate_images, model_display_name, read_prompt_file, save_png
+from sdtune.sampling.pipeline import generate_images
+from sdtune.sampling.png import model_display_name, save_png
+from sdtune.sampling.prompts import read_prompt_file
 
 if TYPE_CHECKING:
     from sdtune.models.hypernetwork import Hypernetwork

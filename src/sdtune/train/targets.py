@@ -223,7 +223,7 @@ class HypernetworkTarget(TrainTarget):
         return file_shorthash(self.opts.pretrained_model_name_or_path)
 
     def save_checkpoint(self, path: Path, progress: Progress) -> None:
-        from sdtune.generate import model_display_name
+        from sdtune.sampling.png import model_display_name
 
         hn = self.hypernetwork
         hn.step = progress.global_step
