@@ -128,6 +128,7 @@ class AspectBuckets:
 
     @property
     def max_area(self) -> int:
+        """The pixel area of ``max_resolution``, which bounds every bucket."""
         return self.max_resolution[0] * self.max_resolution[1]
 
     # ---------------------------------------------------------------------------------------------- placement
@@ -200,6 +201,7 @@ class AspectBuckets:
 
     @classmethod
     def from_assignments(cls, assignments: Mapping[str, Reso] | Iterable[tuple[str, Reso]], **limits) -> AspectBuckets:
+        """Buckets holding the given ``key -> bucket`` assignments (as the metadata's train_resolution says)."""
         buckets = cls(**limits)
         items = assignments.items() if isinstance(assignments, Mapping) else assignments
         for key, bucket in items:
@@ -210,6 +212,7 @@ class AspectBuckets:
         return len(self._assigned)
 
     def bucket_of(self, key: str) -> Reso:
+        """The bucket ``key`` was assigned to."""
         return self._assigned[key]
 
     def counts(self) -> dict[Reso, int]:
@@ -221,6 +224,7 @@ class AspectBuckets:
         return float(np.mean(np.abs(list(self._errors.values())))) if self._errors else None
 
     def table(self) -> str:
+        """The bucket table of the assigned images (see :func:`bucket_table`)."""
         return bucket_table(self.counts(), self.mean_aspect_error())
 
     # ---------------------------------------------------------------------------------------------- batches

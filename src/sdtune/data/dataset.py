@@ -58,6 +58,7 @@ class CaptionRules:
     tag_dropout_rate: float = 0.0
 
     def apply(self, caption: str, epoch: int, rng: np.random.Generator) -> str:
+        """``caption`` as used in ``epoch``, the rules applied with draws from ``rng``."""
         if self.dropout_every_n_epochs and (epoch + 1) % self.dropout_every_n_epochs == 0:
             return ""
         if self.dropout_rate and rng.random() < self.dropout_rate:
@@ -101,6 +102,7 @@ class FineTuneData:
     @classmethod
     def from_metadata(cls, images: Images, train_data_dir: str | Path, repeats: int = 1, full_path: bool = False,
                       recursive: bool = False) -> "FineTuneData":
+        """The prepared images of ``train_data_dir`` (those with a ``train_resolution``), each ``repeats`` times."""
         if repeats < 1:
             raise SdtuneError(f"--dataset_repeats must be at least 1 (got {repeats})")
         index = KeyIndex(images, full_path)
@@ -170,6 +172,7 @@ class FineTuneData:
 
     def load_batch(self, bucket_keys: Sequence[str], epoch: int, seed: int,
                    caption_rules: CaptionRules = CaptionRules()) -> dict[str, Any]:
+        """One batch: stacked latents (cached, or encoded at start-up), captions after the rules, image keys."""
         latents, captions, keys = [], [], []
         for bucket_key in bucket_keys:
             key = bucket_key.split(_REPEAT_SEP)[0]
@@ -212,6 +215,7 @@ class RunBatches(torch.utils.data.Dataset):
         return max(0, self.end - self.first)
 
     def batches(self, epoch: int) -> list[tuple[list[str], float]]:
+        """This rank's (keys, loss weight) batches of ``epoch`` (the last epoch's are kept)."""
         if self._plan is None or self._plan[0] != epoch:
             self._plan = (epoch, self.data.epoch_batches(epoch, self.seed, self.batch_size, self.world_size,
                                                          self.rank))

@@ -276,11 +276,16 @@ class SidecarError(SdtuneError):
     """A caption or tag file that exists but cannot be read."""
 
 
-def normalize_extension(extension: str) -> str:
-    extension = extension.strip()
-    if not extension or extension == ".":
-        raise SdtuneError("--caption_extension must not be empty (for example .caption or .txt)")
-    return extension if extension.startswith(".") else "." + extension
+def normalize_extension(extension: str, option: str = "--caption_extension",
+                        error: type[SdtuneError] = SdtuneError) -> str:
+    """``txt`` -> ``.txt``: a sidecar's extension as a plain suffix with its dot, the one rule of every command
+    that reads or writes sidecars. Anything else (empty, a lone dot, a path) raises ``error`` naming ``option``."""
+    ext = extension.strip()
+    if not ext.startswith("."):
+        ext = "." + ext
+    if ext == "." or any(sep in ext for sep in ("/", "\\")):
+        raise error(f"{option} {extension!r} is not a file extension; use something like .txt or .caption")
+    return ext
 
 
 def read_sidecar(path: Path) -> str:

@@ -135,9 +135,11 @@ class PrepareSummary:
 
     @property
     def prepared(self) -> int:
+        """Images with a valid latent file after the run: encoded or reused."""
         return self.encoded + self.reused
 
     def log(self, log: logging.Logger = logger) -> None:
+        """Log the bucket table, the counts and every skipped image with its reason."""
         log.info("buckets:\n%s", bucket_table(self.bucket_counts, self.mean_aspect_error))
         log.info("%d images found: %d encoded, %d reused from valid caches, %d skipped (%.1f s, VAE busy %.1f s)",
                  self.found, self.encoded, self.reused, len(self.skipped), self.seconds, self.encode_seconds)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
+from sdtune.data import metadata
 from sdtune.data.images import ImageError, list_images
 from sdtune.errors import SdtuneError
 
@@ -70,13 +71,8 @@ class LabelReport:
 
 
 def normalize_extension(extension: str, option: str) -> str:
-    """``txt`` -> ``.txt``; an extension must be a plain suffix, not a path."""
-    ext = extension.strip()
-    if not ext.startswith("."):
-        ext = "." + ext
-    if ext == "." or any(sep in ext for sep in ("/", "\\")):
-        raise LabelError(f"{option} {extension!r} is not a file extension; use something like .txt")
-    return ext
+    """:func:`sdtune.data.metadata.normalize_extension` (the one rule), raising ``LabelError``."""
+    return metadata.normalize_extension(extension, option, LabelError)
 
 
 def sidecar_path(image: Path, extension: str) -> Path:
