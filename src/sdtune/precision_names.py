@@ -22,8 +22,8 @@ def dtype_of(name: str) -> torch.dtype:
         raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(DTYPES)}") from None
 
 
-def half_dtype(name: str) -> torch.dtype | None:
-    """The half dtype of ``name`` (fp16, bf16), None for the float32 names: what mixed precision autocasts to."""
+def autocast_dtype_of(name: str) -> torch.dtype | None:
+    """The dtype mixed precision ``name`` autocasts to (fp16, bf16); None for the float32 names (no autocast)."""
     dtype = dtype_of(name)
     return None if dtype == torch.float32 else dtype
 
@@ -33,4 +33,4 @@ def dtypes_of(names: tuple[str, ...]) -> dict[str, torch.dtype]:
     return {name: dtype_of(name) for name in names}
 
 
-__all__ = ["DTYPES", "dtype_of", "dtypes_of", "half_dtype"]
+__all__ = ["DTYPES", "autocast_dtype_of", "dtype_of", "dtypes_of"]
