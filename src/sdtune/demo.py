@@ -280,7 +280,7 @@ def _stage_dataset(dataset: Path, summary: DemoSummary) -> list[Path]:
 
 
 def _stage_model(base_model: Path, seed: int) -> list[Path]:
-    from sdtune.models.io import save_model
+    from sdtune.models.save import save_model
     from sdtune.models.tiny import build_tiny
 
     save_model(build_tiny("sd1", seed=seed), base_model, "diffusers_safetensors")
@@ -352,7 +352,8 @@ def _stage_train(workdir: Path, opts: DemoOptions, summary: DemoSummary) -> list
 
 
 def _stage_export(workdir: Path) -> list[Path]:
-    from sdtune.models.io import load_model, save_model
+    from sdtune.models.io import load_model
+    from sdtune.models.save import save_model
 
     model = load_model(workdir / "output" / "demo.safetensors")
     exports = workdir / "exports"

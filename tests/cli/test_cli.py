@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from sdtune.cli import COMMANDS, main
-from sdtune.models.io import load_model, read_state_dict
+from sdtune.models.files import read_state_dict
+from sdtune.models.io import load_model
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 from sdtune.cli import main
-from sdtune.models.io import load_model, save_model
+from sdtune.models.io import load_model
+from sdtune.models.save import save_model
 
 pytestmark = pytest.mark.e2e
 

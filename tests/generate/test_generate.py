@@ -99,7 +99,7 @@ def test_a_missing_model_is_named(tmp_path, capsys):
 
 def test_vae_option_replaces_the_vae(tmp_path, saved_model):
     """--vae with another model's VAE changes the decoded image; with the model's own VAE it changes nothing."""
-    from sdtune.models.io import save_model
+    from sdtune.models.save import save_model
 
     other = tmp_path / "other.safetensors"
     save_model(build_tiny("sd1", seed=9), other, "safetensors")

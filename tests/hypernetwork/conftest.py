@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 import torch
 
-from sdtune.models.io import save_model
+from sdtune.models.save import save_model
 from sdtune.models.tiny import build_tiny
 from tests.train.conftest import fresh_accelerate_state, prepared  # noqa: F401  (shared fixtures)
 

@@ -11,7 +11,8 @@ import pytest
 from accelerate import init_empty_weights
 
 from sdtune.models.families import get_family
-from sdtune.models.io import diffusers_state_dict, ldm_state_dict, load_model, save_model
+from sdtune.models.io import load_model
+from sdtune.models.save import diffusers_state_dict, ldm_state_dict, save_model
 from sdtune.models.sd import StableDiffusion, build_modules
 from sdtune.models.tokenizer import packaged_tokenizer
 

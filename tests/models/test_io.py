@@ -13,8 +13,11 @@ from safetensors.torch import save_file
 
 from sdtune.errors import ModelLoadError
 from sdtune.models import io
-from sdtune.models.io import diffusers_state_dict, ldm_state_dict, load_model, load_vae, read_state_dict, save_model
+from sdtune.models import save as model_save
+from sdtune.models.files import read_state_dict
+from sdtune.models.io import load_model, load_vae
 from sdtune.models.ldm_keys import OPENCLIP_ROOT
+from sdtune.models.save import diffusers_state_dict, ldm_state_dict, save_model
 from sdtune.models.tiny import build_tiny
 
 pytestmark = pytest.mark.component
@@ -195,7 +198,7 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "save_file", crash)
+    monkeypatch.setattr(model_save, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_model(build_tiny("sd1", seed=1), path, "safetensors")
     assert path.read_bytes() == before
@@ -209,7 +212,7 @@ def test_interrupted_diffusers_save_keeps_previous_folder(tmp_path, monkeypatch)
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "_write_weights", crash)
+    monkeypatch.setattr(model_save, "_write_weights", crash)
     with pytest.raises(KeyboardInterrupt):
         save_model(build_tiny("sd1", seed=1), folder, "diffusers_safetensors")
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before

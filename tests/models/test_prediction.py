@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 
 from sdtune.errors import ModelLoadError
 from sdtune.models import io
-from sdtune.models.io import load_model, read_checkpoint, read_state_dict, save_model
+from sdtune.models.files import read_checkpoint, read_state_dict
+from sdtune.models.io import load_model
+from sdtune.models.save import save_model
 from sdtune.models.sd import with_prediction_type
 from sdtune.models.tiny import build_tiny
 

@@ -143,7 +143,7 @@ def test_latent_cache_states(review_dataset, tmp_path, saved_model):
     assert items["e_wide.png"].latent == "stale" and "changed since it was cached" in items["e_wide.png"].latent_note
     assert items["c_tall.png"].latent == "valid" and "VAE is not checked" in items["c_tall.png"].latent_note
     # with a model, its VAE is checked too: the one prepare used, then another
-    from sdtune.models.io import save_model
+    from sdtune.models.save import save_model
     from sdtune.models.tiny import build_tiny
 
     other = tmp_path / "other-model"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from sdtune.models.io import save_model
+from sdtune.models.save import save_model
 from sdtune.models.tiny import build_tiny
 from sdtune.train.loop import train
 from tests.train.test_train import options, run_with_ctrl_c_after

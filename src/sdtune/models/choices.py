@@ -1,6 +1,6 @@
 """Names that option declarations need without importing torch (so that ``sdtune train --help`` is instant).
 
-The modules that implement them (``models.io``, ``models.hypernetwork``) import these; nothing is declared twice.
+The modules that implement them (``models.save``, ``models.hypernetwork``) import these; nothing is declared twice.
 """
 
 from __future__ import annotations

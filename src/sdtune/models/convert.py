@@ -76,7 +76,8 @@ def recorded_progress(src: Path) -> dict[str, int]:
 
 
 def convert_command(opts: ConvertOptions) -> int:
-    from sdtune.models.io import load_model, model_summary, save_model  # heavy imports only when the command runs
+    from sdtune.models.io import load_model, model_summary  # heavy imports only when the command runs
+    from sdtune.models.save import save_model
 
     fmt = opts.save_model_as or infer_format(Path(opts.dst))
     if Path(opts.dst).resolve() == Path(opts.src).resolve():

@@ -359,7 +359,7 @@ def merge_lora_into(model: StableDiffusion, lora_state_dict: Mapping[str, torch.
 # ------------------------------------------------------------------------------------------------------ files
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A LoRA file's tensors and metadata (``.safetensors``; ``.ckpt``/``.pt`` read with the weights-only loader)."""
-    from sdtune.models.io import read_state_dict
+    from sdtune.models.files import read_state_dict
 
     sd, metadata = read_state_dict(path)
     if not lora_names(sd):
@@ -406,7 +406,7 @@ def network_metadata(family: Family, dim: int, alpha: float, network_args: Mappi
     """The metadata every LoRA file of sdtune carries: sd-scripts' minimum ``ss_*`` keys (train_util's
     ``SS_METADATA_MINIMUM_KEYS``) and Stability AI's model spec as sd-scripts' sai_model_spec.py writes it for an
     SD 1.x/2.x LoRA. The trainer adds its training ``ss_*`` keys to these."""
-    from sdtune.models.io import modelspec_architecture
+    from sdtune.models.save import modelspec_architecture
     from sdtune.models.prediction import spec_prediction_type
 
     timestamp = time.time() if timestamp is None else timestamp

@@ -74,7 +74,8 @@ def parse_lora_list(models: list[str], ratios: list[float]) -> list[tuple[str, f
 
 def merge_lora_command(opts: MergeLoraOptions) -> int:
     from sdtune.models.convert import infer_format
-    from sdtune.models.io import PRECISIONS, load_model, save_model
+    from sdtune.models.io import load_model
+    from sdtune.models.save import PRECISIONS, save_model
     from sdtune.models.lora import merge_lora_into, read_lora
 
     loras = parse_lora_list(list(opts.models), list(opts.ratios))
@@ -96,7 +97,8 @@ def merge_lora_command(opts: MergeLoraOptions) -> int:
 
 
 def extract_lora_command(opts: ExtractLoraOptions) -> int:
-    from sdtune.models.io import PRECISIONS, load_model
+    from sdtune.models.io import load_model
+    from sdtune.models.save import PRECISIONS
     from sdtune.models.lora import network_metadata, save_lora_file
     from sdtune.models.lora_extract import extract_lora
 

@@ -48,7 +48,7 @@ def load_review_tokenizer(model: str | None, tokenizer: str | None) -> tuple[Any
     if tokenizer is not None:
         return load_tokenizer(tokenizer, _PAD), f"the tokenizer in {tokenizer}"
     if model is not None:
-        from sdtune.models.io import detect_source
+        from sdtune.models.files import detect_source
 
         kind = detect_source(model)
         if kind == "diffusers" and (Path(model) / "tokenizer").is_dir():

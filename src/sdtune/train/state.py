@@ -114,7 +114,7 @@ def _load_pickle(path: Path) -> Any:
     try:
         return torch.load(str(path), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        from sdtune.models.io import _unpickling_reason
+        from sdtune.models.files import _unpickling_reason
 
         detail = _unpickling_reason(exc)
         if "global" in detail.lower():

@@ -19,7 +19,7 @@ from torch import nn
 from sdtune import __version__
 from sdtune.errors import SdtuneError
 from sdtune.models.hypernetwork import HypernetworkConfig
-from sdtune.models.io import save_model
+from sdtune.models.save import save_model
 from sdtune.models.sd import place
 from sdtune.train.rng import derived_seed
 from sdtune.train.state import Progress, load_module_weights
