@@ -27,3 +27,36 @@ def target_weights(model: StableDiffusion) -> dict[str, torch.Tensor]:
     out = {f"unet.{k}": v.detach().clone() for k, v in model.unet.state_dict().items()}
     out.update({f"text_encoder.{k}": v.detach().clone() for k, v in model.text_encoder.state_dict().items()})
     return out
+
+
+def full_size_fp16(name: str, seed: int = 0) -> StableDiffusion:
+    """A full-size model of family ``name`` in fp16 with pseudo-random weights, built fast and lean: the modules are
+    made on the meta device, cast there, then allocated once in fp16 (no float32 copy), and every tensor is a window
+    of one shared pool of random values at its own random offset (drawing 1.3 billion normal samples would take
+    most of a minute). Enough to tell every tensor from any other, which is all the key-mapping tests need."""
+    from accelerate import init_empty_weights
+
+    from sdtune.models.families import get_family
+    from sdtune.models.sd import build_modules
+    from sdtune.models.tokenizer import packaged_tokenizer
+
+    family = get_family(name)
+    with init_empty_weights(include_buffers=False):
+        modules = build_modules(family.configs())
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(1 << 22, generator=generator).to(torch.float16)
+    doubled = torch.cat([pool, pool])
+    for module in modules:
+        torch.nn.Module.to(module, dtype=torch.float16)
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in module.parameters():
+                flat = p.view(-1)
+                done = 0
+                while done < flat.numel():
+                    start = int(torch.randint(0, pool.numel(), (1,), generator=generator))
+                    n = min(pool.numel(), flat.numel() - done)
+                    flat[done:done + n].copy_(doubled[start:start + n])
+                    done += n
+    unet, vae, text = modules
+    return StableDiffusion(family, unet, vae, text, packaged_tokenizer(family.pad_token))

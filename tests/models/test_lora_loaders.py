@@ -1,0 +1,247 @@
+"""sdtune's LoRA files as other programs load them: diffusers' ``StableDiffusionPipeline.load_lora_weights`` (with
+PEFT) and ComfyUI's LoRA key mapping, re-stated below. Each loader must use every key of the file, and the weights
+it patches must equal those of :func:`sdtune.models.lora.merge_lora_into`.
+
+ComfyUI's mapping (comfyanonymous/ComfyUI comfy/lora.py ``model_lora_keys_unet`` / ``model_lora_keys_clip`` and
+comfy/utils.py ``unet_to_diffusers``, read at commit 00728eb2): a U-Net LoRA name is ``lora_unet_`` + a diffusers
+U-Net weight's path without ``.weight``, dots turned to underscores; the weight is patched in the LDM checkpoint under
+the LDM name that diffusers path has. A text-encoder name ``lora_te_text_model_encoder_layers_<b>_<c>`` patches
+``text_model.encoder.layers.<b>.<c'>.weight`` of the HF-layout CLIP (SD 2.x's OpenCLIP converted to it), with ``c``
+one of mlp_fc1, mlp_fc2, self_attn_{q,k,v,out}_proj. The patch of a "lora" entry is
+``W += strength * (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(W.shape)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+
+import pytest
+import torch
+
+from sdtune.models.save import ldm_state_dict
+from sdtune.models.ldm_keys import normalize_text_keys
+from sdtune.models.lora import lora_names, merge_lora_into, network_metadata
+from sdtune.models.tiny import build_tiny
+from tests.models.lora_helpers import random_lora
+
+pytestmark = pytest.mark.component
+
+FAMILIES = ["sd1", "sd2-v"]
+WEIGHT = 0.8
+
+
+# ------------------------------------------------------------------------------ ComfyUI's key map, in the test's words
+# diffusers ResNet layer -> LDM ResBlock layer
+RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                 "conv_shortcut": "skip_connection"}
+
+
+def ldm_block_paths(unet_config: dict) -> dict[str, str]:
+    """diffusers U-Net block path -> LDM block path (for the blocks LoRA touches: ResNets, attentions, samplers),
+    walking the U-Net as the LDM layout numbers it."""
+    levels = len(unet_config["block_out_channels"])
+    per_level = unet_config["layers_per_block"]
+    paths: dict[str, str] = {}
+    index = 1  # input_blocks.0 is conv_in
+    for level in range(levels):
+        for i in range(per_level):
+            paths[f"down_blocks.{level}.resnets.{i}"] = f"input_blocks.{index}.0"
+            paths[f"down_blocks.{level}.attentions.{i}"] = f"input_blocks.{index}.1"
+            index += 1
+        if level < levels - 1:
+            paths[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+            index += 1
+    paths["mid_block.resnets.0"] = "middle_block.0"
+    paths["mid_block.attentions.0"] = "middle_block.1"
+    paths["mid_block.resnets.1"] = "middle_block.2"
+    index = 0
+    for level, kind in enumerate(unet_config["up_block_types"]):
+        attention = kind.startswith("CrossAttn")
+        for i in range(per_level + 1):
+            paths[f"up_blocks.{level}.resnets.{i}"] = f"output_blocks.{index}.0"
+            paths[f"up_blocks.{level}.attentions.{i}"] = f"output_blocks.{index}.1"
+            if i == per_level and level < levels - 1:
+                paths[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{index}.{2 if attention else 1}.conv"
+            index += 1
+    return paths
+
+
+def ldm_unet_key(diffusers_key: str, blocks: dict[str, str]) -> str | None:
+    """The LDM key (``diffusion_model.`` less the ``model.`` root) of a diffusers U-Net weight, or None."""
+    for prefix in sorted(blocks, key=len, reverse=True):
+        if diffusers_key.startswith(prefix + "."):
+            rest = diffusers_key[len(prefix) + 1:]
+            if ".resnets." in prefix:
+                layer, _, tail = rest.partition(".")
+                if layer not in RESNET_LAYERS:
+                    return None
+                rest = f"{RESNET_LAYERS[layer]}.{tail}"
+            return f"{blocks[prefix]}.{rest}"
+    return None
+
+
+CLIP_LAYERS = {"mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2", "self_attn_q_proj": "self_attn.q_proj",
+               "self_attn_k_proj": "self_attn.k_proj", "self_attn_v_proj": "self_attn.v_proj",
+               "self_attn_out_proj": "self_attn.out_proj"}
+
+
+def comfy_key_map(model) -> dict[str, tuple[str, str]]:
+    """LoRA name -> ("unet", LDM U-Net key) or ("clip", HF text-encoder key), as ComfyUI builds it."""
+    blocks = ldm_block_paths(dict(model.unet.config))
+    key_map: dict[str, tuple[str, str]] = {}
+    for key in model.unet.state_dict():
+        if key.endswith(".weight"):
+            ldm = ldm_unet_key(key, blocks)
+            if ldm is not None:
+                key_map["lora_unet_" + key[: -len(".weight")].replace(".", "_")] = ("unet", ldm)
+    for b in range(model.text_encoder.config.num_hidden_layers):
+        for c, layer in CLIP_LAYERS.items():
+            key_map[f"lora_te_text_model_encoder_layers_{b}_{c}"] = ("clip", f"encoder.layers.{b}.{layer}.weight")
+    return key_map
+
+
+def comfy_patch(ldm_unet: dict, clip: dict, lora: dict, strength: float, key_map) -> set[str]:
+    """Patch ``ldm_unet`` (LDM U-Net keys) and ``clip`` (HF keys) in place as ComfyUI's load_lora + weight patching
+    do; returns the LoRA keys it used."""
+    used = set()
+    for name in {k.split(".", 1)[0] for k in lora}:
+        if name not in key_map or f"{name}.lora_up.weight" not in lora:
+            continue
+        where, key = key_map[name]
+        target = ldm_unet if where == "unet" else clip
+        up, down = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
+        alpha = float(lora[f"{name}.alpha"]) / down.shape[0] if f"{name}.alpha" in lora else 1.0
+        diff = (up.flatten(1) @ down.flatten(1)).reshape(target[key].shape)
+        target[key] = (target[key].float() + diff.mul_(strength * alpha)).to(target[key].dtype)
+        used |= {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"} & set(lora)
+    return used
+
+
+def check_with_comfy(base, merged, lora, strength, rtol=1e-5, atol=1e-6) -> None:
+    key_map = comfy_key_map(base)
+    root = "model.diffusion_model."
+    ldm_unet = {k[len(root):]: v for k, v in ldm_state_dict(base).items() if k.startswith(root)}
+    clip = normalize_text_keys(base.text_encoder.state_dict())
+    clip = {k.removeprefix("text_model."): v for k, v in clip.items()}
+    used = comfy_patch(ldm_unet, clip, lora, strength, key_map)
+    assert used == set(lora), sorted(set(lora) - used)[:5]  # ComfyUI would warn "lora key not loaded"
+    want_unet = {k[len(root):]: v for k, v in ldm_state_dict(merged).items() if k.startswith(root)}
+    want_clip = {k.removeprefix("text_model."): v for k, v in
+                 normalize_text_keys(merged.text_encoder.state_dict()).items()}
+    assert set(want_unet) == set(ldm_unet) and set(want_clip) == set(clip)
+    for key in ldm_unet:
+        torch.testing.assert_close(ldm_unet[key], want_unet[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+    for key in clip:
+        torch.testing.assert_close(clip[key], want_clip[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_comfyui_mapping_uses_every_key_and_patches_as_merge(family):
+    base = build_tiny(family)
+    lora = random_lora(base).state_dict()
+    merged = copy.deepcopy(base)
+    merge_lora_into(merged, lora, WEIGHT)
+    check_with_comfy(base, merged, lora, WEIGHT)
+
+
+def test_comfyui_mapping_is_not_trivially_satisfied():
+    """The check can fail: a LoRA merged at another weight, or a name ComfyUI does not know, is caught."""
+    base = build_tiny("sd1")
+    lora = random_lora(base).state_dict()
+    merged = copy.deepcopy(base)
+    merge_lora_into(merged, lora, 0.5)
+    with pytest.raises(AssertionError):
+        check_with_comfy(base, merged, lora, WEIGHT)
+    renamed = {k.replace("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_0_attns_0_proj_in"):
+               v for k, v in lora.items()}
+    with pytest.raises(AssertionError):
+        check_with_comfy(base, merged, renamed, 0.5)
+
+
+# ------------------------------------------------------------------------------ diffusers
+def diffusers_patched(model, path, strength: float, caplog) -> int:
+    """Load the file with diffusers' own LoRA loader into a pipeline of ``model``'s modules (in place), fuse it
+    into the weights and unload the adapter. Returns the number of layers PEFT wrapped."""
+    pytest.importorskip("peft", reason="diffusers loads LoRAs through PEFT (pip install peft)")
+    import peft
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=DDIMScheduler.from_config(model.family.scheduler_config()),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(path))  # diffusers raises on a kohya key it cannot convert
+    unused = [r.getMessage() for r in caplog.records if re.search(r"unexpected|not found|missing", r.getMessage(), re.I)]
+    assert not unused, unused[:3]
+    wrapped = sum(isinstance(m, peft.tuners.lora.LoraLayer)
+                  for m in list(model.unet.modules()) + list(model.text_encoder.modules()))
+    pipe.fuse_lora(lora_scale=strength)
+    pipe.unload_lora_weights()
+    return wrapped
+
+
+def assert_same_weights(got, want, rtol=1e-5, atol=1e-6) -> None:
+    for part in ("unet", "text_encoder"):
+        a = normalize_text_keys(getattr(got, part).state_dict())
+        b = normalize_text_keys(getattr(want, part).state_dict())
+        assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{part} {key}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffusers_loads_every_module_and_patches_as_merge(tmp_path, family, caplog):
+    base = build_tiny(family)
+    network = random_lora(base)
+    path = network.save(tmp_path / "l.safetensors",
+                        network_metadata(base.family, 4, 2.0, {"conv_dim": 3, "conv_alpha": 1.5}, title="l"))
+    lora = network.state_dict()
+    merged = copy.deepcopy(base)
+    merge_lora_into(merged, lora, WEIGHT)
+    theirs = copy.deepcopy(base)
+    assert diffusers_patched(theirs, path, WEIGHT, caplog) == len(lora_names(lora))
+    assert_same_weights(theirs, merged)
+
+
+# ------------------------------------------------------------------------------ full size
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_full_size_comfyui_mapping_agrees_with_merge(family):
+    """Random SD 1.5- / SD 2.1-shaped models (fp16): every module of a LoCon file maps in ComfyUI and is patched as
+    merge_lora_into merges it. (diffusers' loader is checked on the tiny models only: fusing a full-size LoCon in
+    fp16 on a CPU took longer than this whole test.) One model in memory plus one copy of the target weights."""
+    from sdtune.models.lora import model_targets
+    from tests.models.lora_helpers import full_size_fp16
+
+    model = full_size_fp16(family)
+    network = random_lora(model, dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
+    lora = {k: v.to(torch.float16) for k, v in network.state_dict().items()}
+    del network
+    names = lora_names(lora)
+    assert sum(n.startswith("lora_te_") for n in names) == (12 if family == "sd1" else 23) * 6
+    assert sum(".lora_down.weight" in k and v.dim() == 4 and v.shape[-1] == 3 for k, v in lora.items()) > 40
+    key_map = comfy_key_map(model)
+    assert set(names) <= set(key_map)
+
+    with torch.no_grad():
+        targets = model_targets(model)
+        # ComfyUI's patch of copies of the base weights, found by its own key map
+        ldm_unet = {key_map[n][1]: targets[n].weight.detach().clone() for n in names if key_map[n][0] == "unet"}
+        clip = {key_map[n][1]: targets[n].weight.detach().clone() for n in names if key_map[n][0] == "clip"}
+        assert comfy_patch(ldm_unet, clip, lora, WEIGHT, key_map) == set(lora)
+        merge_lora_into(model, lora, WEIGHT)
+
+    def close(actual, expected, what):
+        # fp16 weights: one rounding of the same float32 sum may land a unit in the last place apart. Compared in
+        # float32: a CPU's fp16 arithmetic is several times slower
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-3, atol=2e-3,
+                                   msg=lambda m: f"{what}: {m}")
+
+    merged_ldm = ldm_state_dict(model, torch.float16)  # sdtune's own LDM key map, not the test's
+    for key, value in ldm_unet.items():
+        close(merged_ldm["model.diffusion_model." + key], value, f"U-Net {key}")
+    merged_clip = normalize_text_keys(model.text_encoder.state_dict())
+    for key, value in clip.items():
+        close(merged_clip[key], value, f"text encoder {key}")
