@@ -150,7 +150,7 @@ class LoraModule(nn.Module):
         out = self.org_forward(x)
         if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
             return out
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype) if not torch.is_autocast_enabled() else x)
+        lx = self.lora_down(x if _autocast(x) else x.to(self.lora_down.weight.dtype))
         if self.dropout is not None and self.training:
             lx = nn.functional.dropout(lx, p=self.dropout)
         scale = self.scale
@@ -168,6 +168,15 @@ class LoraModule(nn.Module):
         """``(alpha / rank) * up @ down`` in the layer's weight shape, float32 (multiplier not applied)."""
         return lora_delta(self.lora_up.weight, self.lora_down.weight, float(self.alpha),
                           self.org_module.weight.shape)
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    """Autocast is on for ``x``'s device (it then picks the matmul dtype; otherwise a float32 LoRA on an fp16 base
+    casts its input)."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
 
 
 def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float | None, shape: Iterable[int]) -> torch.Tensor:
