@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from sdtune.cli import main
 from sdtune.train.interrupt import TrainingStopped
+from sdtune.train import loop
 from sdtune.train.loop import Trainer, train
 from tests.train.test_train import options
 
@@ -41,27 +42,31 @@ sys.exit(code if code >= 0 else 128 - code)
 
 
 def signal_inside_the_update(monkeypatch, signum: int, at_step: int) -> None:
-    """Deliver ``signum`` to this process right after the optimizer changed the weights of step ``at_step``."""
-    setup = Trainer.setup
+    """Deliver ``signum`` to this process right after the optimizer changed the weights of step ``at_step`` (of a
+    run built after this call, not resumed)."""
+    build = loop.build_optimizer
 
-    def patched(trainer):
-        setup(trainer)
+    def building(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        updates = []
 
         def after_update(optimizer, args, kwargs):
-            if trainer.progress.global_step + 1 == at_step:
+            updates.append(1)
+            if len(updates) == at_step:
                 signal.raise_signal(signum)
 
-        trainer.optimizer.register_step_post_hook(after_update)
+        optimizer.register_step_post_hook(after_update)
+        return optimizer
 
-    monkeypatch.setattr(Trainer, "setup", patched)
+    monkeypatch.setattr(loop, "build_optimizer", building)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_inside_the_optimizer_update_stops_after_that_step_and_resumes_exactly(prepared, tmp_path,
                                                                                         monkeypatch, signum):
     straight = train(options(prepared, tmp_path / "a", max_train_steps=5, save_state=True))
-    trainer = Trainer(options(prepared, tmp_path / "b", max_train_steps=5, save_state=True))
     signal_inside_the_update(monkeypatch, signum, at_step=3)
+    trainer = Trainer(options(prepared, tmp_path / "b", max_train_steps=5, save_state=True))
     with pytest.raises(TrainingStopped) as stopped:
         trainer.run()
     monkeypatch.undo()

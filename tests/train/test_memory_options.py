@@ -37,9 +37,7 @@ def saved_activation_bytes(trainer: Trainer) -> int:
 
 def test_gradient_checkpointing_reduces_saved_activations(prepared, tmp_path):
     plain = Trainer(options(prepared, tmp_path / "a"))
-    plain.setup()
     checkpointed = Trainer(options(prepared, tmp_path / "b", gradient_checkpointing=True))
-    checkpointed.setup()
     assert checkpointed.model.unet.is_gradient_checkpointing
     assert saved_activation_bytes(checkpointed) < 0.7 * saved_activation_bytes(plain)
 

@@ -193,7 +193,6 @@ def test_one_step_matches_the_reference(prepared, tmp_path, family, precision, c
     opts = options(prepared, tmp_path, family, mixed_precision=precision, clip_skip=clip_skip,
                    max_token_length=tokens, train_text_encoder=text_encoder, min_snr_gamma=gamma)
     trainer = Trainer(opts)
-    trainer.setup()
     assert (trainer.scaler is not None) == (precision == "fp16")  # fp16 gradients are scaled; bf16 need not be
     batch, noise, timesteps = batch_and_draw(seed=len(family) + tokens)
     scale = 2.0**16  # GradScaler's and sdtune's first scale
@@ -222,7 +221,6 @@ def test_noise_offset_is_a_per_sample_per_channel_constant(prepared, tmp_path):
     """sd-scripts' recipe: noise + offset * randn(B, C, 1, 1); drawn after the noise and timesteps, from the step's
     generator."""
     trainer = Trainer(options(prepared, tmp_path, "sd1", noise_offset=0.1))
-    trainer.setup()
     batch, _, _ = batch_and_draw()
     noise, timesteps = trainer.draw(batch, torch.Generator().manual_seed(11))
 
@@ -234,7 +232,6 @@ def test_noise_offset_is_a_per_sample_per_channel_constant(prepared, tmp_path):
     torch.testing.assert_close(timesteps, ref_timesteps)
 
     plain = Trainer(options(prepared, tmp_path / "plain", "sd1"))
-    plain.setup()
     unchanged, same_t = plain.draw(batch, torch.Generator().manual_seed(11))
     torch.testing.assert_close(unchanged, base)  # without the offset, the same noise and timesteps
     torch.testing.assert_close(same_t, ref_timesteps)
@@ -243,7 +240,6 @@ def test_noise_offset_is_a_per_sample_per_channel_constant(prepared, tmp_path):
 # ------------------------------------------------------------------------------------------- fp16 for real
 def test_mixed_precision_fp16_runs_the_unet_in_fp16_on_the_cpu(prepared, tmp_path):
     trainer = Trainer(options(prepared, tmp_path, "sd1", mixed_precision="fp16"))
-    trainer.setup()
     dtypes = []
     hook = trainer.model.unet.conv_out.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     batch, noise, timesteps = batch_and_draw()
@@ -262,7 +258,6 @@ def test_fp16_step_with_tiny_gradients_moves_as_many_weights_as_fp32(prepared, t
     for precision in ("no", "fp16"):
         trainer = Trainer(options(prepared, tmp_path / precision, "sd1", mixed_precision=precision,
                                   min_snr_gamma=5.0, learning_rate=1e-6, optimizer_args=["weight_decay=0"]))
-        trainer.setup()
         before = [p.detach().clone() for p in trainer.trainable]
         sdtune_step(trainer, batch, noise, timesteps)
         changed = sum(int((p.detach() != b).sum()) for p, b in zip(trainer.trainable, before))
@@ -270,7 +265,6 @@ def test_fp16_step_with_tiny_gradients_moves_as_many_weights_as_fp32(prepared, t
         if precision == "fp16":  # the same step without loss scaling, as before: the small gradients vanish
             trainer = Trainer(options(prepared, tmp_path / "unscaled", "sd1", mixed_precision=precision,
                                       min_snr_gamma=5.0, learning_rate=1e-6, optimizer_args=["weight_decay=0"]))
-            trainer.setup()
             trainer.scaler = None
             before = [p.detach().clone() for p in trainer.trainable]
             sdtune_step(trainer, batch, noise, timesteps)

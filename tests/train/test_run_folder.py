@@ -103,14 +103,14 @@ def test_a_stale_lock_is_taken_over_with_a_warning_and_released_at_the_end(prepa
     (out / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "earlier"}),
                                  encoding="utf-8")
     held = []
-    original = loop.Trainer.setup
+    original = loop.load_model
 
-    def setup(self):
+    def load_model(*args, **kwargs):
         held.append(json.loads((out / LOCK_NAME).read_text(encoding="utf-8")))
-        original(self)
+        return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop.Trainer, "setup", setup)
+        mp.setattr(loop, "load_model", load_model)
         train(options(prepared, tmp_path, max_train_steps=2))
     assert held[0]["pid"] == os.getpid()  # this run held the folder while it trained
     assert f"taking over the lock of a run that is no longer running (pid {gone.pid}" in caplog.text

@@ -261,7 +261,6 @@ def test_epochs_and_repeats_set_the_number_of_steps(prepared, tmp_path):
 def test_min_snr_gamma_and_noise_offset_change_the_loss_as_documented(prepared, tmp_path):
     def loss_of(name: str, **overrides) -> float:
         trainer = Trainer(options(prepared, tmp_path / name, **overrides))
-        trainer.setup()
         keys, _ = trainer.data.epoch_batches(0, 0, 2, 1, 0)[0]
         batch = trainer.data.load_batch(keys, 0, 0)
         with torch.no_grad():
@@ -300,7 +299,6 @@ def test_caption_dropout_reaches_the_text_encoder(prepared, tmp_path):
     def captions_seen(name: str, **overrides) -> list[str]:
         trainer = Trainer(options(prepared, tmp_path / name, max_train_steps=3, **overrides))
         seen: list[str] = []
-        trainer.setup()
         encode_captions = trainer.conditioning
 
         def recording(captions):

@@ -183,6 +183,7 @@ def _skipped_section(review: Review) -> str:
 
 
 def render(review: Review) -> str:
+    """The whole review page: one self-contained HTML file (styles, script and data inline, images by path)."""
     o = review.options
     tag_counts = review.tag_counts()
     tag_index = {t: i for i, (t, _n) in enumerate(tag_counts)}
@@ -194,34 +195,11 @@ def render(review: Review) -> str:
     bucket_chart, bucket_table = _bucket_section(review)
     tag_chart, tag_table = _tag_section(tag_counts, tag_index)
     tokens = token_chart([i.tokens for i in review.trained if i.tokens is not None], o.max_token_length)
-    bucket_options = "".join(f'<option value="{w}x{h}">{w}x{h}</option>' for (w, h) in
-                             sorted({i.bucket for i in review.items if i.bucket}))
-    flag_options = "".join(f'<option value="{esc(f)}">{esc(f)}</option>' for f in FLAG_FILTERS)
-    problems = "".join(f'<p class="state-bad">{esc(p)}</p>' for p in review.problems)
-    settings = (f"--max_token_length {o.max_token_length}, --train_batch_size {o.train_batch_size}, "
-                f"--dataset_repeats {o.dataset_repeats}"
-                + (", --shuffle_caption" if o.shuffle_caption else "")
-                + (f", --keep_tokens {o.keep_tokens}" if o.keep_tokens else ""))
-    csp = (f"default-src 'none'; script-src {_csp_hash(JS)}; style-src {_csp_hash(CSS)}; "
-           "img-src 'self' file: data:; base-uri 'none'; form-action 'none'")
-    source = f"{o.in_json}" + (f" and {o.train_data_dir}" if o.train_data_dir else "")
     return f"""<!DOCTYPE html>
 <html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<title>sdtune review: {esc(Path(o.in_json).name)}</title>
-<link rel="icon" href="data:,">
-<style>{CSS}</style>
-</head>
+{_head_html(review)}
 <body>
-<header>
-<h1>Dataset review</h1>
-<p class="muted">{esc(source)}, as training sees it with {esc(settings)}. Tokens counted with
-{esc(review.tokenizer_note)}. Written by sdtune {esc(__version__)}.</p>
-{problems}
-</header>
+{_header_html(review)}
 <main>
 <section aria-labelledby="h-summary"><h2 id="h-summary">Summary</h2>{_summary_html(review)}</section>
 <section aria-labelledby="h-charts"><h2 id="h-charts">Charts</h2>
@@ -230,7 +208,52 @@ def render(review: Review) -> str:
 <section aria-labelledby="h-tables"><h2 id="h-tables">Buckets and tags</h2>
 <div class="cols"><div><h3>Buckets</h3>{bucket_table}</div><div><h3>Tags</h3>{tag_table}</div></div></section>
 <section aria-labelledby="h-skipped"><h2 id="h-skipped">Skipped</h2>{_skipped_section(review)}</section>
-<section id="images" aria-labelledby="h-images"><h2 id="h-images">Images</h2>
+{_images_section(review)}
+</main>
+<script id="review-data" type="application/json">{json_for_script(data)}</script>
+<script>{JS}</script>
+</body>
+</html>
+"""
+
+
+def _head_html(review: Review) -> str:
+    """The <head>: a Content-Security-Policy that allows only the page's own inline style and script."""
+    csp = (f"default-src 'none'; script-src {_csp_hash(JS)}; style-src {_csp_hash(CSS)}; "
+           "img-src 'self' file: data:; base-uri 'none'; form-action 'none'")
+    return f"""<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<title>sdtune review: {esc(Path(review.options.in_json).name)}</title>
+<link rel="icon" href="data:,">
+<style>{CSS}</style>
+</head>"""
+
+
+def _header_html(review: Review) -> str:
+    """The page's heading: what was reviewed, with which training settings and tokenizer, and any problems."""
+    o = review.options
+    problems = "".join(f'<p class="state-bad">{esc(p)}</p>' for p in review.problems)
+    settings = (f"--max_token_length {o.max_token_length}, --train_batch_size {o.train_batch_size}, "
+                f"--dataset_repeats {o.dataset_repeats}"
+                + (", --shuffle_caption" if o.shuffle_caption else "")
+                + (f", --keep_tokens {o.keep_tokens}" if o.keep_tokens else ""))
+    source = f"{o.in_json}" + (f" and {o.train_data_dir}" if o.train_data_dir else "")
+    return f"""<header>
+<h1>Dataset review</h1>
+<p class="muted">{esc(source)}, as training sees it with {esc(settings)}. Tokens counted with
+{esc(review.tokenizer_note)}. Written by sdtune {esc(__version__)}.</p>
+{problems}
+</header>"""
+
+
+def _images_section(review: Review) -> str:
+    """The image grid's section: its search, flag and bucket filters and pager; the script fills the grid."""
+    bucket_options = "".join(f'<option value="{w}x{h}">{w}x{h}</option>' for (w, h) in
+                             sorted({i.bucket for i in review.items if i.bucket}))
+    flag_options = "".join(f'<option value="{esc(f)}">{esc(f)}</option>' for f in FLAG_FILTERS)
+    return f"""<section id="images" aria-labelledby="h-images"><h2 id="h-images">Images</h2>
 <p class="note">The outline is the part of each image training sees (the crop of the resized image); red struck-out
 caption text is past the --max_token_length cut-off.</p>
 <div class="controls" role="search">
@@ -244,10 +267,4 @@ caption text is past the --max_token_length cut-off.</p>
 </div>
 <ul id="grid" class="grid"></ul>
 <noscript><p>The image grid needs JavaScript; the summary and tables above do not.</p></noscript>
-</section>
-</main>
-<script id="review-data" type="application/json">{json_for_script(data)}</script>
-<script>{JS}</script>
-</body>
-</html>
-"""
+</section>"""

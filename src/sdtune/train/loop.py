@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
-import importlib.util
 import logging
 import math
-import os
 import random
 import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,21 +33,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdtune.atomic import clean_stale_temporaries
 from sdtune.data.dataset import CaptionRules, FineTuneData, RunBatches, run_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.models.attention import set_attention
 from sdtune.models.io import load_model, model_summary
-from sdtune.models.text import check_max_token_length, encode, tokenize
+from sdtune.models.text import encode, tokenize
 from sdtune.train import noise as noise_lib
+from sdtune.train.accelerator import make_accelerator
+from sdtune.train.checkpoints import Checkpoints, SavePolicy
 from sdtune.train.interrupt import StopRequest, TolerantStream, TrainingStopped
 from sdtune.train.optim import (
-    HalfWeightAdamW,
     build_lr_scheduler,
     build_optimizer,
     parse_optimizer_args,
     step_with_factor,
+)
+from sdtune.train.options import (
+    TrainOptions,
+    attention_kind,
+    optimizer_name,
+    plan_run,
+    validate,
 )
 from sdtune.train.precision import LossScaler, unscale_and_clip
 from sdtune.train.provenance import (
@@ -62,12 +65,23 @@ from sdtune.train.provenance import (
     read_provenance,
     write_provenance,
 )
-from sdtune.train.run_folder import RunLock, check_writable, earlier_run_files
-from sdtune.train.rng import derived_seed, seeded_global_rng, step_batch_index, step_generator
-from sdtune.train.state import Progress, load_optimizer_and_scheduler, read_progress, save_state
-from sdtune.train.targets import hypernetwork_config, make_target
-from sdtune.train.options import TrainOptions  # declared apart so that --help needs no torch
-
+from sdtune.train.rng import (
+    derived_seed,
+    seeded_global_rng,
+    step_batch_index,
+    step_generator,
+)
+from sdtune.train.run_folder import RunLock, claim_output_folder
+from sdtune.train.state import (
+    Progress,
+    check_resume_compatible,
+    load_optimizer_and_scheduler,
+    read_progress,
+    resolve_resume,
+    save_state,
+)
+from sdtune.train.summary import startup_lines
+from sdtune.train.targets import TrainTarget, make_target
 
 logger = logging.getLogger(__name__)
 
@@ -77,277 +91,62 @@ class TrainingDiverged(SdtuneError):
 
 
 # ------------------------------------------------------------------------------------------------ validation
-@dataclass
-class Plan:
-    """Numbers derived from the options and the data, shown at the start."""
-
-    images: int
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    epochs: int
-    effective_batch: int
-
-
-def resolve_resume(path: Path) -> Path:
-    """The state folder ``--resume PATH`` means: PATH itself, or, for an output folder holding state folders, the
-    one furthest along (said in the log)."""
-    if not path.exists():
-        raise SdtuneError(f"--resume {path}: no such folder")
-    if (path / "progress.json").is_file() or not path.is_dir():
-        return path
-    states = []
-    for candidate in path.iterdir():
-        if (candidate / "progress.json").is_file():
-            states.append((read_progress(candidate).global_step, candidate.stat().st_mtime, candidate))
-    if not states:
-        raise SdtuneError(f"--resume {path}: no state folder in it (those are written by --save_state, e.g. "
-                          f"{path / 'last-state'})")
-    step, _, newest = max(states, key=lambda s: (s[0], s[1]))
-    logger.info("--resume %s: resuming from the state furthest along in it, %s (step %d)%s", path, newest, step,
-                f"; the others: {', '.join(sorted(s[2].name for s in states if s[2] != newest))}"
-                if len(states) > 1 else "")
-    return newest
-
-
-def validate(opts: TrainOptions) -> None:
-    """Option errors, before any model is loaded."""
-    if attention_kind(opts) == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise SdtuneError("--xformers needs the xformers package, which is not installed: pip install xformers "
-                          "(GPU only), or drop the option (the default SDPA attention is as memory-efficient)")
-    check_max_token_length(opts.max_token_length)
-    if opts.train_batch_size < 1 or opts.gradient_accumulation_steps < 1:
-        raise SdtuneError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
-    if opts.full_fp16 and opts.mixed_precision != "fp16":
-        raise SdtuneError("--full_fp16 needs --mixed_precision fp16")
-    if opts.full_bf16 and opts.mixed_precision != "bf16":
-        raise SdtuneError("--full_bf16 needs --mixed_precision bf16")
-    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        if not 0.0 <= getattr(opts, name) <= 1.0:
-            raise SdtuneError(f"--{name} is a probability, between 0 and 1; got {getattr(opts, name)}")
-    if opts.caption_dropout_every_n_epochs < 0 or opts.keep_tokens < 0:
-        raise SdtuneError("--caption_dropout_every_n_epochs and --keep_tokens must be 0 or more")
-    if opts.save_n_epoch_ratio is not None and opts.save_every_n_epochs is not None:
-        raise SdtuneError("--save_n_epoch_ratio and --save_every_n_epochs both set how often to save; pick one")
-    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_n_epoch_ratio",
-                 "save_last_n_steps"):
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise SdtuneError(f"--{name} must be 1 or more, got {getattr(opts, name)}")
-    if not 0 <= opts.min_timestep < opts.max_timestep <= 1000:
-        raise SdtuneError(f"--min_timestep {opts.min_timestep} and --max_timestep {opts.max_timestep}: need "
-                          "0 <= min < max <= 1000 (SD's schedule has timesteps 0-999)")
-    if opts.noise_offset < 0:
-        raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
-    if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
-        raise SdtuneError(f"--min_snr_gamma must be positive (5 is typical), got {opts.min_snr_gamma}")
-    if opts.lr_warmup_steps and opts.lr_scheduler == "constant":
-        raise SdtuneError(f"--lr_warmup_steps {opts.lr_warmup_steps} does nothing with --lr_scheduler constant; use "
-                          "--lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
-    if opts.lr_warmup_steps < 0:
-        raise SdtuneError(f"--lr_warmup_steps must be 0 or more, got {opts.lr_warmup_steps}")
-    if opts.use_8bit_adam and opts.optimizer_type not in (None, "AdamW8bit"):
-        raise SdtuneError(f"--use_8bit_adam and --optimizer_type {opts.optimizer_type} name two optimizers; drop "
-                          "--use_8bit_adam, or use --optimizer_type AdamW8bit alone")
-    if opts.clip_skip is not None and opts.clip_skip < 1:
-        raise SdtuneError("--clip_skip must be 1 or more")
-    if sum([opts.xformers, opts.mem_eff_attn, opts.sdpa]) > 1:
-        raise SdtuneError("choose one attention: --sdpa, --xformers or --mem_eff_attn")
-    if opts.resume and not (Path(opts.resume) / "progress.json").is_file():
-        raise SdtuneError(f"--resume {opts.resume}: not a state folder written by --save_state (no progress.json)")
-    if opts.sample_prompts:
-        from sdtune.sampling.prompts import read_prompt_file
-        from sdtune.sampling.samplers import get_sampler
-
-        read_prompt_file(opts.sample_prompts)  # a bad prompt file fails now, not after an hour of training
-        get_sampler(opts.sample_sampler)
-        if not (opts.sample_every_n_steps or opts.sample_every_n_epochs):
-            raise SdtuneError("--sample_prompts needs --sample_every_n_steps or --sample_every_n_epochs")
-    if not Path(opts.in_json).is_file():
-        raise SdtuneError(f"--in_json {opts.in_json}: no such file; run sdtune prepare to write it")
-    if not Path(opts.train_data_dir).is_dir():
-        raise SdtuneError(f"--train_data_dir {opts.train_data_dir}: no such folder")
-    validate_hypernetwork_options(opts)
-
-
-def validate_hypernetwork_options(opts: TrainOptions) -> None:
-    if opts.hypernetwork_module is None:
-        if opts.hypernetwork_weights:
-            raise SdtuneError("--hypernetwork_weights needs --hypernetwork_module default: without it the model is "
-                              "fine-tuned and no hypernetwork is trained")
-        return
-    if opts.train_text_encoder:
-        raise SdtuneError("--train_text_encoder with --hypernetwork_module: a hypernetwork run trains only the "
-                          "hypernetwork (the U-Net and text encoder stay frozen); drop one of the two")
-    if opts.hypernetwork_weights:
-        if not Path(opts.hypernetwork_weights).is_file():
-            raise SdtuneError(f"--hypernetwork_weights {opts.hypernetwork_weights}: no such file")
-        from sdtune.models.hypernetwork import Hypernetwork
-
-        Hypernetwork.load(opts.hypernetwork_weights)  # a bad file fails now, not after the model loaded (<0.5 s)
-    hypernetwork_config(opts)  # a bad layout fails now, before the model loads
-    if opts.save_model_as or opts.use_safetensors:
-        logger.warning("--save_model_as / --use_safetensors are ignored: a hypernetwork is saved as .pt, the format "
-                       "AUTOMATIC1111 and ComfyUI load")
-
-
-def attention_kind(opts: TrainOptions) -> str:
-    if opts.xformers:
-        return "xformers"
-    return "mem_eff" if opts.mem_eff_attn else "sdpa"
-
-
-def optimizer_name(opts: TrainOptions) -> str:
-    return "AdamW8bit" if opts.use_8bit_adam else opts.optimizer_type or "AdamW"
-
-
 def autocast_dtype(opts: TrainOptions) -> Optional[torch.dtype]:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision)
 
 
-def check_distributed_type(accelerator: Any) -> None:
-    """Refuse accelerate's sharded modes before any work: sdtune's optimizer, loss scaler, gradient reduction and
-    checkpoint writer work on whole (unsharded) modules, so under FSDP or DeepSpeed they would train shards they
-    do not see and save shards as if they were the model. A clear refusal beats a checkpoint that is silently
-    wrong."""
-    from accelerate.utils import DistributedType
-
-    sharded = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
-               DistributedType.MEGATRON_LM: "Megatron-LM"}
-    name = sharded.get(accelerator.distributed_type)
-    if name is not None:
-        raise SdtuneError(
-            f"sdtune train does not support accelerate's {name} mode yet (it would save sharded weights as if they "
-            "were the model). Run with a plain multi-GPU config instead (accelerate config -> multi-GPU, no "
-            "FSDP/DeepSpeed; or torchrun --nproc_per_node N -m sdtune train ...): DDP, where each GPU holds the "
-            "whole model. On 12 GB cards see the README's memory recipes (--gradient_checkpointing, "
-            "--use_8bit_adam, --mixed_precision, --full_fp16).")
-
-
 # ------------------------------------------------------------------------------------------------ the trainer
 class Trainer:
-    """Holds the pieces of one run; :meth:`run` is the loop."""
+    """One run, fully built by the constructor: options checked, output folder claimed, data read, model loaded,
+    target, optimizer, schedule and loss scaler made (and restored with ``--resume``). :meth:`run` is the loop."""
 
     def __init__(self, opts: TrainOptions) -> None:
-        from accelerate import Accelerator
-
         if opts.resume:
             opts = dataclasses.replace(opts, resume=str(resolve_resume(Path(opts.resume))))
         validate(opts)
         self.opts = opts
-        # Under torchrun on a machine without a GPU, accelerate joins the processes (gloo) only when told cpu=True.
-        cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        # Mixed precision is torch.autocast, entered by the loop itself: accelerate's autocast under fp16 on a CPU
-        # computes in float32, which would make every CPU test of the fp16 path a test of fp32.
-        self.accelerator = Accelerator(mixed_precision="no", cpu=cpu_ranks)
-        check_distributed_type(self.accelerator)
+        self.accelerator = make_accelerator()
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.output_dir = Path(opts.output_dir)
-        self.progress = Progress(train_batch_size=opts.train_batch_size, world_size=self.world,
-                                 gradient_accumulation_steps=opts.gradient_accumulation_steps)
-        self.provenance: Optional[dict[str, Any]] = None
-        if opts.resume:
-            self.progress = read_progress(Path(opts.resume))
-            self._check_resume_compatible()
-            self.provenance = read_provenance(Path(opts.resume))
-            changed = metadata_changed(self.provenance, opts.in_json, self.metadata_sha256)
-            if changed and self.is_main:
-                logger.warning("%s", changed)
-        else:
-            self.progress.seed = opts.seed if opts.seed is not None else random.randint(0, 2**31 - 1)
+        self.progress, self.provenance = self._progress()
         self.seed = self.progress.seed
         self.caption_rules = CaptionRules(
             shuffle=opts.shuffle_caption, keep_tokens=opts.keep_tokens, dropout_rate=opts.caption_dropout_rate,
             dropout_every_n_epochs=opts.caption_dropout_every_n_epochs, tag_dropout_rate=opts.caption_tag_dropout_rate)
-        self.encodes_on_the_fly = 0
-        self.writer = None
-        self.saved: list[Path] = []
+        self.writer: Any = None
+        self.log_dir: Optional[Path] = None
         self.stop = StopRequest()
         self.in_step = False
         self.run_lock = RunLock(self.output_dir)
+        # before any model loads: a folder that cannot be written, or another run's, fails now
+        claim_output_folder(opts, self.run_lock, self.is_main, self.accelerator.wait_for_everyone)
+        try:
+            self._build()
+        except BaseException:
+            self.run_lock.release()
+            raise
 
-    @functools.cached_property
-    def metadata_sha256(self) -> str:
-        """The --in_json file's hash, read once a run (every state records it; --resume compares it)."""
-        return file_sha256(self.opts.in_json)
-
-    def _check_resume_compatible(self) -> None:
-        p, o = self.progress, self.opts
-        if (p.world_size, p.train_batch_size, p.gradient_accumulation_steps) != (
-                self.world, o.train_batch_size, o.gradient_accumulation_steps):
-            raise SdtuneError(
-                f"--resume {o.resume}: that run used {p.world_size} process(es), batch size {p.train_batch_size} and "
-                f"gradient accumulation {p.gradient_accumulation_steps}; resume with the same values so the epoch "
-                "continues where it stopped"
-            )
-        if o.seed is not None and o.seed != p.seed:
-            logger.warning("--seed %d ignored: resuming with the saved seed %d", o.seed, p.seed)
-
-    # -------------------------------------------------------------------------------------------- set-up
-    def setup(self) -> None:
+    def _build(self) -> None:
+        """Data, model, target, optimizer, schedule, scaler: the parts the loop runs (in this order: a bad
+        --in_json must not cost a full model load)."""
         opts = self.opts
-        weight_dtype = torch.float16 if opts.full_fp16 else torch.bfloat16 if opts.full_bf16 else torch.float32
-        # the metadata and the folder first: a bad --in_json must not cost a full model load (issue 12 item 7)
         self.data = FineTuneData.from_metadata(load_metadata(opts.in_json), opts.train_data_dir,
                                                opts.dataset_repeats, opts.full_path, opts.recursive)
-        with self.accelerator.main_process_first():
-            self.model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2,
-                                    v_parameterization=opts.v_parameterization, vae=opts.vae,
-                                    tokenizer=opts.tokenizer)
-        model = self.model
-        if self.is_main:
-            logger.info("model: %s", model_summary(model))
-        self.base_fingerprint = model_fingerprint({"unet": model.unet, "text_encoder": model.text_encoder,
-                                                   "vae": model.vae})
-        if opts.resume:
-            check_base_model(Path(opts.resume), self.provenance, opts.pretrained_model_name_or_path,
-                             self.base_fingerprint)
-        self.clip_skip = opts.clip_skip if opts.clip_skip is not None else model.family.default_clip_skip
-        if model.family.is_v2 and self.clip_skip > 1:
-            logger.warning("SD 2.x already conditions on OpenCLIP's penultimate layer; --clip_skip %d goes %d "
-                           "layer(s) further", self.clip_skip, self.clip_skip - 1)
-        if opts.resume and self.provenance is not None and self.is_main:
-            for name, value in (("clip_skip", self.clip_skip), ("max_token_length", opts.max_token_length)):
-                if name in self.provenance and self.provenance[name] != value:
-                    logger.warning("--%s %s: the state was trained with --%s %s; the text conditioning changes "
-                                   "from here on", name, value, name, self.provenance[name])
-        model.vae.to(self.device)
-        self.encodes_on_the_fly = self.data.encode_missing(model.vae)
-        if self.encodes_on_the_fly:
-            logger.info("encoded %d image(s) whose latent cache was missing or stale (run sdtune prepare to cache "
-                        "them)", self.encodes_on_the_fly)
-        self.scaling_factor = float(model.vae.config.scaling_factor)
-        model.vae.to("cpu")  # not needed any more: free the GPU memory
-        self.noise_scheduler = model.noise_scheduler()
+        self.model, self.base_fingerprint = self._load_model()
+        self.clip_skip = self._clip_skip()
+        self.encodes_on_the_fly, self.scaling_factor = self._encode_missing_latents()
+        self.noise_scheduler = self.model.noise_scheduler()
         # on the device once: the noise coefficients are looked up every step without a copy
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
-
-        set_attention(model.unet, attention_kind(opts))
-        if opts.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            if opts.train_text_encoder:
-                model.text_encoder.gradient_checkpointing_enable()
-        self.target = make_target(opts, model, self.device, weight_dtype, self.seed, self.clip_skip)
-        if opts.resume:
-            self.target.load_state(Path(opts.resume))
-
-        groups = self.target.param_groups
-        self.trainable = [p for g in groups for p in g["params"]]
-        extra = parse_optimizer_args(opts.optimizer_args)
-        half_weights = weight_dtype != torch.float32
-        if half_weights and optimizer_name(opts) != "AdamW" and self.is_main:
-            logger.warning("--full_fp16/--full_bf16 with %s: the optimizer writes its updates into the half-precision "
-                           "weights rounded to nearest, and updates below half an ulp are lost; AdamW (the default) "
-                           "keeps them (--half_weight_rounding)", optimizer_name(opts))
-        self.optimizer = build_optimizer(optimizer_name(opts), groups, opts.learning_rate, extra,
-                                         half_weights=half_weights, seed=derived_seed(self.seed, 0x5352),
-                                         rounding=opts.half_weight_rounding)
-        self.plan = self._plan()
-        self.save_every_n_epochs = opts.save_every_n_epochs
-        if opts.save_n_epoch_ratio:
-            self.save_every_n_epochs = max(1, self.plan.epochs // opts.save_n_epoch_ratio)
+        self.target = self._make_target()
+        self.trainable = [p for g in self.target.param_groups for p in g["params"]]
+        self.optimizer = self._make_optimizer()
+        batches = len(self.data.epoch_batches(0, self.seed, opts.train_batch_size, self.world, self.rank))
+        self.plan = plan_run(opts, len(self.data.examples), batches, self.world)
+        self.checkpoints = self._make_checkpoints()
         self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
                                                self.plan.total_steps, opts.lr_scheduler_num_cycles,
                                                opts.lr_scheduler_power)
@@ -359,17 +158,212 @@ class Trainer:
                 self.scaler.load_state_dict(scaler_state)
         self.unet, self.text_encoder = self.target.prepare(self.accelerator)
 
-    def _plan(self) -> Plan:
+    # -------------------------------------------------------------------------------------------- set-up
+    def _progress(self) -> tuple[Progress, Optional[dict[str, Any]]]:
+        """A new run's progress (with its seed), or the resumed state's, checked against this run's options."""
         opts = self.opts
-        batches = len(self.data.epoch_batches(0, self.seed, opts.train_batch_size, self.world, self.rank))
-        steps_per_epoch = math.ceil(batches / opts.gradient_accumulation_steps)
-        if opts.max_train_epochs is not None:
-            total = steps_per_epoch * opts.max_train_epochs
-        else:
-            total = opts.max_train_steps
-        epochs = math.ceil(total / steps_per_epoch)
-        return Plan(len(self.data.examples), batches, steps_per_epoch, total, epochs,
-                    opts.train_batch_size * opts.gradient_accumulation_steps * self.world)
+        if not opts.resume:
+            progress = Progress(train_batch_size=opts.train_batch_size, world_size=self.world,
+                                gradient_accumulation_steps=opts.gradient_accumulation_steps)
+            progress.seed = opts.seed if opts.seed is not None else random.randint(0, 2**31 - 1)
+            return progress, None
+        progress = read_progress(Path(opts.resume))
+        check_resume_compatible(opts, progress, self.world)
+        provenance = read_provenance(Path(opts.resume))
+        changed = metadata_changed(provenance, opts.in_json, self.metadata_sha256)
+        if changed and self.is_main:
+            logger.warning("%s", changed)
+        return progress, provenance
+
+    @functools.cached_property
+    def metadata_sha256(self) -> str:
+        """The --in_json file's hash, read once a run (every state records it; --resume compares it)."""
+        return file_sha256(self.opts.in_json)
+
+    def _load_model(self) -> tuple[Any, str]:
+        opts = self.opts
+        with self.accelerator.main_process_first():
+            model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2,
+                               v_parameterization=opts.v_parameterization, vae=opts.vae, tokenizer=opts.tokenizer)
+        if self.is_main:
+            logger.info("model: %s", model_summary(model))
+        fingerprint = model_fingerprint({"unet": model.unet, "text_encoder": model.text_encoder, "vae": model.vae})
+        if opts.resume:
+            check_base_model(Path(opts.resume), self.provenance, opts.pretrained_model_name_or_path, fingerprint)
+        set_attention(model.unet, attention_kind(opts))
+        if opts.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            if opts.train_text_encoder:
+                model.text_encoder.gradient_checkpointing_enable()
+        return model, fingerprint
+
+    def _clip_skip(self) -> int:
+        opts, family = self.opts, self.model.family
+        clip_skip = opts.clip_skip if opts.clip_skip is not None else family.default_clip_skip
+        if family.is_v2 and clip_skip > 1:
+            logger.warning("SD 2.x already conditions on OpenCLIP's penultimate layer; --clip_skip %d goes %d "
+                           "layer(s) further", clip_skip, clip_skip - 1)
+        if opts.resume and self.provenance is not None and self.is_main:
+            for name, value in (("clip_skip", clip_skip), ("max_token_length", opts.max_token_length)):
+                if name in self.provenance and self.provenance[name] != value:
+                    logger.warning("--%s %s: the state was trained with --%s %s; the text conditioning changes "
+                                   "from here on", name, value, name, self.provenance[name])
+        return clip_skip
+
+    def _encode_missing_latents(self) -> tuple[int, float]:
+        """Encode what the latent cache lacks, then move the VAE off the device; (images encoded, scaling factor)."""
+        vae = self.model.vae
+        vae.to(self.device)
+        encoded = self.data.encode_missing(vae)
+        if encoded:
+            logger.info("encoded %d image(s) whose latent cache was missing or stale (run sdtune prepare to cache "
+                        "them)", encoded)
+        vae.to("cpu")  # not needed any more: free the GPU memory
+        return encoded, float(vae.config.scaling_factor)
+
+    def _make_target(self) -> TrainTarget:
+        opts = self.opts
+        weight_dtype = torch.float16 if opts.full_fp16 else torch.bfloat16 if opts.full_bf16 else torch.float32
+        target = make_target(opts, self.model, self.device, weight_dtype, self.seed, self.clip_skip)
+        if opts.resume:
+            target.load_state(Path(opts.resume))
+        return target
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        opts, name = self.opts, optimizer_name(self.opts)
+        half_weights = opts.full_fp16 or opts.full_bf16
+        if half_weights and name != "AdamW" and self.is_main:
+            logger.warning("--full_fp16/--full_bf16 with %s: the optimizer writes its updates into the half-precision "
+                           "weights rounded to nearest, and updates below half an ulp are lost; AdamW (the default) "
+                           "keeps them (--half_weight_rounding)", name)
+        return build_optimizer(name, self.target.param_groups, opts.learning_rate,
+                               parse_optimizer_args(opts.optimizer_args), half_weights=half_weights,
+                               seed=derived_seed(self.seed, 0x5352), rounding=opts.half_weight_rounding)
+
+    def _make_checkpoints(self) -> Checkpoints:
+        target = self.target
+        return Checkpoints(
+            self.output_dir, SavePolicy.from_options(self.opts, self.plan.total_steps, self.plan.epochs),
+            model_path=lambda name: target.checkpoint_path(self.output_dir, name),
+            write_model=lambda path: target.save_checkpoint(path, self.progress),
+            write_state=self.write_training_state if self.opts.save_state else None,
+            is_main=self.is_main, barrier=self.accelerator.wait_for_everyone)
+
+    # -------------------------------------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or to a stop request), save the final checkpoint; returns what the run did."""
+        try:
+            self.announce()
+            self.open_logs()
+            self.redo_cut_short_samples()
+            progress, bar = self.progress, self.progress_bar()
+            losses: list[float] = []
+            epoch_losses: list[float] = []
+            started = time.perf_counter()
+            with self.stop:
+                try:
+                    for group in self.step_groups():
+                        if progress.global_step >= self.plan.total_steps:
+                            break
+                        loss = self.step(group)
+                        losses.append(loss)
+                        epoch_losses.append(loss)
+                        self.report(bar, loss)
+                        if self.stop.requested:
+                            raise TrainingStopped(self.stop.signal_name)
+                        self.after_step()
+                        if group[-1]["last_in_epoch"]:
+                            self.end_epoch(epoch_losses)
+                            epoch_losses = []
+                except KeyboardInterrupt as exc:
+                    self.interrupted(exc, bar)
+                    raise
+            bar.close()
+            return self.finish(losses, time.perf_counter() - started)
+        finally:
+            self.run_lock.release()
+
+    def step(self, group: list[dict[str, Any]]) -> float:
+        """One optimizer step, counted; a stop request in the middle of it waits for its end."""
+        self.in_step = True
+        loss = self.optimizer_step(group)
+        self.progress.global_step += 1
+        self.progress.batch_in_epoch += len(group)
+        self.in_step = False
+        return loss
+
+    def progress_bar(self) -> tqdm:
+        return tqdm(total=self.plan.total_steps, initial=self.progress.global_step, desc="train", unit="step",
+                    disable=not self.is_main, dynamic_ncols=True, file=TolerantStream(sys.stderr))
+
+    def step_groups(self):
+        """The rest of the run's batches, grouped per optimizer step (a group never spans two epochs)."""
+        o, p = self.opts, self.progress
+        dataset = RunBatches(self.data, self.seed, o.train_batch_size, self.world, self.rank, self.caption_rules,
+                             self.plan.epochs, p.epoch, p.batch_in_epoch)
+        group: list[dict[str, Any]] = []
+        for batch in run_loader(dataset, o.max_data_loader_n_workers, pin_memory=self.device.type == "cuda"):
+            group.append(batch)
+            if len(group) == o.gradient_accumulation_steps or batch["last_in_epoch"]:
+                yield group
+                group = []
+
+    def after_step(self) -> None:
+        """The saves and samples due after this step."""
+        self.checkpoints.after_step(self.progress.global_step)
+        n = self.opts.sample_every_n_steps
+        if self.opts.sample_prompts and n and self.progress.global_step % n == 0:
+            self.sample()
+
+    def end_epoch(self, epoch_losses: list[float]) -> None:
+        """Count the epoch; log its mean loss; the saves and samples due after it."""
+        progress = self.progress
+        if epoch_losses:
+            self.log({"loss/epoch": float(np.mean(epoch_losses))}, progress.epoch + 1)
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+        self.checkpoints.after_epoch(progress.epoch, progress.global_step)
+        n = self.opts.sample_every_n_epochs
+        if self.opts.sample_prompts and n and progress.epoch % n == 0:
+            self.sample()
+
+    def finish(self, losses: list[float], elapsed: float) -> dict[str, Any]:
+        """The final save and the closing summary; ``elapsed`` is the training itself, not the final save."""
+        opts, progress = self.opts, self.progress
+        final = self.save(self.checkpoints.policy.name("last"))
+        self.remove_resumed_interrupted_state()
+        if self.writer is not None:
+            self.writer.close()
+        result = {
+            "model": final, "saved": list(self.saved), "global_step": progress.global_step,
+            "epoch": progress.epoch, "losses": losses,
+            "steps_per_second": len(losses) / elapsed if elapsed > 0 else 0.0,
+            "encoded_on_the_fly": self.encodes_on_the_fly,
+        }
+        if self.is_main:
+            logger.info("done: %d steps (%.2f steps/s); saved to %s", progress.global_step,
+                        result["steps_per_second"], final)
+            if opts.save_state:
+                logger.info("training state: %s", self.checkpoints.state_folder(self.checkpoints.policy.name("last")))
+            if self.writer is not None:
+                logger.info("TensorBoard logs: %s (tensorboard --logdir %s)", self.log_dir, opts.logging_dir)
+        return result
+
+    def interrupted(self, exc: KeyboardInterrupt, bar: tqdm) -> None:
+        """Save the state (first: before any output, which may have nowhere to go) when the run stopped at a step
+        boundary; a second Ctrl-C in the middle of a step saves nothing, as that state would be inconsistent."""
+        state = self.output_dir / "interrupted-state"
+        saved = False
+        if self.opts.save_state and self.is_main and not self.in_step:
+            self.checkpoints.save_state(state)
+            saved = True
+        bar.close()
+        how = exc.signal_name if isinstance(exc, TrainingStopped) else "Ctrl-C"
+        if saved:
+            logger.info("stopped by %s after step %d: resume with --resume %s", how, self.progress.global_step, state)
+        elif self.is_main:
+            logger.info("stopped by %s at step %d%s", how, self.progress.global_step,
+                        "" if self.opts.save_state else " (no --save_state: nothing to resume from)")
 
     # -------------------------------------------------------------------------------------------- the step
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -385,6 +379,7 @@ class Trainer:
         return tensor.to(self.device)
 
     def conditioning(self, captions: list[str]) -> torch.Tensor:
+        """The text encoder's hidden states for a batch's captions (with gradients when it is trained)."""
         tok = self.model.tokenizer
         ids = self.to_device(tokenize(tok, captions, self.opts.max_token_length))
         with torch.set_grad_enabled(self.opts.train_text_encoder), self.autocast():
@@ -397,6 +392,7 @@ class Trainer:
             self.opts.min_timestep, self.opts.max_timestep)
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """The loss of one batch, with noise and timesteps drawn from ``generator``."""
         noise, timesteps = self.draw(batch, generator)
         return self.loss_for(batch, noise.to(self.device), timesteps.to(self.device))
 
@@ -477,57 +473,24 @@ class Trainer:
             self.lr_scheduler.step()
 
     # -------------------------------------------------------------------------------------------- saving
-    def _name(self, kind: str, number: int | None = None) -> str:
-        base = self.opts.output_name
-        if kind == "last":
-            return base or "last"
-        if kind == "epoch":
-            return f"{base}-{number:06d}" if base else f"epoch-{number:06d}"
-        return f"{base}-step{number:08d}" if base else f"step-{number:08d}"
-
-    def _model_path(self, name: str) -> Path:
-        return self.target.checkpoint_path(self.output_dir, name)
+    @property
+    def saved(self) -> list[Path]:
+        """The checkpoints this run wrote, in order."""
+        return self.checkpoints.saved
 
     def save(self, name: str) -> Path:
-        """Save the checkpoint (and the state with --save_state) as ``name``; rank 0 only."""
-        self.accelerator.wait_for_everyone()
-        path = self._model_path(name)
-        if self.is_main:
-            with self._disk_full_reported(path):
-                self.target.save_checkpoint(path, self.progress)
-            self.saved.append(path)
-            if self.opts.save_state:
-                self.save_training_state(self.output_dir / f"{name}-state")
-        self.accelerator.wait_for_everyone()
-        return path
+        """Save the checkpoint (and the state with --save_state) as ``name``; rank 0 writes, the others wait."""
+        return self.checkpoints.save(name)
 
-    @contextlib.contextmanager
-    def _disk_full_reported(self, path: Path):
-        """A full disk during a save is said as such (torch's own message is "unexpected pos"), with what is safe."""
-        try:
-            yield
-        except Exception as exc:  # torch: RuntimeError, safetensors: SafetensorError, Python: OSError
-            text = str(exc)
-            if getattr(exc, "errno", None) != errno.ENOSPC and "No space left" not in text \
-                    and "unexpected pos" not in text:
-                raise
-            earlier = [p for p in self.saved if p.exists()]
-            kept = (f"the previous checkpoint {earlier[-1]} is intact" if earlier
-                    else "no earlier checkpoint of this run was saved")
-            raise SdtuneError(f"no space left on {path.parent} while saving {path.name}; nothing half-written was "
-                              f"left, {kept}. Free some space (or use another --output_dir) and resume from the last "
-                              "saved state with --resume") from exc
-
-    def save_training_state(self, folder: Path) -> None:
-        with self._disk_full_reported(folder):
-            save_state(folder, self.progress, self.target.modules, self.optimizer, self.lr_scheduler,
-                       self.scaler.state_dict() if self.scaler else None)
-            write_provenance(folder, {"base_model": str(self.opts.pretrained_model_name_or_path),
-                                      "base_fingerprint": self.base_fingerprint,
-                                      "metadata_file": str(self.opts.in_json),
-                                      "metadata_sha256": self.metadata_sha256,
-                                      "clip_skip": self.clip_skip, "max_token_length": self.opts.max_token_length})
-        logger.info("saved training state to %s", folder)
+    def write_training_state(self, folder: Path) -> None:
+        """The --save_state folder: trained weights, optimizer, schedule, scaler, progress and provenance."""
+        save_state(folder, self.progress, self.target.modules, self.optimizer, self.lr_scheduler,
+                   self.scaler.state_dict() if self.scaler else None)
+        write_provenance(folder, {"base_model": str(self.opts.pretrained_model_name_or_path),
+                                  "base_fingerprint": self.base_fingerprint,
+                                  "metadata_file": str(self.opts.in_json),
+                                  "metadata_sha256": self.metadata_sha256,
+                                  "clip_skip": self.clip_skip, "max_token_length": self.opts.max_token_length})
 
     def remove_resumed_interrupted_state(self) -> None:
         """After a finished run resumed from this folder's ``interrupted-state``, that state is spent: removed, so
@@ -537,31 +500,6 @@ class Trainer:
         if self.is_main and resumed is not None and spent.is_dir() and resumed.resolve() == spent.resolve():
             shutil.rmtree(spent)
             logger.info("removed %s: the run it resumed has finished", spent)
-
-    def remove_old_epoch_saves(self, epoch: int) -> None:
-        keep, every = self.opts.save_last_n_epochs, self.save_every_n_epochs
-        if keep and every and epoch - keep * every >= 1:
-            self._remove_save(self._name("epoch", epoch - keep * every))
-
-    def remove_old_step_saves(self, step: int) -> None:
-        """With --save_last_n_steps N: remove the newest step save that is more than N steps old (as sd-scripts;
-        names are deterministic, so saves of an earlier session before --resume are found too)."""
-        keep, every = self.opts.save_last_n_steps, self.opts.save_every_n_steps
-        if not keep or not every:
-            return
-        old = step - keep - 1
-        old -= old % every
-        if old >= 1:
-            self._remove_save(self._name("step", old))
-
-    def _remove_save(self, name: str) -> None:
-        if not self.is_main:
-            return
-        for path in (self._model_path(name), self.output_dir / f"{name}-state"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
 
     # -------------------------------------------------------------------------------------------- logging
     def open_logs(self) -> None:
@@ -578,172 +516,10 @@ class Trainer:
                 self.writer.add_scalar(key, value, step)
 
     def announce(self) -> None:
-        p, o = self.plan, self.opts
-        if not self.is_main:
-            return
-        lines = [
-            f"images: {p.images} (x{o.dataset_repeats} repeats), in {len(self.data.buckets.counts())} bucket(s)",
-            f"batches per epoch (per process): {p.batches_per_epoch}; optimizer steps per epoch: {p.steps_per_epoch}",
-            f"steps: {p.total_steps} over {p.epochs} epoch(s); effective batch {p.effective_batch} "
-            f"({o.train_batch_size} x {o.gradient_accumulation_steps} accumulation x {self.world} process(es))",
-            f"prediction: {self.model.prediction_type}; clip skip {self.clip_skip}; max tokens {o.max_token_length}; "
-            f"seed {self.seed}",
-            f"device: {self.device_description()}; precision: {self.precision_description()}",
-            f"optimizer: {self.optimizer_description()}; attention: {attention_kind(o)}"
-            + ("; gradient checkpointing" if o.gradient_checkpointing else ""),
-            self.target.description,
-        ]
-        extras = [text.format(value) for text, value in (
-            ("noise offset {:g}", o.noise_offset), ("min-SNR gamma {:g}", o.min_snr_gamma),
-            ("caption dropout {:g}", o.caption_dropout_rate), ("tag dropout {:g}", o.caption_tag_dropout_rate),
-            ("empty captions every {} epoch(s)", o.caption_dropout_every_n_epochs)) if value]
-        if (o.min_timestep, o.max_timestep) != (0, 1000):
-            extras.append(f"timesteps {o.min_timestep}-{o.max_timestep - 1}")
-        if extras:
-            lines.append("objective: " + "; ".join(extras))
-        if self.data.skipped:
-            lines.append(f"not trained (no train_resolution in the metadata): {len(self.data.skipped)} image(s)")
-        if self.progress.global_step:
-            lines.append(f"resuming at step {self.progress.global_step}, epoch {self.progress.epoch + 1}, "
-                         f"batch {self.progress.batch_in_epoch}")
-        for line in lines:
-            logger.info(line)
-
-    def device_description(self) -> str:
-        if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-        return str(self.device)
-
-    def precision_description(self) -> str:
-        o = self.opts
-        if o.full_fp16:
-            return "fp16 weights and gradients, dynamic loss scaling"
-        if o.full_bf16:
-            return "bf16 weights and gradients"
-        if o.mixed_precision == "fp16":
-            return "fp16 autocast, fp32 weights, dynamic loss scaling"
-        if o.mixed_precision == "bf16":
-            return "bf16 autocast, fp32 weights"
-        return "fp32"
-
-    def optimizer_description(self) -> str:
-        o = self.opts
-        name = optimizer_name(o)
-        if isinstance(self.optimizer, HalfWeightAdamW):
-            name += f" (fp32 moments, {self.optimizer.rounding} rounding of the half-precision weights)"
-        schedule = o.lr_scheduler + (f" after {o.lr_warmup_steps} warm-up steps" if o.lr_warmup_steps else "")
-        return f"{name}, learning rate {o.learning_rate:g}, {schedule}"
-
-    # -------------------------------------------------------------------------------------------- the loop
-    def step_groups(self):
-        """The rest of the run's batches, grouped per optimizer step (a group never spans two epochs)."""
-        o, p = self.opts, self.progress
-        dataset = RunBatches(self.data, self.seed, o.train_batch_size, self.world, self.rank, self.caption_rules,
-                             self.plan.epochs, p.epoch, p.batch_in_epoch)
-        group: list[dict[str, Any]] = []
-        for batch in run_loader(dataset, o.max_data_loader_n_workers, pin_memory=self.device.type == "cuda"):
-            group.append(batch)
-            if len(group) == o.gradient_accumulation_steps or batch["last_in_epoch"]:
-                yield group
-                group = []
-
-    def claim_output_folder(self) -> None:
-        """Before any model loads: every folder the run writes can be written, no other run holds it, and no earlier
-        run's files would be replaced in silence."""
-        opts = self.opts
-        folders = [("--output_dir", self.output_dir)]
-        if opts.logging_dir:
-            folders.append(("--logging_dir", Path(opts.logging_dir)))
-        if opts.sample_prompts:
-            folders.append(("--sample_prompts: the samples folder", self.output_dir / "sample"))
+        """The start-up summary (:func:`sdtune.train.summary.startup_lines`), on the main process."""
         if self.is_main:
-            check_writable(folders)
-        self.run_lock.check()
-        earlier = [] if opts.resume else earlier_run_files(self.output_dir, opts.output_name)
-        if earlier and not opts.overwrite:
-            names = ", ".join(p.name for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4
-                                                               else "")
-            raise SdtuneError(
-                f"--output_dir {self.output_dir} holds an earlier run's files that this run would replace ({names}). "
-                "Use another --output_dir or --output_name, --resume <its state folder> to continue that run, or "
-                "--overwrite to delete them and start afresh")
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            self.run_lock.acquire()
-            for folder in (self.output_dir, self.output_dir / "sample"):  # what a killed run left (issue 12 item 7)
-                clean_stale_temporaries(folder)
-            for path in earlier:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            if earlier:
-                logger.warning("--overwrite: deleted the earlier run's %s from %s",
-                               ", ".join(p.name for p in earlier), self.output_dir)
-        self.accelerator.wait_for_everyone()
-
-    def run(self) -> dict[str, Any]:
-        self.claim_output_folder()
-        try:
-            return self._run()
-        finally:
-            self.run_lock.release()
-
-    def _run(self) -> dict[str, Any]:
-        self.setup()
-        self.announce()
-        self.open_logs()
-        self.redo_cut_short_samples()
-        opts, progress, plan = self.opts, self.progress, self.plan
-        bar = tqdm(total=plan.total_steps, initial=progress.global_step, desc="train", unit="step",
-                   disable=not self.is_main, dynamic_ncols=True, file=TolerantStream(sys.stderr))
-        losses: list[float] = []
-        epoch_losses: list[float] = []
-        started = time.perf_counter()
-        with self.stop:
-            try:
-                for group in self.step_groups():
-                    if progress.global_step >= plan.total_steps:
-                        break
-                    self.in_step = True
-                    loss = self.optimizer_step(group)
-                    progress.global_step += 1
-                    progress.batch_in_epoch += len(group)
-                    self.in_step = False
-                    losses.append(loss)
-                    epoch_losses.append(loss)
-                    self.report(bar, loss)
-                    if self.stop.requested:
-                        raise TrainingStopped(self.stop.signal_name)
-                    self.step_saves()
-                    self.after_step()
-                    if group[-1]["last_in_epoch"]:
-                        self.end_epoch(epoch_losses)
-                        epoch_losses = []
-            except KeyboardInterrupt as exc:
-                self.interrupted(exc, bar)
-                raise
-        bar.close()
-        elapsed = time.perf_counter() - started  # the training itself, not the final save
-        final = self.save(self._name("last"))
-        self.remove_resumed_interrupted_state()
-        if self.writer is not None:
-            self.writer.close()
-        result = {
-            "model": final, "saved": list(self.saved), "global_step": progress.global_step,
-            "epoch": progress.epoch, "losses": losses,
-            "steps_per_second": len(losses) / elapsed if elapsed > 0 else 0.0,
-            "encoded_on_the_fly": self.encodes_on_the_fly,
-        }
-        if self.is_main:
-            logger.info("done: %d steps (%.2f steps/s); saved to %s", progress.global_step,
-                        result["steps_per_second"], final)
-            if opts.save_state:
-                logger.info("training state: %s", self.output_dir / f"{self._name('last')}-state")
-            if self.writer is not None:
-                logger.info("TensorBoard logs: %s (tensorboard --logdir %s)", self.log_dir, opts.logging_dir)
-        return result
+            for line in startup_lines(self):
+                logger.info(line)
 
     def report(self, bar: tqdm, loss: float) -> None:
         step = self.progress.global_step
@@ -751,40 +527,6 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", epoch=self.progress.epoch + 1)
         self.log({"loss/step": loss, **{f"lr/{name}": lr for name, lr in zip(self.target.group_names, lrs)}}, step)
-
-    def step_saves(self) -> None:
-        step, every = self.progress.global_step, self.opts.save_every_n_steps
-        if every and step % every == 0 and step < self.plan.total_steps:
-            self.save(self._name("step", step))
-            self.remove_old_step_saves(step)
-
-    def end_epoch(self, epoch_losses: list[float]) -> None:
-        progress = self.progress
-        if epoch_losses:
-            self.log({"loss/epoch": float(np.mean(epoch_losses))}, progress.epoch + 1)
-        progress.epoch += 1
-        progress.batch_in_epoch = 0
-        if self.save_every_n_epochs and progress.epoch % self.save_every_n_epochs == 0 \
-                and progress.global_step < self.plan.total_steps:
-            self.save(self._name("epoch", progress.epoch))
-            self.remove_old_epoch_saves(progress.epoch)
-        self.after_epoch()
-
-    def interrupted(self, exc: KeyboardInterrupt, bar: tqdm) -> None:
-        """Save the state (first: before any output, which may have nowhere to go) when the run stopped at a step
-        boundary; a second Ctrl-C in the middle of a step saves nothing, as that state would be inconsistent."""
-        state = self.output_dir / "interrupted-state"
-        saved = False
-        if self.opts.save_state and self.is_main and not self.in_step:
-            self.save_training_state(state)
-            saved = True
-        bar.close()
-        how = exc.signal_name if isinstance(exc, TrainingStopped) else "Ctrl-C"
-        if saved:
-            logger.info("stopped by %s after step %d: resume with --resume %s", how, self.progress.global_step, state)
-        elif self.is_main:
-            logger.info("stopped by %s at step %d%s", how, self.progress.global_step,
-                        "" if self.opts.save_state else " (no --save_state: nothing to resume from)")
 
     # -------------------------------------------------------------------------------------------- samples
     def sample(self) -> list[Path]:
@@ -804,11 +546,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return paths
 
-    def after_step(self) -> None:
-        n = self.opts.sample_every_n_steps
-        if self.opts.sample_prompts and n and self.progress.global_step % n == 0:
-            self.sample()
-
     def redo_cut_short_samples(self) -> None:
         """On --resume: the samples due at the step the state was saved (a Ctrl-C during sampling saves the state of
         that step boundary, with none of its sample images written) are made now, so no sample step is missing."""
@@ -822,11 +559,6 @@ class Trainer:
         if due and not sample_path(self.output_dir / "sample", o.output_name, p.global_step, 0).exists():
             if self.is_main:
                 logger.info("step %d: its samples were cut short when the run stopped; making them now", p.global_step)
-            self.sample()
-
-    def after_epoch(self) -> None:
-        n = self.opts.sample_every_n_epochs
-        if self.opts.sample_prompts and n and self.progress.epoch % n == 0:
             self.sample()
 
 

@@ -20,7 +20,6 @@ from sdtune.train.precision import stochastic_round
 from sdtune.train.rng import derived_seed
 
 
-
 def parse_optimizer_args(items: Iterable[str]) -> dict[str, Any]:
     """``--optimizer_args weight_decay=0.01 betas=0.9,0.999`` -> {"weight_decay": 0.01, "betas": (0.9, 0.999)}."""
     out: dict[str, Any] = {}

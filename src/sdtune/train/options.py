@@ -1,16 +1,29 @@
-"""``sdtune train``'s options, declared apart from the loop so that ``sdtune train --help`` imports no torch.
+"""``sdtune train``'s options, their validation and the run's plan, apart from the loop (:mod:`sdtune.train.loop`).
 
-Validation that needs the data or other modules stays in :mod:`sdtune.train.loop` (``validate``).
+Importing this module needs no torch (``sdtune train --help`` is instant): what :func:`validate` checks with other
+modules (token lengths, prompt files, hypernetwork files) is imported when it runs, before any model loads.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
-from sdtune.models.choices import ACTIVATION_CHOICES, HYPERNETWORK_MODULES, NOT_IN_COMFYUI, SAVE_FORMATS
+from sdtune.errors import SdtuneError
+from sdtune.models.choices import (
+    ACTIVATION_CHOICES,
+    HYPERNETWORK_MODULES,
+    NOT_IN_COMFYUI,
+    SAVE_FORMATS,
+)
 from sdtune.option_groups import ImageKeys, LoaderWorkers, ModelSource, Recursive
 from sdtune.options import opt
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "SGDNesterov")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -132,3 +145,122 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
     hypernetwork_dropout: Optional[str] = opt(
         None, "hypernetwork dropout: one probability for every hidden layer (e.g. 0.3), or AUTOMATIC1111's dropout "
         "structure, one value per layer-structure entry, first and last 0 (e.g. 0,0.05,0.15,0)")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def validate(opts: TrainOptions) -> None:
+    """Option errors, before any model is loaded."""
+    if attention_kind(opts) == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise SdtuneError("--xformers needs the xformers package, which is not installed: pip install xformers "
+                          "(GPU only), or drop the option (the default SDPA attention is as memory-efficient)")
+    from sdtune.models.text import check_max_token_length
+
+    check_max_token_length(opts.max_token_length)
+    if opts.train_batch_size < 1 or opts.gradient_accumulation_steps < 1:
+        raise SdtuneError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+    if opts.full_fp16 and opts.mixed_precision != "fp16":
+        raise SdtuneError("--full_fp16 needs --mixed_precision fp16")
+    if opts.full_bf16 and opts.mixed_precision != "bf16":
+        raise SdtuneError("--full_bf16 needs --mixed_precision bf16")
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0.0 <= getattr(opts, name) <= 1.0:
+            raise SdtuneError(f"--{name} is a probability, between 0 and 1; got {getattr(opts, name)}")
+    if opts.caption_dropout_every_n_epochs < 0 or opts.keep_tokens < 0:
+        raise SdtuneError("--caption_dropout_every_n_epochs and --keep_tokens must be 0 or more")
+    if opts.save_n_epoch_ratio is not None and opts.save_every_n_epochs is not None:
+        raise SdtuneError("--save_n_epoch_ratio and --save_every_n_epochs both set how often to save; pick one")
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_n_epoch_ratio",
+                 "save_last_n_steps"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise SdtuneError(f"--{name} must be 1 or more, got {getattr(opts, name)}")
+    if not 0 <= opts.min_timestep < opts.max_timestep <= 1000:
+        raise SdtuneError(f"--min_timestep {opts.min_timestep} and --max_timestep {opts.max_timestep}: need "
+                          "0 <= min < max <= 1000 (SD's schedule has timesteps 0-999)")
+    if opts.noise_offset < 0:
+        raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
+    if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
+        raise SdtuneError(f"--min_snr_gamma must be positive (5 is typical), got {opts.min_snr_gamma}")
+    if opts.lr_warmup_steps and opts.lr_scheduler == "constant":
+        raise SdtuneError(f"--lr_warmup_steps {opts.lr_warmup_steps} does nothing with --lr_scheduler constant; use "
+                          "--lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
+    if opts.lr_warmup_steps < 0:
+        raise SdtuneError(f"--lr_warmup_steps must be 0 or more, got {opts.lr_warmup_steps}")
+    if opts.use_8bit_adam and opts.optimizer_type not in (None, "AdamW8bit"):
+        raise SdtuneError(f"--use_8bit_adam and --optimizer_type {opts.optimizer_type} name two optimizers; drop "
+                          "--use_8bit_adam, or use --optimizer_type AdamW8bit alone")
+    if opts.clip_skip is not None and opts.clip_skip < 1:
+        raise SdtuneError("--clip_skip must be 1 or more")
+    if sum([opts.xformers, opts.mem_eff_attn, opts.sdpa]) > 1:
+        raise SdtuneError("choose one attention: --sdpa, --xformers or --mem_eff_attn")
+    if opts.resume and not (Path(opts.resume) / "progress.json").is_file():
+        raise SdtuneError(f"--resume {opts.resume}: not a state folder written by --save_state (no progress.json)")
+    if opts.sample_prompts:
+        from sdtune.sampling.prompts import read_prompt_file
+        from sdtune.sampling.samplers import get_sampler
+
+        read_prompt_file(opts.sample_prompts)  # a bad prompt file fails now, not after an hour of training
+        get_sampler(opts.sample_sampler)
+        if not (opts.sample_every_n_steps or opts.sample_every_n_epochs):
+            raise SdtuneError("--sample_prompts needs --sample_every_n_steps or --sample_every_n_epochs")
+    if not Path(opts.in_json).is_file():
+        raise SdtuneError(f"--in_json {opts.in_json}: no such file; run sdtune prepare to write it")
+    if not Path(opts.train_data_dir).is_dir():
+        raise SdtuneError(f"--train_data_dir {opts.train_data_dir}: no such folder")
+    validate_hypernetwork_options(opts)
+
+
+def validate_hypernetwork_options(opts: TrainOptions) -> None:
+    """The --hypernetwork_* options, and the --hypernetwork_weights file, checked before the model loads."""
+    if opts.hypernetwork_module is None:
+        if opts.hypernetwork_weights:
+            raise SdtuneError("--hypernetwork_weights needs --hypernetwork_module default: without it the model is "
+                              "fine-tuned and no hypernetwork is trained")
+        return
+    if opts.train_text_encoder:
+        raise SdtuneError("--train_text_encoder with --hypernetwork_module: a hypernetwork run trains only the "
+                          "hypernetwork (the U-Net and text encoder stay frozen); drop one of the two")
+    if opts.hypernetwork_weights:
+        if not Path(opts.hypernetwork_weights).is_file():
+            raise SdtuneError(f"--hypernetwork_weights {opts.hypernetwork_weights}: no such file")
+        from sdtune.models.hypernetwork import Hypernetwork
+
+        Hypernetwork.load(opts.hypernetwork_weights)  # a bad file fails now, not after the model loaded (<0.5 s)
+    from sdtune.train.targets import hypernetwork_config
+
+    hypernetwork_config(opts)  # a bad layout fails now, before the model loads
+    if opts.save_model_as or opts.use_safetensors:
+        logger.warning("--save_model_as / --use_safetensors are ignored: a hypernetwork is saved as .pt, the format "
+                       "AUTOMATIC1111 and ComfyUI load")
+
+
+def attention_kind(opts: TrainOptions) -> str:
+    """The attention backend the options ask for: xformers, mem_eff (sliced) or sdpa (the default)."""
+    if opts.xformers:
+        return "xformers"
+    return "mem_eff" if opts.mem_eff_attn else "sdpa"
+
+
+def optimizer_name(opts: TrainOptions) -> str:
+    """The optimizer the options ask for (--use_8bit_adam is sd-scripts' spelling of AdamW8bit)."""
+    return "AdamW8bit" if opts.use_8bit_adam else opts.optimizer_type or "AdamW"
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclass
+class Plan:
+    """Numbers derived from the options and the data, shown at the start."""
+
+    images: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    effective_batch: int
+
+
+def plan_run(opts: TrainOptions, images: int, batches_per_epoch: int, world_size: int) -> Plan:
+    """How many steps and epochs the run takes, from this process's batches per epoch."""
+    steps_per_epoch = math.ceil(batches_per_epoch / opts.gradient_accumulation_steps)
+    total = steps_per_epoch * opts.max_train_epochs if opts.max_train_epochs is not None else opts.max_train_steps
+    return Plan(images, batches_per_epoch, steps_per_epoch, total, math.ceil(total / steps_per_epoch),
+                opts.train_batch_size * opts.gradient_accumulation_steps * world_size)

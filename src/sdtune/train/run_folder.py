@@ -7,6 +7,7 @@ silence.
   folder; a lock whose process is gone (same host) is taken over with a warning.
 * :func:`earlier_run_files` lists the checkpoints and states of an earlier run that this run's names would
   replace; the trainer refuses them unless ``--overwrite`` (or ``--resume``) says so.
+* :func:`claim_output_folder` does all of that, in that order, for a run about to start.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
-from sdtune.atomic import check_writable
+from sdtune.atomic import check_writable, clean_stale_temporaries
 from sdtune.errors import SdtuneError
 
 logger = logging.getLogger(__name__)
@@ -129,4 +131,43 @@ def earlier_run_files(output_dir: Path, output_name: Optional[str]) -> list[Path
     return sorted(p for p in Path(output_dir).iterdir() if pattern.match(p.name))
 
 
-__all__ = ["LOCK_NAME", "RunLock", "check_writable", "earlier_run_files", "pid_alive", "run_file_pattern"]
+
+def remove_earlier_run_files(output_dir: Path, earlier: list[Path]) -> None:
+    """--overwrite: delete an earlier run's checkpoints and states (found by :func:`earlier_run_files`), saying so."""
+    for path in earlier:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if earlier:
+        logger.warning("--overwrite: deleted the earlier run's %s from %s", ", ".join(p.name for p in earlier),
+                       output_dir)
+
+
+def claim_output_folder(opts: Any, lock: RunLock, is_main: bool, barrier: Callable[[], None]) -> None:
+    """Before any model loads: every folder the run writes can be written, no other run holds it, and no earlier
+    run's files would be replaced in silence (``opts``: ``sdtune train``'s options; ``barrier``: accelerate's
+    ``wait_for_everyone``, so that no process goes on before the main one holds the folder)."""
+    output_dir = Path(opts.output_dir)
+    folders = [("--output_dir", output_dir)]
+    if opts.logging_dir:
+        folders.append(("--logging_dir", Path(opts.logging_dir)))
+    if opts.sample_prompts:
+        folders.append(("--sample_prompts: the samples folder", output_dir / "sample"))
+    if is_main:
+        check_writable(folders)
+    lock.check()
+    earlier = [] if opts.resume else earlier_run_files(output_dir, opts.output_name)
+    if earlier and not opts.overwrite:
+        names = ", ".join(p.name for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        raise SdtuneError(
+            f"--output_dir {output_dir} holds an earlier run's files that this run would replace ({names}). Use "
+            "another --output_dir or --output_name, --resume <its state folder> to continue that run, or "
+            "--overwrite to delete them and start afresh")
+    barrier()
+    if is_main:
+        lock.acquire()
+        for folder in (output_dir, output_dir / "sample"):  # what a killed run left (issue 12 item 7)
+            clean_stale_temporaries(folder)
+        remove_earlier_run_files(output_dir, earlier)
+    barrier()

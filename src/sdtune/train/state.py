@@ -3,11 +3,12 @@
 A state folder holds everything needed to continue exactly where a run stopped:
 
     progress.json       global_step, epoch, batches consumed in that epoch, seed, world size, batch size
-    unet.safetensors    trainable weights (fp32 master copies as trained)
+    unet.safetensors    trainable weights, in the precision they train in (fp16/bf16 with --full_fp16/--full_bf16;
+                        their rounding compensation is optimizer state)
     text_encoder.safetensors   (when the text encoder is trained)
     optimizer.pt        optimizer state (read back with weights_only=True)
     scheduler.pt        learning-rate scheduler state
-    scaler.json         loss-scaler state (--full_fp16)
+    scaler.json         loss-scaler state (--mixed_precision fp16)
 
 Every random draw of the loop is derived from (seed, rank, step) or (seed, epoch, item), so no global RNG state is
 needed for an exact resume. The folder is written atomically (a new folder renamed into place).
@@ -16,6 +17,7 @@ needed for an exact resume. The folder is written atomically (a new folder renam
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, fields
@@ -28,6 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from sdtune.atomic import atomic_dir
 from sdtune.errors import SdtuneError
+
+logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
@@ -156,3 +160,38 @@ def load_optimizer_and_scheduler(folder: Path, optimizer, scheduler) -> dict[str
         return json.loads(scaler.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SdtuneError(f"{scaler}: damaged ({type(exc).__name__})" + _DAMAGED) from exc
+
+
+def resolve_resume(path: Path) -> Path:
+    """The state folder ``--resume PATH`` means: PATH itself, or, for an output folder holding state folders, the
+    one furthest along (said in the log)."""
+    if not path.exists():
+        raise SdtuneError(f"--resume {path}: no such folder")
+    if (path / "progress.json").is_file() or not path.is_dir():
+        return path
+    states = []
+    for candidate in path.iterdir():
+        if (candidate / "progress.json").is_file():
+            states.append((read_progress(candidate).global_step, candidate.stat().st_mtime, candidate))
+    if not states:
+        raise SdtuneError(f"--resume {path}: no state folder in it (those are written by --save_state, e.g. "
+                          f"{path / 'last-state'})")
+    step, _, newest = max(states, key=lambda s: (s[0], s[1]))
+    logger.info("--resume %s: resuming from the state furthest along in it, %s (step %d)%s", path, newest, step,
+                f"; the others: {', '.join(sorted(s[2].name for s in states if s[2] != newest))}"
+                if len(states) > 1 else "")
+    return newest
+
+
+def check_resume_compatible(opts: Any, progress: Progress, world_size: int) -> None:
+    """A state resumes only with the batch layout it was saved with, so that the epoch continues where it stopped."""
+    p = progress
+    if (p.world_size, p.train_batch_size, p.gradient_accumulation_steps) != (
+            world_size, opts.train_batch_size, opts.gradient_accumulation_steps):
+        raise SdtuneError(
+            f"--resume {opts.resume}: that run used {p.world_size} process(es), batch size {p.train_batch_size} and "
+            f"gradient accumulation {p.gradient_accumulation_steps}; resume with the same values so the epoch "
+            "continues where it stopped"
+        )
+    if opts.seed is not None and opts.seed != p.seed:
+        logger.warning("--seed %d ignored: resuming with the saved seed %d", opts.seed, p.seed)

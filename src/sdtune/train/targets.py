@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from sdtune.models.sd import StableDiffusion
-    from sdtune.train.loop import TrainOptions
+    from sdtune.train.options import TrainOptions
 
 logger = logging.getLogger(__name__)
 

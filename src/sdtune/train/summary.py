@@ -1,0 +1,72 @@
+"""The start-up summary of ``sdtune train``: what the run will do, in a few lines of the log."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from sdtune.train.optim import HalfWeightAdamW
+from sdtune.train.options import TrainOptions, attention_kind, optimizer_name
+
+if TYPE_CHECKING:
+    from sdtune.train.loop import Trainer
+
+
+def startup_lines(trainer: Trainer) -> list[str]:
+    """The lines the trainer logs before the first step: data, plan, objective, device, precision, optimizer."""
+    p, o = trainer.plan, trainer.opts
+    lines = [
+        f"images: {p.images} (x{o.dataset_repeats} repeats), in {len(trainer.data.buckets.counts())} bucket(s)",
+        f"batches per epoch (per process): {p.batches_per_epoch}; optimizer steps per epoch: {p.steps_per_epoch}",
+        f"steps: {p.total_steps} over {p.epochs} epoch(s); effective batch {p.effective_batch} "
+        f"({o.train_batch_size} x {o.gradient_accumulation_steps} accumulation x {trainer.world} process(es))",
+        f"prediction: {trainer.model.prediction_type}; clip skip {trainer.clip_skip}; max tokens "
+        f"{o.max_token_length}; seed {trainer.seed}",
+        f"device: {device_description(trainer.device)}; precision: {precision_description(o)}",
+        f"optimizer: {optimizer_description(o, trainer.optimizer)}; attention: {attention_kind(o)}"
+        + ("; gradient checkpointing" if o.gradient_checkpointing else ""),
+        trainer.target.description,
+    ]
+    extras = [text.format(value) for text, value in (
+        ("noise offset {:g}", o.noise_offset), ("min-SNR gamma {:g}", o.min_snr_gamma),
+        ("caption dropout {:g}", o.caption_dropout_rate), ("tag dropout {:g}", o.caption_tag_dropout_rate),
+        ("empty captions every {} epoch(s)", o.caption_dropout_every_n_epochs)) if value]
+    if (o.min_timestep, o.max_timestep) != (0, 1000):
+        extras.append(f"timesteps {o.min_timestep}-{o.max_timestep - 1}")
+    if extras:
+        lines.append("objective: " + "; ".join(extras))
+    if trainer.data.skipped:
+        lines.append(f"not trained (no train_resolution in the metadata): {len(trainer.data.skipped)} image(s)")
+    if trainer.progress.global_step:
+        lines.append(f"resuming at step {trainer.progress.global_step}, epoch {trainer.progress.epoch + 1}, "
+                     f"batch {trainer.progress.batch_in_epoch}")
+    return lines
+
+
+def device_description(device: torch.device) -> str:
+    """The device, with the GPU's name."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+def precision_description(o: TrainOptions) -> str:
+    """What runs in which precision, in words."""
+    if o.full_fp16:
+        return "fp16 weights and gradients, dynamic loss scaling"
+    if o.full_bf16:
+        return "bf16 weights and gradients"
+    if o.mixed_precision == "fp16":
+        return "fp16 autocast, fp32 weights, dynamic loss scaling"
+    if o.mixed_precision == "bf16":
+        return "bf16 autocast, fp32 weights"
+    return "fp32"
+
+def optimizer_description(o: TrainOptions, optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer, its learning rate and schedule, in words."""
+    name = optimizer_name(o)
+    if isinstance(optimizer, HalfWeightAdamW):
+        name += f" (fp32 moments, {optimizer.rounding} rounding of the half-precision weights)"
+    schedule = o.lr_scheduler + (f" after {o.lr_warmup_steps} warm-up steps" if o.lr_warmup_steps else "")
+    return f"{name}, learning rate {o.learning_rate:g}, {schedule}"
