@@ -76,7 +76,7 @@ class HostSyncCounter:
         return "\n".join(f"{n:4d}  {where}" for where, n in self.calls.most_common()) or "none"
 
 
-STEP_METHODS = ("optimizer_step", "report", "after_step", "step_saves")
+STEP_METHODS = ("optimizer_step", "report", "after_step", "end_epoch")
 
 
 def count_run_syncs(trainer: Any, only_non_cpu: bool = False) -> tuple[float, HostSyncCounter]:
