@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.models.choices import HALF_ON_CPU_HELP
 
 
 def same_device(current: torch.device, target: torch.device) -> bool:
@@ -26,9 +27,6 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-# Measured in issue 18: sdtune prepare on a CPU took 631 s with --mixed_precision fp16 against 27 s in float32.
-# PyTorch's CPU kernels compute fp16 (and, on CPUs without bf16 instructions, bf16) through slow conversion paths.
-HALF_ON_CPU_HELP = "fp16/bf16 are for GPUs: on a CPU they are many times slower than float32, 23x for fp16 in prepare"
 
 
 def half_precision_on_cpu_warning(device: torch.device, option: str, value: str, fix: str) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from sdtune.errors import SdtuneError
+from sdtune.models.choices import ALLOWED_TOKEN_LENGTHS, HALF_ON_CPU_HELP
 from sdtune.option_groups import ModelSource
 from sdtune.options import opt
 from sdtune.sampling.prompts import INLINE_HELP, PromptSpec, read_prompt_file
@@ -30,11 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# sdtune.models.text.ALLOWED_TOKEN_LENGTHS and sdtune.devices.HALF_ON_CPU_HELP, written out because both modules
-# import torch; tests/generate/test_options.py checks that the copies equal them.
-_TOKEN_LENGTHS = (75, 150, 225)
-_HALF_ON_CPU_HELP = ("fp16/bf16 are for GPUs: on a CPU they are many times slower than float32, 23x for fp16 in "
-                     "prepare")
 
 
 @dataclass
@@ -62,11 +58,11 @@ class GenerateOptions(ModelSource):
     clip_skip: Optional[int] = opt(None, "use the hidden state N layers from the end of the text encoder, as in "
                                    "training (default 1)")
     max_token_length: int = opt(75, "prompt length in tokens, as in training (150/225: 75-token chunks joined)",
-                                choices=_TOKEN_LENGTHS)
+                                choices=ALLOWED_TOKEN_LENGTHS)
     outdir: Path = opt(Path("outputs"), "folder for the PNG files (created; existing files are never overwritten)")
     device: str = opt("auto", "device (auto: cuda when available, else cpu)")
     dtype: str = opt("float", "precision of the U-Net and text encoder (the VAE always runs in float32); "
-                     f"{_HALF_ON_CPU_HELP}",
+                     f"{HALF_ON_CPU_HELP}",
                      choices=("float", "fp16", "bf16"))
     hypernetwork: Optional[Path] = opt(None, "apply this hypernetwork .pt (sdtune train --hypernetwork_module, "
                                        "AUTOMATIC1111 or NovelAI format)")
@@ -82,12 +78,6 @@ def read_prompts(opts: GenerateOptions) -> list[PromptSpec]:
             raise SdtuneError("--prompt is empty")
         return [PromptSpec(opts.prompt)]
     return read_prompt_file(opts.from_file)  # type: ignore[arg-type]
-
-
-def _dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def _check_options(opts: GenerateOptions, prompts: list[PromptSpec], seed: int) -> None:
@@ -117,10 +107,11 @@ def _load_model(opts: GenerateOptions, device: torch.device, hypernetwork: Hyper
 
     from sdtune.models.io import load_model, model_summary
     from sdtune.models.sd import place
+    from sdtune.precision_names import dtype_of
     from sdtune.sampling.pipeline import move_model
 
     model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2, v_parameterization=opts.v_parameterization,
-                       vae=opts.vae, tokenizer=opts.tokenizer, dtype=_dtype(opts.dtype))
+                       vae=opts.vae, tokenizer=opts.tokenizer, dtype=dtype_of(opts.dtype))
     # SD's VAE overflows in fp16 (black or NaN images); float32 costs little memory
     place(model.vae, dtype=torch.float32)
     logger.info("loaded %s: %s", opts.pretrained_model_name_or_path, model_summary(model))
@@ -135,7 +126,12 @@ def generate(opts: GenerateOptions) -> list[Path]:
     """The ``generate`` stage: validate, load, generate, save; returns the written files in order."""
     from sdtune.atomic import check_writable
     from sdtune.devices import half_precision_on_cpu_warning, resolve_device
-    from sdtune.sampling.pipeline import hypernetwork_applied, iter_images, plan_images, random_seed
+    from sdtune.sampling.pipeline import (
+        hypernetwork_applied,
+        iter_images,
+        plan_images,
+        random_seed,
+    )
     from sdtune.sampling.png import NumberedWriter, model_display_name
 
     prompts = read_prompts(opts)  # every option and the prompt file are checked before the model loads

@@ -1,4 +1,4 @@
-"""sdtune generate's options: --help imports no torch, and the values written out for that equal their sources."""
+"""sdtune generate's options: --help imports no torch, and the choices are the ones the model code checks."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ import sys
 import pytest
 
 from sdtune import generate
-from sdtune.devices import HALF_ON_CPU_HELP
-from sdtune.models.text import ALLOWED_TOKEN_LENGTHS
+from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, check_max_token_length
 
 pytestmark = pytest.mark.unit
 
 
-def test_written_out_values_equal_their_sources():
-    assert generate._TOKEN_LENGTHS == ALLOWED_TOKEN_LENGTHS
-    assert generate._HALF_ON_CPU_HELP == HALF_ON_CPU_HELP
+def test_token_length_choices_are_the_ones_the_text_encoder_takes():
     fields = {f.name: f for f in dataclasses.fields(generate.GenerateOptions)}
-    assert tuple(fields["max_token_length"].metadata["choices"]) == ALLOWED_TOKEN_LENGTHS
+    assert tuple(fields["max_token_length"].metadata["choices"]) == ALLOWED_TOKEN_LENGTHS == (75, 150, 225)
+    for length in ALLOWED_TOKEN_LENGTHS:
+        assert check_max_token_length(length) == length
+    with pytest.raises(ValueError, match="75, 150, 225"):
+        check_max_token_length(100)
 
 
 def test_help_imports_no_torch():

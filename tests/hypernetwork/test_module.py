@@ -75,7 +75,7 @@ REQUIRED_TRAIN_OPTIONS = "pretrained_model_name_or_path = 'm'\nin_json = 'm.json
 def test_layout_options_from_a_config_file(tmp_path):
     from sdtune.options import parse_options
     from sdtune.train.loop import TrainOptions
-    from sdtune.train.targets import hypernetwork_config
+    from sdtune.train.options import hypernetwork_config
 
     (tmp_path / "c.toml").write_text("hypernetwork_module = 'default'\nhypernetwork_layer_structure = [1, 1.5, 1]\n"
                                      "hypernetwork_dropout = 0.2\n" + REQUIRED_TRAIN_OPTIONS, encoding="utf-8")

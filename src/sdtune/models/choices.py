@@ -1,11 +1,19 @@
 """Names that option declarations need without importing torch (so that ``sdtune train --help`` is instant).
 
-The modules that implement them (``models.save``, ``models.hypernetwork``) import these; nothing is declared twice.
+The modules that implement them (``models.save``, ``models.hypernetwork``, ``models.text``, ``devices``) import
+these; nothing is declared twice.
 """
 
 from __future__ import annotations
 
 SAVE_FORMATS: tuple[str, ...] = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
+
+# --max_token_length: 75, 150 or 225 tokens (1-3 chunks of CLIP's 77 with <BOS>/<EOS>), as sd-scripts (models.text).
+ALLOWED_TOKEN_LENGTHS: tuple[int, ...] = (75, 150, 225)
+
+# Measured in issue 18: sdtune prepare on a CPU took 631 s with --mixed_precision fp16 against 27 s in float32.
+# PyTorch's CPU kernels compute fp16 (and, on CPUs without bf16 instructions, bf16) through slow conversion paths.
+HALF_ON_CPU_HELP = "fp16/bf16 are for GPUs: on a CPU they are many times slower than float32, 23x for fp16 in prepare"
 
 # sd-scripts' --hypernetwork_module names a Python module; its hypernetwork_nai is NovelAI's layout, the default.
 HYPERNETWORK_MODULES: tuple[str, ...] = ("default", "hypernetwork_nai", "networks.hypernetwork_nai")

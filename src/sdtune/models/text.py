@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from sdtune.models.choices import ALLOWED_TOKEN_LENGTHS
+
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 75  # tokens per chunk, without <BOS>/<EOS>
-ALLOWED_TOKEN_LENGTHS = (75, 150, 225)
 
 
 def check_max_token_length(max_token_length: int) -> int:

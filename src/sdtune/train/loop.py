@@ -23,7 +23,6 @@ import logging
 import math
 import random
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,13 +35,15 @@ from tqdm import tqdm
 from sdtune.data.dataset import CaptionRules, FineTuneData, RunBatches, run_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
-from sdtune.models.attention import set_attention
-from sdtune.models.io import load_model, model_summary
 from sdtune.models.text import encode, tokenize
+from sdtune.precision_names import autocast_dtype_of
+from sdtune.seeds import derived_seed
 from sdtune.train import noise as noise_lib
 from sdtune.train.accelerator import make_accelerator
+from sdtune.train.base_model import load_base_model, resolve_clip_skip
 from sdtune.train.checkpoints import Checkpoints, SavePolicy
-from sdtune.train.interrupt import StopRequest, TolerantStream, TrainingStopped
+from sdtune.train.interrupt import StopRequest, TrainingStopped
+from sdtune.train.logs import RunLogs, progress_bar
 from sdtune.train.optim import (
     build_lr_scheduler,
     build_optimizer,
@@ -51,27 +52,20 @@ from sdtune.train.optim import (
 )
 from sdtune.train.options import (
     TrainOptions,
-    attention_kind,
     optimizer_name,
     plan_run,
     validate,
 )
 from sdtune.train.precision import LossScaler, unscale_and_clip
 from sdtune.train.provenance import (
-    check_base_model,
     file_sha256,
     metadata_changed,
-    model_fingerprint,
     read_provenance,
     write_provenance,
 )
-from sdtune.train.rng import (
-    derived_seed,
-    seeded_global_rng,
-    step_batch_index,
-    step_generator,
-)
+from sdtune.train.rng import seeded_global_rng, step_batch_index, step_generator
 from sdtune.train.run_folder import RunLock, claim_output_folder
+from sdtune.train.samples import SamplePolicy, sample_during_training, sample_path
 from sdtune.train.state import (
     Progress,
     check_resume_compatible,
@@ -88,11 +82,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingDiverged(SdtuneError):
     """The loss became NaN or infinite."""
-
-
-# ------------------------------------------------------------------------------------------------ validation
-def autocast_dtype(opts: TrainOptions) -> Optional[torch.dtype]:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision)
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -116,8 +105,8 @@ class Trainer:
         self.caption_rules = CaptionRules(
             shuffle=opts.shuffle_caption, keep_tokens=opts.keep_tokens, dropout_rate=opts.caption_dropout_rate,
             dropout_every_n_epochs=opts.caption_dropout_every_n_epochs, tag_dropout_rate=opts.caption_tag_dropout_rate)
-        self.writer: Any = None
-        self.log_dir: Optional[Path] = None
+        self.logs = RunLogs(opts.logging_dir, opts.log_prefix, self.is_main)
+        self.samples = SamplePolicy.from_options(opts)
         self.stop = StopRequest()
         self.in_step = False
         self.run_lock = RunLock(self.output_dir)
@@ -135,8 +124,8 @@ class Trainer:
         opts = self.opts
         self.data = FineTuneData.from_metadata(load_metadata(opts.in_json), opts.train_data_dir,
                                                opts.dataset_repeats, opts.full_path, opts.recursive)
-        self.model, self.base_fingerprint = self._load_model()
-        self.clip_skip = self._clip_skip()
+        self.model, self.base_fingerprint = load_base_model(opts, self.accelerator, self.provenance)
+        self.clip_skip = resolve_clip_skip(opts, self.model.family, self.provenance, self.is_main)
         self.encodes_on_the_fly, self.scaling_factor = self._encode_missing_latents()
         self.noise_scheduler = self.model.noise_scheduler()
         # on the device once: the noise coefficients are looked up every step without a copy
@@ -179,36 +168,6 @@ class Trainer:
     def metadata_sha256(self) -> str:
         """The --in_json file's hash, read once a run (every state records it; --resume compares it)."""
         return file_sha256(self.opts.in_json)
-
-    def _load_model(self) -> tuple[Any, str]:
-        opts = self.opts
-        with self.accelerator.main_process_first():
-            model = load_model(opts.pretrained_model_name_or_path, v2=opts.v2,
-                               v_parameterization=opts.v_parameterization, vae=opts.vae, tokenizer=opts.tokenizer)
-        if self.is_main:
-            logger.info("model: %s", model_summary(model))
-        fingerprint = model_fingerprint({"unet": model.unet, "text_encoder": model.text_encoder, "vae": model.vae})
-        if opts.resume:
-            check_base_model(Path(opts.resume), self.provenance, opts.pretrained_model_name_or_path, fingerprint)
-        set_attention(model.unet, attention_kind(opts))
-        if opts.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            if opts.train_text_encoder:
-                model.text_encoder.gradient_checkpointing_enable()
-        return model, fingerprint
-
-    def _clip_skip(self) -> int:
-        opts, family = self.opts, self.model.family
-        clip_skip = opts.clip_skip if opts.clip_skip is not None else family.default_clip_skip
-        if family.is_v2 and clip_skip > 1:
-            logger.warning("SD 2.x already conditions on OpenCLIP's penultimate layer; --clip_skip %d goes %d "
-                           "layer(s) further", clip_skip, clip_skip - 1)
-        if opts.resume and self.provenance is not None and self.is_main:
-            for name, value in (("clip_skip", clip_skip), ("max_token_length", opts.max_token_length)):
-                if name in self.provenance and self.provenance[name] != value:
-                    logger.warning("--%s %s: the state was trained with --%s %s; the text conditioning changes "
-                                   "from here on", name, value, name, self.provenance[name])
-        return clip_skip
 
     def _encode_missing_latents(self) -> tuple[int, float]:
         """Encode what the latent cache lacks, then move the VAE off the device; (images encoded, scaling factor)."""
@@ -254,9 +213,10 @@ class Trainer:
         """Train to the end (or to a stop request), save the final checkpoint; returns what the run did."""
         try:
             self.announce()
-            self.open_logs()
+            self.logs.open()
             self.redo_cut_short_samples()
-            progress, bar = self.progress, self.progress_bar()
+            progress = self.progress
+            bar = progress_bar(self.plan.total_steps, progress.global_step, self.is_main)
             losses: list[float] = []
             epoch_losses: list[float] = []
             started = time.perf_counter()
@@ -292,10 +252,6 @@ class Trainer:
         self.in_step = False
         return loss
 
-    def progress_bar(self) -> tqdm:
-        return tqdm(total=self.plan.total_steps, initial=self.progress.global_step, desc="train", unit="step",
-                    disable=not self.is_main, dynamic_ncols=True, file=TolerantStream(sys.stderr))
-
     def step_groups(self):
         """The rest of the run's batches, grouped per optimizer step (a group never spans two epochs)."""
         o, p = self.opts, self.progress
@@ -311,20 +267,18 @@ class Trainer:
     def after_step(self) -> None:
         """The saves and samples due after this step."""
         self.checkpoints.after_step(self.progress.global_step)
-        n = self.opts.sample_every_n_steps
-        if self.opts.sample_prompts and n and self.progress.global_step % n == 0:
+        if self.samples.after_step(self.progress.global_step):
             self.sample()
 
     def end_epoch(self, epoch_losses: list[float]) -> None:
         """Count the epoch; log its mean loss; the saves and samples due after it."""
         progress = self.progress
         if epoch_losses:
-            self.log({"loss/epoch": float(np.mean(epoch_losses))}, progress.epoch + 1)
+            self.logs.scalars({"loss/epoch": float(np.mean(epoch_losses))}, progress.epoch + 1)
         progress.epoch += 1
         progress.batch_in_epoch = 0
         self.checkpoints.after_epoch(progress.epoch, progress.global_step)
-        n = self.opts.sample_every_n_epochs
-        if self.opts.sample_prompts and n and progress.epoch % n == 0:
+        if self.samples.after_epoch(progress.epoch):
             self.sample()
 
     def finish(self, losses: list[float], elapsed: float) -> dict[str, Any]:
@@ -332,8 +286,7 @@ class Trainer:
         opts, progress = self.opts, self.progress
         final = self.save(self.checkpoints.policy.name("last"))
         self.remove_resumed_interrupted_state()
-        if self.writer is not None:
-            self.writer.close()
+        self.logs.close()
         result = {
             "model": final, "saved": list(self.saved), "global_step": progress.global_step,
             "epoch": progress.epoch, "losses": losses,
@@ -345,8 +298,8 @@ class Trainer:
                         result["steps_per_second"], final)
             if opts.save_state:
                 logger.info("training state: %s", self.checkpoints.state_folder(self.checkpoints.policy.name("last")))
-            if self.writer is not None:
-                logger.info("TensorBoard logs: %s (tensorboard --logdir %s)", self.log_dir, opts.logging_dir)
+            if self.logs.folder is not None:
+                logger.info("TensorBoard logs: %s (tensorboard --logdir %s)", self.logs.folder, opts.logging_dir)
         return result
 
     def interrupted(self, exc: KeyboardInterrupt, bar: tqdm) -> None:
@@ -367,7 +320,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- the step
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = autocast_dtype(self.opts)
+        """``torch.autocast`` to the --mixed_precision dtype on the training device; nothing for ``no``."""
+        dtype = autocast_dtype_of(self.opts.mixed_precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -405,13 +359,8 @@ class Trainer:
         unet_dtype = next(self.model.unet.parameters()).dtype
         with self.autocast():
             pred = self.unet(noisy.to(unet_dtype), timesteps, states.to(unet_dtype)).sample
-        if self.opts.min_snr_gamma is None:
-            return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
-        per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(
-            dim=tuple(range(1, pred.dim())))
-        weights = noise_lib.min_snr_weights(self.model.prediction_type, self.noise_scheduler, timesteps,
-                                            self.opts.min_snr_gamma)
-        return (per_sample * weights).mean()
+        return noise_lib.prediction_loss(self.model.prediction_type, self.noise_scheduler, pred, target, timesteps,
+                                         self.opts.min_snr_gamma)
 
     def backward(self, group: list[dict[str, Any]]) -> torch.Tensor:
         """Forward and backward of a step's micro-batches (gradient accumulation); their mean loss, on the device."""
@@ -464,6 +413,7 @@ class Trainer:
         return loss_value
 
     def skip_step(self, new_scale: float) -> None:
+        """An fp16 overflow: no update this step, but the schedule moves on; the log says the new loss scale."""
         logger.info("step %d: gradients overflowed in fp16; skipped, loss scale now %g", self.progress.global_step + 1,
                     new_scale)
         # The schedule follows the step count, skipped steps included; PyTorch warns that the optimizer has not
@@ -501,20 +451,7 @@ class Trainer:
             shutil.rmtree(spent)
             logger.info("removed %s: the run it resumed has finished", spent)
 
-    # -------------------------------------------------------------------------------------------- logging
-    def open_logs(self) -> None:
-        if self.opts.logging_dir and self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            run = Path(self.opts.logging_dir) / f"{self.opts.log_prefix}{time.strftime('%Y%m%d%H%M%S')}"
-            self.writer = SummaryWriter(str(run))
-            self.log_dir = run
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
-
+    # -------------------------------------------------------------------------------------------- reports
     def announce(self) -> None:
         """The start-up summary (:func:`sdtune.train.summary.startup_lines`), on the main process."""
         if self.is_main:
@@ -522,26 +459,25 @@ class Trainer:
                 logger.info(line)
 
     def report(self, bar: tqdm, loss: float) -> None:
+        """The step's loss and learning rates: on the progress bar and in TensorBoard."""
         step = self.progress.global_step
         lrs = self.lr_scheduler.get_last_lr()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", epoch=self.progress.epoch + 1)
-        self.log({"loss/step": loss, **{f"lr/{name}": lr for name, lr in zip(self.target.group_names, lrs)}}, step)
+        self.logs.scalars({"loss/step": loss, **{f"lr/{name}": lr for name, lr in zip(self.target.group_names, lrs)}}, step)
 
     # -------------------------------------------------------------------------------------------- samples
     def sample(self) -> list[Path]:
         """Sample the prompt file with the model as it is now (rank 0; the others wait)."""
         paths: list[Path] = []
         if self.is_main:
-            from sdtune.train.samples import sample_during_training
-
             # lines without --w/--h: the size most of the data trained at, not the family's 512/768 px
             (width, height), _ = max(self.data.buckets.counts().items(), key=lambda item: item[1])
             paths = sample_during_training(
                 self.model, self.opts.sample_prompts, self.output_dir / "sample", self.progress.global_step,
                 self.progress.epoch, self.opts.sample_sampler, clip_skip=self.clip_skip,
                 max_token_length=self.opts.max_token_length, device=self.device, seed=self.seed,
-                writer=self.writer, output_name=self.opts.output_name, width=width, height=height,
+                writer=self.logs.writer, output_name=self.opts.output_name, width=width, height=height,
                 **self.target.sample_options())
         self.accelerator.wait_for_everyone()
         return paths
@@ -549,23 +485,21 @@ class Trainer:
     def redo_cut_short_samples(self) -> None:
         """On --resume: the samples due at the step the state was saved (a Ctrl-C during sampling saves the state of
         that step boundary, with none of its sample images written) are made now, so no sample step is missing."""
-        o, p = self.opts, self.progress
-        if not (o.resume and o.sample_prompts and p.global_step):
+        p = self.progress
+        if not (self.opts.resume and self.samples.due_at(p.global_step, p.epoch, p.batch_in_epoch)):
             return
-        due = bool(o.sample_every_n_steps and p.global_step % o.sample_every_n_steps == 0) or bool(
-            o.sample_every_n_epochs and p.batch_in_epoch == 0 and p.epoch and p.epoch % o.sample_every_n_epochs == 0)
-        from sdtune.train.samples import sample_path
-
-        if due and not sample_path(self.output_dir / "sample", o.output_name, p.global_step, 0).exists():
+        if not sample_path(self.output_dir / "sample", self.opts.output_name, p.global_step, 0).exists():
             if self.is_main:
                 logger.info("step %d: its samples were cut short when the run stopped; making them now", p.global_step)
             self.sample()
 
 
 def train(opts: TrainOptions) -> dict[str, Any]:
+    """Train as ``opts`` say; returns what the run did (the final model, saves, steps, losses, speed)."""
     return Trainer(opts).run()
 
 
 def train_command(opts: TrainOptions) -> int:
+    """``sdtune train``: exit code 0 after a finished run (errors raise)."""
     train(opts)
     return 0

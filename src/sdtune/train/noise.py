@@ -42,12 +42,14 @@ def _coefficients(scheduler: DDPMScheduler, latents: torch.Tensor,
 
 
 def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The noisy latent x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, in the latents' dtype."""
     a, s = _coefficients(scheduler, latents, timesteps)
     return (a * latents.float() + s * noise.float()).to(latents.dtype)
 
 
 def target(prediction_type: str, scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
            timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model learns to predict: the noise (epsilon) or the velocity (v_prediction)."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
@@ -81,3 +83,13 @@ def min_snr_weights(prediction_type: str, scheduler: DDPMScheduler, timesteps: t
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped / snr
+
+
+def prediction_loss(prediction_type: str, scheduler: DDPMScheduler, pred: torch.Tensor, target: torch.Tensor,
+                    timesteps: torch.Tensor, min_snr_gamma: float | None = None) -> torch.Tensor:
+    """The batch's mean squared error in float32; with ``min_snr_gamma`` each sample's error is weighted first."""
+    if min_snr_gamma is None:
+        return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(
+        dim=tuple(range(1, pred.dim())))
+    return (per_sample * min_snr_weights(prediction_type, scheduler, timesteps, min_snr_gamma)).mean()

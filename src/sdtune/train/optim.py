@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.seeds import derived_seed
 from sdtune.train.options import LR_SCHEDULERS, OPTIMIZERS
 from sdtune.train.precision import stochastic_round
-from sdtune.train.rng import derived_seed
 
 
 def parse_optimizer_args(items: Iterable[str]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from sdtune.errors import SdtuneError
 from sdtune.models.choices import (
@@ -22,6 +22,9 @@ from sdtune.models.choices import (
 )
 from sdtune.option_groups import ImageKeys, LoaderWorkers, ModelSource, Recursive
 from sdtune.options import opt
+
+if TYPE_CHECKING:
+    from sdtune.models.hypernetwork import HypernetworkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -225,12 +228,18 @@ def validate_hypernetwork_options(opts: TrainOptions) -> None:
         from sdtune.models.hypernetwork import Hypernetwork
 
         Hypernetwork.load(opts.hypernetwork_weights)  # a bad file fails now, not after the model loaded (<0.5 s)
-    from sdtune.train.targets import hypernetwork_config
-
     hypernetwork_config(opts)  # a bad layout fails now, before the model loads
     if opts.save_model_as or opts.use_safetensors:
         logger.warning("--save_model_as / --use_safetensors are ignored: a hypernetwork is saved as .pt, the format "
                        "AUTOMATIC1111 and ComfyUI load")
+
+
+def hypernetwork_config(opts: TrainOptions) -> HypernetworkConfig:
+    """The layout the --hypernetwork_* options ask for (imports torch: call it after parsing, not at import)."""
+    from sdtune.models.hypernetwork import HypernetworkConfig
+
+    return HypernetworkConfig.from_options(opts.hypernetwork_layer_structure, opts.hypernetwork_activation,
+                                           opts.hypernetwork_layer_norm, opts.hypernetwork_dropout)
 
 
 def attention_kind(opts: TrainOptions) -> str:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from sdtune.seeds import derived_seed  # re-exported: train/ imports it from here
+from sdtune.seeds import derived_seed
 
 
 def step_batch_index(micro: int, world_size: int, rank: int) -> int:

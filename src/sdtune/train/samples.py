@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -36,7 +37,35 @@ logger = logging.getLogger(__name__)
 
 
 def sample_path(out_dir: Path, output_name: Optional[str], step: int, index: int) -> Path:
+    """The file of prompt ``index``'s sample at ``step``."""
     return Path(out_dir) / f"{output_name or 'sample'}_{step:06d}_{index:02d}.png"
+
+
+@dataclass(frozen=True)
+class SamplePolicy:
+    """When a run samples (``--sample_prompts`` with ``--sample_every_n_steps`` / ``--sample_every_n_epochs``)."""
+
+    prompts: Optional[str] = None
+    every_n_steps: Optional[int] = None
+    every_n_epochs: Optional[int] = None
+
+    @classmethod
+    def from_options(cls, opts: Any) -> SamplePolicy:
+        """The policy of ``sdtune train``'s options."""
+        return cls(opts.sample_prompts, opts.sample_every_n_steps, opts.sample_every_n_epochs)
+
+    def after_step(self, step: int) -> bool:
+        """Sample after optimizer step ``step``?"""
+        return bool(self.prompts and self.every_n_steps and step % self.every_n_steps == 0)
+
+    def after_epoch(self, epoch: int) -> bool:
+        """Sample after epoch ``epoch`` (counting from 1)?"""
+        return bool(self.prompts and self.every_n_epochs and epoch % self.every_n_epochs == 0)
+
+    def due_at(self, step: int, epoch: int, batch_in_epoch: int) -> bool:
+        """Were samples due at the step boundary a state was saved at (``--resume`` makes any that are missing)?"""
+        return bool(step) and (self.after_step(step) or (batch_in_epoch == 0 and bool(epoch)
+                                                         and self.after_epoch(epoch)))
 
 
 @contextlib.contextmanager

@@ -21,7 +21,9 @@ from sdtune.errors import SdtuneError
 from sdtune.models.hypernetwork import HypernetworkConfig
 from sdtune.models.save import save_model
 from sdtune.models.sd import place
-from sdtune.train.rng import derived_seed
+from sdtune.precision_names import dtype_of
+from sdtune.seeds import derived_seed
+from sdtune.train.options import hypernetwork_config
 from sdtune.train.state import Progress, load_module_weights
 
 if TYPE_CHECKING:
@@ -42,14 +44,9 @@ def save_format(opts: TrainOptions) -> str:
     return fmt
 
 
-def hypernetwork_config(opts: TrainOptions) -> HypernetworkConfig:
-    return HypernetworkConfig.from_options(opts.hypernetwork_layer_structure, opts.hypernetwork_activation,
-                                           opts.hypernetwork_layer_norm, opts.hypernetwork_dropout)
-
-
-def half_dtype(mixed_precision: str) -> torch.dtype:
+def frozen_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype frozen modules are kept in: half precision when autocast computes in it anyway."""
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    return dtype_of(mixed_precision)
 
 
 class TrainTarget(abc.ABC):
@@ -103,7 +100,7 @@ class FineTuneTarget(TrainTarget):
         model.text_encoder.requires_grad_(opts.train_text_encoder)
         for layer in unused_layers(model.text_encoder, clip_skip):
             layer.requires_grad_(False)  # CLIP skip never reads them: no gradient, and DDP must not wait for one
-        te_dtype = weight_dtype if opts.train_text_encoder else half_dtype(opts.mixed_precision)
+        te_dtype = weight_dtype if opts.train_text_encoder else frozen_dtype(opts.mixed_precision)
         place(model.text_encoder, device, te_dtype)
         model.text_encoder.train(opts.train_text_encoder)
         self.modules = {"unet": model.unet}
@@ -119,8 +116,8 @@ class FineTuneTarget(TrainTarget):
             self.description = "training: the U-Net and the text encoder"
 
     def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
-        # DDP wrapping (a no-op for one process). The optimizer is not prepared: accumulation and loss scaling
-        # are done by the loop, explicitly.
+        # DDP wrapping under several processes; for one, accelerate only moves the modules to its device (where
+        # they already are). The optimizer is not prepared: accumulation and loss scaling are done by the loop.
         if self.opts.train_text_encoder:
             return accelerator.prepare(self.model.unet, self.model.text_encoder)
         return accelerator.prepare(self.model.unet), self.model.text_encoder
@@ -147,7 +144,7 @@ class HypernetworkTarget(TrainTarget):
         from sdtune.models.hypernetwork import Hypernetwork, attention_sizes, describe
 
         self.opts, self.model = opts, model
-        frozen = weight_dtype if weight_dtype != torch.float32 else half_dtype(opts.mixed_precision)
+        frozen = weight_dtype if weight_dtype != torch.float32 else frozen_dtype(opts.mixed_precision)
         for module in (model.unet, model.text_encoder):
             module.requires_grad_(False)
             place(module, device, frozen).eval()
@@ -231,7 +228,7 @@ class HypernetworkTarget(TrainTarget):
         hn.sd_checkpoint_name = model_display_name(self.opts.pretrained_model_name_or_path)
         hn.optional_info = f"trained with sdtune {__version__}"
         precision = self.opts.save_precision or "float"
-        hn.save(path, {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+        hn.save(path, dtype_of(precision))
 
     def sample_options(self) -> dict[str, Any]:
         return {"hypernetwork": self.hypernetwork}
@@ -239,6 +236,7 @@ class HypernetworkTarget(TrainTarget):
 
 def make_target(opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
                 seed: int, clip_skip: int = 1) -> TrainTarget:
+    """The target ``opts`` ask for: a hypernetwork with --hypernetwork_module, otherwise the fine-tune."""
     if opts.hypernetwork_module:
         return HypernetworkTarget(opts, model, device, weight_dtype, seed)
     return FineTuneTarget(opts, model, device, weight_dtype, clip_skip)
