@@ -113,11 +113,13 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
 
 
 def write_text_atomic(target: str | Path, text: str) -> None:
+    """Write ``text`` to ``target`` as UTF-8 through :func:`atomic_path`: readers see the old file or the new."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(target: str | Path, data: Any) -> None:
+    """Write ``data`` to ``target`` as indented JSON (non-ASCII kept, a final newline), atomically."""
     write_text_atomic(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -19,6 +19,9 @@ from sdtune.options import OptionsError, parse_options
 
 @dataclass(frozen=True)
 class Command:
+    """One sub-command: its name and summary for ``--help``, the module, options dataclass and function that run it,
+    and the sd-scripts script it stands in for (``seed_equivalent``)."""
+
     name: str
     summary: str
     module: str
@@ -74,6 +77,7 @@ def _top_help() -> str:
 
 
 def find_command(name: str) -> Command | None:
+    """The command called ``name`` (``merge_tags`` for ``merge-tags`` too), or None."""
     normalized = name.replace("_", "-")
     return next((c for c in COMMANDS if c.name == normalized), None)
 
@@ -86,6 +90,8 @@ def _not_about_4bit_kernels(record: logging.LogRecord) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``sdtune`` program: run the sub-command ``argv`` names and return its exit code (2: bad usage, options or
+    ``SdtuneError``; 130: interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_top_help())

@@ -63,6 +63,8 @@ AGREE_LEVELS = 2  # pixel levels (of 255) within which two exports' images count
 
 @dataclass
 class DemoOptions:
+    """``demo``: its folder, the training's steps, learning rate and batch size, the seed and torch's CPU threads."""
+
     workdir: Path = opt(Path("sdtune-demo"), "folder for the dataset, model, logs and images (created; a previous "
                         "demo run's files in it are replaced)")
     max_train_steps: int = opt(60, "training steps")
@@ -75,6 +77,8 @@ class DemoOptions:
 
 @dataclass
 class DemoSummary:
+    """What a demo run did and how long each stage took: ``report`` prints it, ``demo-summary.json`` stores it."""
+
     workdir: Path
     images: int = 0
     buckets: dict[str, int] = field(default_factory=dict)
@@ -90,6 +94,7 @@ class DemoSummary:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The summary as JSON data for ``demo-summary.json`` (paths as strings, with the sdtune version)."""
         data = asdict(self)
         data["workdir"] = str(self.workdir)
         return {"sdtune_version": __version__, **data}
@@ -107,6 +112,8 @@ class DemoSummary:
         return out
 
     def report(self) -> str:
+        """The text ``sdtune demo`` ends with: each stage's time and files, the loss, whether the exports agree, where
+        to look next."""
         lines = [f"sdtune demo finished in {sum(self.seconds.values()):.1f} s; everything is in {self.workdir}", ""]
         for stage in STAGES:
             if stage in self.files:
@@ -166,6 +173,8 @@ def prepare_workdir(workdir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ dataset
 def draw_shape(size: tuple[int, int], shape: str, colour: str, background: str) -> Image.Image:
+    """A ``size`` picture of one ``shape`` (circle, square, else triangle) in ``colour`` on ``background``, centred,
+    70% of the shorter side."""
     width, height = size
     image = Image.new("RGB", size, BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)

@@ -36,6 +36,8 @@ class ModelSource:
 
 @dataclass(kw_only=True)
 class Recursive:
+    """``--recursive`` alone, for the commands whose image folder is an option (train, review)."""
+
     recursive: bool = opt(False, "look for images in sub-folders too")
 
 
@@ -48,11 +50,15 @@ class ImageFolder(Recursive):
 
 @dataclass(kw_only=True)
 class ImageKeys:
+    """How the metadata JSON names images: by file stem, or with ``--full_path`` by full path."""
+
     full_path: bool = opt(False, "the metadata keys are full image paths (as merge --full_path writes them; several "
                           "folders in one JSON) instead of file stems")
 
 
 @dataclass(kw_only=True)
 class LoaderWorkers:
+    """``--max_data_loader_n_workers``: processes that decode images while the model works."""
+
     max_data_loader_n_workers: int = opt(2, "workers that read and decode images ahead of the model (0: in the main "
                                          "process)")

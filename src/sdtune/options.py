@@ -83,6 +83,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def option_names(name: str, aliases: Sequence[str] = ()) -> list[str]:
+    """The command-line spellings of option ``name`` and its aliases: each ``--a_b`` also as ``--a-b``, no repeats."""
     names = [f"--{name}"]
     if "_" in name:
         names.append(f"--{name.replace('_', '-')}")

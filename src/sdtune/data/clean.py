@@ -45,21 +45,27 @@ class RulesError(SdtuneError):
 
 @dataclass(frozen=True)
 class TagGroup:
+    """One ``[[tags.multiple_people.groups]]`` rule: tags that conflict when several people are in the picture."""
+
     name: str
     match: re.Pattern[str]
     exclude: re.Pattern[str] | None = None
 
     def matches(self, tag: str) -> bool:
+        """Whether the whole of ``tag`` matches ``match`` and not ``exclude``."""
         return bool(self.match.fullmatch(tag)) and not (self.exclude is not None and self.exclude.fullmatch(tag))
 
 
 @dataclass(frozen=True)
 class Replacement:
+    """One ``caption.replace`` pair: whole-word ``source`` becomes ``target`` (an empty ``target`` deletes it)."""
+
     source: str
     target: str
     pattern: re.Pattern[str]  # group "plural": the source's words followed by an "s" ("females")
 
     def apply(self, caption: str) -> str:
+        """One pass over ``caption`` (``clean_caption`` repeats it until nothing changes)."""
         return self.pattern.sub(self._replace, caption)
 
     def _replace(self, m: re.Match[str]) -> str:
@@ -72,6 +78,8 @@ class Replacement:
 
 @dataclass(frozen=True)
 class CleanRules:
+    """A parsed rules file (``parse_rules``): what ``clean_tag_list`` and ``clean_caption`` apply."""
+
     underscores_to_spaces: bool = False
     keep_underscores: tuple[str, ...] = ()
     remove: frozenset[str] = frozenset()
@@ -126,6 +134,40 @@ def _word_pattern(words: str, delete: bool) -> re.Pattern[str]:
     return re.compile(rf"(?<!{_WORD_CHAR}){body}{plural}(?!{_WORD_CHAR})" + (r" ?" if delete else ""))
 
 
+def _tag_groups(raw_groups: Any, source: str | Path) -> list[TagGroup]:
+    """The ``[[tags.multiple_people.groups]]`` tables of a rules file, checked and compiled."""
+    groups = []
+    if not isinstance(raw_groups, list):
+        raise RulesError(f"{source}: tags.multiple_people.groups must be an array of tables ([[...]])")
+    for i, raw in enumerate(raw_groups):
+        raw = _check_keys(raw, "tags.multiple_people.groups", source)
+        name = str(raw.get("name", f"group {i + 1}"))
+        if "match" not in raw:
+            raise RulesError(f"{source}: tags.multiple_people.groups '{name}' has no 'match' pattern")
+        where = f"tags.multiple_people.groups '{name}'"
+        groups.append(TagGroup(name, _compile(raw["match"], f"{where}.match", source),
+                               _compile(raw["exclude"], f"{where}.exclude", source) if "exclude" in raw else None))
+    return groups
+
+
+def _replacements(raw_replace: Any, source: str | Path) -> list[Replacement]:
+    """The ``caption.replace`` pairs of a rules file, checked and compiled."""
+    replacements = []
+    if not isinstance(raw_replace, list):
+        raise RulesError(f"{source}: caption.replace must be a list of [from, to] pairs")
+    for pair in raw_replace:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)) \
+                or not pair[0].strip():
+            raise RulesError(f"{source}: caption.replace entry {pair!r} must be a pair of strings [from, to] with a "
+                             "non-empty 'from'")
+        pattern = _word_pattern(pair[0], delete=not pair[1])
+        if pattern.search(pair[1]):
+            # Repeating until nothing changes would never stop.
+            raise RulesError(f"{source}: caption.replace {pair!r}: the replacement contains the words it replaces")
+        replacements.append(Replacement(pair[0], pair[1], pattern))
+    return replacements
+
+
 def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
     """Read a rules TOML document; every problem raises ``RulesError`` naming ``source`` and the key."""
     try:
@@ -142,18 +184,7 @@ def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
     redundant = _check_keys(tags.get("redundant", {}), "tags.redundant", source)
     caption = _check_keys(doc.get("caption", {}), "caption", source)
 
-    groups = []
-    raw_groups = multi.get("groups", [])
-    if not isinstance(raw_groups, list):
-        raise RulesError(f"{source}: tags.multiple_people.groups must be an array of tables ([[...]])")
-    for i, raw in enumerate(raw_groups):
-        raw = _check_keys(raw, "tags.multiple_people.groups", source)
-        name = str(raw.get("name", f"group {i + 1}"))
-        if "match" not in raw:
-            raise RulesError(f"{source}: tags.multiple_people.groups '{name}' has no 'match' pattern")
-        where = f"tags.multiple_people.groups '{name}'"
-        groups.append(TagGroup(name, _compile(raw["match"], f"{where}.match", source),
-                               _compile(raw["exclude"], f"{where}.exclude", source) if "exclude" in raw else None))
+    groups = _tag_groups(multi.get("groups", []), source)
 
     one_word = redundant.get("one_word_tags", False)
     underscores = tags.get("underscores_to_spaces", False)
@@ -161,20 +192,7 @@ def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
         if not isinstance(value, bool):
             raise RulesError(f"{source}: {name} must be true or false")
 
-    replacements = []
-    raw_replace = caption.get("replace", [])
-    if not isinstance(raw_replace, list):
-        raise RulesError(f"{source}: caption.replace must be a list of [from, to] pairs")
-    for pair in raw_replace:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)) \
-                or not pair[0].strip():
-            raise RulesError(f"{source}: caption.replace entry {pair!r} must be a pair of strings [from, to] with a "
-                             "non-empty 'from'")
-        pattern = _word_pattern(pair[0], delete=not pair[1])
-        if pattern.search(pair[1]):
-            # Repeating until nothing changes would never stop.
-            raise RulesError(f"{source}: caption.replace {pair!r}: the replacement contains the words it replaces")
-        replacements.append(Replacement(pair[0], pair[1], pattern))
+    replacements = _replacements(caption.get("replace", []), source)
 
     keep = tuple(_strings(tags.get("keep_underscores", []), "tags.keep_underscores", source))
     return CleanRules(
@@ -191,6 +209,7 @@ def parse_rules(text: str, source: str | Path = "<rules>") -> CleanRules:
 
 
 def default_rules_text() -> str:
+    """The packaged ``clean_rules.toml``: the default rules, and the template for ``--rules``."""
     return resources.files("sdtune.data").joinpath("clean_rules.toml").read_text(encoding="utf-8")
 
 
@@ -210,6 +229,7 @@ def load_rules(path: str | Path | None = None) -> CleanRules:
 
 # ------------------------------------------------------------------------------------------------ cleaning
 def split_tags(tags: str) -> list[str]:
+    """The tags of a comma-separated tag line, stripped, empty ones dropped."""
     return [t.strip() for t in tags.split(",") if t.strip()]
 
 
@@ -269,6 +289,8 @@ def clean_caption(caption: str, rules: CleanRules) -> str:
 
 @dataclass
 class CleanSummary:
+    """What ``clean_images`` changed, and the entries without a caption or tags."""
+
     images: int = 0
     captions_changed: int = 0
     tags_changed: int = 0
@@ -276,6 +298,7 @@ class CleanSummary:
     without_tags: list[str] = field(default_factory=list)
 
     def log(self, log: logging.Logger = logger) -> None:
+        """Log the counts, then (as information, not warnings) the entries that lack a caption or tags."""
         log.info("cleaned %d image entries: %d captions and %d tag lines changed", self.images,
                  self.captions_changed, self.tags_changed)
         # Informational: a dataset may have captions only or tags only, so these are not warnings.
@@ -309,6 +332,8 @@ def clean_images(images: Images, rules: CleanRules) -> tuple[Images, CleanSummar
 
 @dataclass
 class CleanOptions:
+    """``clean``: IN_JSON's captions and tags, cleaned by the rules, go to OUT_JSON."""
+
     in_json: Path = opt(help="metadata JSON to read", positional=True)
     out_json: Path = opt(help="metadata JSON to write (may be IN_JSON itself)", positional=True)
     rules: Path | None = opt(None, "TOML file of cleaning rules replacing the packaged ones (sdtune/data/"
@@ -316,6 +341,7 @@ class CleanOptions:
 
 
 def clean_command(options: CleanOptions) -> int:
+    """``sdtune clean``: load the rules first, then clean IN_JSON and write OUT_JSON; returns 0."""
     rules = load_rules(options.rules)  # before reading the data: a bad rules file fails fast
     images = load_metadata(options.in_json)
     cleaned, summary = clean_images(images, rules)

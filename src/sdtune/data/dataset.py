@@ -20,8 +20,15 @@ import torch
 from sdtune.data.buckets import AspectBuckets, Reso, cover, share_batches
 from sdtune.data.images import list_images, open_image
 from sdtune.data.latent_cache import (
-    LatentFileError, cache_staleness, encode_pixels, latent_path, load_latent_file, resize_and_crop, to_pixels,
-    vae_fingerprint)
+    LatentFileError,
+    cache_staleness,
+    encode_pixels,
+    latent_path,
+    load_latent_file,
+    resize_and_crop,
+    to_pixels,
+    vae_fingerprint,
+)
 from sdtune.data.metadata import Coverage, Images, KeyIndex
 from sdtune.errors import SdtuneError
 from sdtune.seeds import derived_rng
@@ -81,6 +88,8 @@ def item_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 @dataclass
 class Example:
+    """One image to train on: its metadata key, image and latent-cache paths, caption and bucket."""
+
     key: str
     image: Path
     latents: Path

@@ -128,6 +128,8 @@ def _walk(folder: Path) -> list[Path]:
 
 
 def other_images_message(others: list[Path], folder: str | Path, limit: int = 20) -> str:
+    """The message naming image files of extensions sdtune does not read (at most ``limit`` of them) and
+    the fix."""
     shown = ", ".join(str(p) for p in others[:limit]) + (f" (and {len(others) - limit} more)"
                                                           if len(others) > limit else "")
     return (f"{len(others)} image file(s) in {folder} have an extension sdtune does not read (it reads "

@@ -240,6 +240,8 @@ class KeyIndex:
                 self._by_abs.setdefault(os.path.normcase(os.path.abspath(key)), key)
 
     def key_for(self, image: Path) -> str:
+        """The metadata key of ``image``: :func:`image_key`, or with ``full_path`` the spelling of an existing entry for
+        the same absolute path."""
         key = image_key(image, self.full_path)
         if self.full_path:
             return self._by_abs.get(os.path.normcase(key), key)
@@ -410,12 +412,14 @@ def merge_folder(
 
 
 def merge_captions_command(options: MergeOptions) -> int:
+    """``sdtune merge-captions``: returns 1 when any caption file could not be read (the others are merged), else 0."""
     summary = merge_folder(options.train_data_dir, options.out_json, "caption", options.caption_extension,
                            options.in_json, options.full_path, options.recursive)
     return failure_exit_code(len(summary.unreadable), "caption file(s) could not be read")
 
 
 def merge_tags_command(options: MergeTagsOptions) -> int:
+    """``sdtune merge-tags``: returns 1 when any tag file could not be read (the others are merged), else 0."""
     summary = merge_folder(options.train_data_dir, options.out_json, "tags", options.caption_extension,
                            options.in_json, options.full_path, options.recursive)
     return failure_exit_code(len(summary.unreadable), "tag file(s) could not be read")
@@ -449,6 +453,7 @@ class Coverage:
 
     @classmethod
     def of(cls, images: Images, folder_keys: Iterable[str]) -> "Coverage":
+        """How ``images`` and a folder whose images have the keys ``folder_keys`` match (a repeated key counts once)."""
         keys = list(dict.fromkeys(folder_keys))
         present = set(keys)
         return cls(
@@ -460,6 +465,7 @@ class Coverage:
 
     @property
     def mostly_without_entry(self) -> bool:
+        """More than half the folder's images have no entry: the metadata is likely another folder's."""
         return self.images > 0 and len(self.without_entry) * 2 > self.images
 
     def warnings(self, in_json: str | Path, folder: str | Path) -> list[str]:

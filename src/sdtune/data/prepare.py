@@ -37,13 +37,37 @@ from tqdm import tqdm
 from sdtune.atomic import check_writable, clean_stale_temporaries
 from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket_table
 from sdtune.data.images import (
-    DEFAULT_MAX_PIXELS, ImageError, image_size, list_image_files, open_image, other_images_message)
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    image_size,
+    list_image_files,
+    open_image,
+    other_images_message,
+)
 from sdtune.data.latent_cache import (
-    LATENT_FORMAT_VERSION, MIXED_PRECISIONS, LatentCache, cache_key, content_hash, encode_pixels,
-    foreign_latent_file, latent_path, resize_and_crop, stored_cache_key, to_pixels, vae_fingerprint,
-    write_latent_file)
+    LATENT_FORMAT_VERSION,
+    MIXED_PRECISIONS,
+    LatentCache,
+    cache_key,
+    content_hash,
+    encode_pixels,
+    foreign_latent_file,
+    latent_path,
+    resize_and_crop,
+    stored_cache_key,
+    to_pixels,
+    vae_fingerprint,
+    write_latent_file,
+)
 from sdtune.data.metadata import (
-    Coverage, Images, KeyIndex, check_unique_keys, failure_exit_code, load_metadata, save_metadata)
+    Coverage,
+    Images,
+    KeyIndex,
+    check_unique_keys,
+    failure_exit_code,
+    load_metadata,
+    save_metadata,
+)
 from sdtune.devices import HALF_ON_CPU_HELP, half_precision_on_cpu_warning, resolve_device
 from sdtune.errors import SdtuneError
 from sdtune.option_groups import ImageFolder, ImageKeys, LoaderWorkers
@@ -59,6 +83,9 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------ options
 @dataclass
 class PrepareOptions(ImageFolder, ImageKeys, LoaderWorkers):
+    """``prepare``: TRAIN_DIR's images bucketed and their latents cached with MODEL's VAE; IN_JSON, with each
+    image's ``train_resolution``, goes to OUT_JSON."""
+
     in_json: Path = opt(help="metadata JSON to read (from merge-captions / merge-tags / clean)", positional=True)
     out_json: Path = opt(help="metadata JSON to write, with train_resolution per image", positional=True)
     model_name_or_path: str = opt(help="model whose VAE encodes: diffusers folder, .safetensors/.ckpt checkpoint "
@@ -244,6 +271,8 @@ def _check_folders(options: PrepareOptions, paths: list[Path]) -> None:
 # ------------------------------------------------------------------------------------------------ workers
 @dataclass(frozen=True)
 class Job:
+    """One image for the encode step: its number in the run, path, metadata key, original size and placement."""
+
     index: int
     path: Path
     key: str

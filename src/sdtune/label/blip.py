@@ -59,6 +59,8 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class CaptionOptions(ImageFolder, LoaderWorkers):
+    """``caption``: BLIP writes a caption file beside each image of TRAIN_DIR."""
+
     model: str = opt(DEFAULT_BLIP_MODEL, "BLIP captioning model: a Hugging Face repo id or a local folder in the "
                      "same layout (config.json, model weights, tokenizer files, preprocessor_config.json)")
     caption_extension: str = opt(".caption", "extension of the caption files written next to the images",
@@ -127,6 +129,9 @@ def _image_processor_class() -> Any:
 
 @dataclass
 class BlipModel:
+    """What ``load_blip`` returns: the captioning model (in eval mode, on ``device``), its tokenizer and image
+    processor."""
+
     model: Any
     tokenizer: Any
     image_processor: Any

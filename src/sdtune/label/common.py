@@ -54,6 +54,7 @@ class LabelReport:
 
     @property
     def exit_code(self) -> int:
+        """The run's exit status: 1 when any image failed, else 0."""
         return 1 if self.failed else 0
 
     def log_summary(self, logger: logging.Logger, verb: str, skip_reason: str) -> None:

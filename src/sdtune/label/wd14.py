@@ -72,6 +72,8 @@ _KEEP_UNDERSCORE_MAX_LEN = 3
 
 @dataclass
 class TagOptions(ImageFolder, LoaderWorkers):
+    """``tag``: a WD14 tagger writes a tag file beside each image of TRAIN_DIR."""
+
     repo_id: str = opt(DEFAULT_WD14_REPO, "Hugging Face repo of the WD14 tagger (v2 and v3 taggers work)")
     model_dir: Path = opt(Path("wd14_tagger_model"), "folder holding model.onnx and selected_tags.csv, or their "
                           "parent: the model is then MODEL_DIR/<owner>_<name>, downloaded there on first use")
@@ -161,6 +163,8 @@ def _key(tag: str) -> str:
 
 
 def display_name(name: str, remove_underscore: bool) -> str:
+    """How tag ``name`` is written: with ``remove_underscore``, underscores become spaces, except in tags short
+    enough to be emoticons (``^_^``)."""
     if remove_underscore and len(name) > _KEEP_UNDERSCORE_MAX_LEN:
         return name.replace("_", " ")
     return name
@@ -316,6 +320,7 @@ def ensure_model_files(model_dir: Path, repo_id: str, force_download: bool) -> P
 
 
 def read_tag_table(path: Path) -> TagTable:
+    """Read ``selected_tags.csv``; a damaged or foreign file raises ``LabelError`` suggesting ``--force_download``."""
     damaged = f"; run again with --force_download to fetch it again, or replace {path.name} by hand"
     try:
         with path.open(encoding="utf-8", newline="") as f:
@@ -337,6 +342,9 @@ def read_tag_table(path: Path) -> TagTable:
 
 @dataclass
 class Tagger:
+    """What ``load_tagger`` returns: the ONNX session, its input's name and image side, its fixed batch size (None:
+    any) and the tag table."""
+
     session: Any
     input_name: str
     size: int

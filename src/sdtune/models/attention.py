@@ -24,6 +24,7 @@ ATTENTION_CHOICES = ("sdpa", "xformers", "mem_eff")
 
 
 def set_attention(unet: UNet2DConditionModel, kind: str) -> None:
+    """Switch the U-Net's attention to ``kind``: ``sdpa`` (PyTorch's), ``xformers`` or ``mem_eff`` (sliced)."""
     if kind == "sdpa":
         from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ConvertOptions(ModelSource):
+    """``convert``: SRC, in any format sdtune loads, written to DST in the format asked for."""
+
     src: str = opt(help="model to read: diffusers folder, .safetensors/.ckpt file or hub repo id", positional=True)
     dst: Path = opt(help="where to write (a file for ckpt/safetensors, a folder for diffusers)", positional=True)
     save_model_as: Optional[str] = opt(None, "output format; default: from DST's suffix (.ckpt, .safetensors, "
@@ -30,6 +32,7 @@ class ConvertOptions(ModelSource):
 
 
 def infer_format(dst: Path) -> str:
+    """The ``--save_model_as`` format ``dst``'s suffix implies: .ckpt, .safetensors, else a diffusers folder."""
     suffix = dst.suffix.lower()
     if suffix == ".ckpt":
         return "ckpt"
@@ -76,6 +79,7 @@ def recorded_progress(src: Path) -> dict[str, int]:
 
 
 def convert_command(opts: ConvertOptions) -> int:
+    """``sdtune convert``: load SRC, keep the epoch and step it records unless told otherwise, write DST; returns 0."""
     from sdtune.models.io import load_model, model_summary  # heavy imports only when the command runs
     from sdtune.models.save import save_model
 

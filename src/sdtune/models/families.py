@@ -118,13 +118,16 @@ class Family:
 
     @property
     def is_v2(self) -> bool:
+        """SD 2.x (the OpenCLIP text encoder), whatever the prediction type."""
         return self.text_encoder == "openclip"
 
     @property
     def v_parameterization(self) -> bool:
+        """The model predicts velocity (sd-scripts' ``--v_parameterization``)."""
         return self.prediction_type == "v_prediction"
 
     def scheduler_config(self) -> dict[str, Any]:
+        """The config of SD's DDPM training schedule with this family's prediction type."""
         return {**SCHEDULER_BASE, "prediction_type": self.prediction_type}
 
     def configs(self) -> dict[str, dict[str, Any]]:
@@ -186,6 +189,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SD2_V)}
 
 
 def get_family(name: str) -> Family:
+    """The family named ``name`` (``sd1``, ``sd2``, ``sd2-v``); ValueError for any other name."""
     try:
         return FAMILIES[name]
     except KeyError:

@@ -50,7 +50,11 @@ from torch.utils.hooks import RemovableHandle
 from sdtune.atomic import atomic_path
 from sdtune.errors import SdtuneError
 from sdtune.models.choices import (
-    A1111_ACTIVATION_NAMES, ACTIVATION_CHOICES, COMFYUI_ACTIVATIONS, HYPERNETWORK_MODULES, NOT_IN_COMFYUI,
+    A1111_ACTIVATION_NAMES,
+    ACTIVATION_CHOICES,
+    COMFYUI_ACTIVATIONS,
+    HYPERNETWORK_MODULES,
+    NOT_IN_COMFYUI,
 )
 
 logger = logging.getLogger(__name__)
@@ -136,11 +140,12 @@ class HypernetworkConfig:
 
     @property
     def use_dropout(self) -> bool:
+        """A1111's ``use_dropout`` flag: some layer has dropout."""
         return any(p > 0 for p in self.dropout_structure)
 
     @property
     def last_layer_dropout(self) -> bool:
-        # A1111 writes it this way (Hypernetwork.save): is there dropout after the last hidden layer?
+        """A1111's ``last_layer_dropout`` flag (its Hypernetwork.save): is there dropout after the last hidden layer?"""
         return self.dropout_structure[-2] != 0
 
 
@@ -223,9 +228,11 @@ class Hypernetwork(nn.Module):
 
     @property
     def sizes(self) -> list[int]:
+        """The attention widths it has modules for, ascending."""
         return [int(d) for d in self.layers]
 
     def pair(self, size: int) -> tuple[HypernetworkModule, HypernetworkModule]:
+        """The (key, value) modules of attention width ``size``."""
         key, value = self.layers[str(size)]
         return key, value  # type: ignore[return-value]
 
@@ -238,6 +245,7 @@ class Hypernetwork(nn.Module):
                 module.reset_parameters(generator)
 
     def parameter_count(self) -> int:
+        """How many weights its modules hold (for the log)."""
         return sum(p.numel() for p in self.parameters())
 
     # -------------------------------------------------------------------------------------------- the file
@@ -400,6 +408,7 @@ class HypernetworkHooks:
         return len(self.handles)
 
     def remove(self) -> None:
+        """Detach the hooks from the U-Net (leaving the ``with`` block does the same)."""
         for handle in self.handles:
             handle.remove()
         self.handles = []

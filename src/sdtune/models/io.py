@@ -36,13 +36,7 @@ from sdtune.models.ldm_keys import (
     normalize_ldm_keys,
     normalize_text_keys,
 )
-from sdtune.models.prediction import (
-    META_CONFIGS,
-    META_FAMILY,
-    MARKER_KEYS,
-    V as V_PREDICTION,
-    detect_prediction_type,
-)
+from sdtune.models.prediction import MARKER_KEYS, META_CONFIGS, META_FAMILY, V as V_PREDICTION, detect_prediction_type
 from sdtune.models.sd import StableDiffusion, build_modules, place, with_prediction_type
 from sdtune.models.tokenizer import load_tokenizer
 

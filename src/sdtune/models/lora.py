@@ -51,6 +51,7 @@ HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 # ------------------------------------------------------------------------------------------------------ targets
 def is_conv3x3(layer: nn.Module) -> bool:
+    """A convolution whose kernel is not 1x1 (LoCon's 3x3 layers): it takes ``conv_dim``'s rank, not ``dim``'s."""
     return isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) != (1, 1)
 
 
@@ -123,9 +124,11 @@ class LoraModule(nn.Module):
 
     @property
     def org_module(self) -> nn.Module:
+        """The layer this module hooks (not a sub-module, so its weights stay out of the LoRA's state dict)."""
         return self._org[0]
 
     def apply_to(self) -> None:
+        """Route the layer's forward through this module (the layer's weights are untouched); ``remove`` undoes it."""
         if self.applied:
             return
         org = self.org_module
@@ -135,6 +138,7 @@ class LoraModule(nn.Module):
         self.applied = True
 
     def remove(self) -> None:
+        """Give the layer its own forward back (or the instance-level one it had before ``apply_to``)."""
         if not self.applied:
             return
         org = self.org_module
@@ -258,6 +262,7 @@ class LoraNetwork(nn.Module):
 
     @property
     def multiplier(self) -> float:
+        """The scale of every module's update (the LoRA's strength); setting it sets every module's."""
         return self._multiplier
 
     @multiplier.setter
@@ -267,6 +272,7 @@ class LoraNetwork(nn.Module):
             lora.multiplier = self._multiplier
 
     def loras(self) -> list[LoraModule]:
+        """Every module: the text encoder's, then the U-Net's."""
         return self.text_encoder_loras + self.unet_loras
 
     # -------------------------------------------------------------------------------------------- hooking
@@ -279,6 +285,7 @@ class LoraNetwork(nn.Module):
         return self
 
     def remove(self) -> None:
+        """Unhook every module: the model runs as it does without the LoRA."""
         for lora in self.loras():
             lora.remove()
 
@@ -333,6 +340,7 @@ def _with_alphas(sd: Mapping[str, torch.Tensor], network: LoraNetwork) -> dict[s
 
 
 def lora_names(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """The module names of a LoRA state dict (those with a ``lora_down.weight``), sorted."""
     return sorted({k.split(".", 1)[0] for k in sd if k.endswith(".lora_down.weight")})
 
 
@@ -415,8 +423,8 @@ def network_metadata(family: Family, dim: int, alpha: float, network_args: Mappi
     """The metadata every LoRA file of sdtune carries: sd-scripts' minimum ``ss_*`` keys (train_util's
     ``SS_METADATA_MINIMUM_KEYS``) and Stability AI's model spec as sd-scripts' sai_model_spec.py writes it for an
     SD 1.x/2.x LoRA. The trainer adds its training ``ss_*`` keys to these."""
-    from sdtune.models.save import modelspec_architecture
     from sdtune.models.prediction import spec_prediction_type
+    from sdtune.models.save import modelspec_architecture
 
     timestamp = time.time() if timestamp is None else timestamp
     version = "sd_v2" if family.is_v2 else "sd_v1"  # sd-scripts' get_model_version_str_for_sd1_sd2

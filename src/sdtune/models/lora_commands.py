@@ -21,6 +21,8 @@ PRECISION_CHOICES = ("float", "fp16", "bf16")
 
 @dataclass
 class MergeLoraOptions(ModelSource):
+    """``merge-lora``: LoRA files, each with its weight, folded into --sd_model and written to --save_to."""
+
     sd_model: str = opt(None, "the model to merge into: diffusers folder, .safetensors/.ckpt file or hub repo id")
     models: list[str] = opt(help="LoRA files to merge; FILE:WEIGHT gives one its weight (instead of --ratios)",
                             default_factory=list)
@@ -36,6 +38,8 @@ class MergeLoraOptions(ModelSource):
 
 @dataclass
 class ExtractLoraOptions(ModelSource):
+    """``extract-lora``: a LoRA of the difference --model_org -> --model_tuned (SVD), written to --save_to."""
+
     model_org: str = opt(None, "the original model (diffusers folder, .safetensors/.ckpt file or hub repo id)")
     model_tuned: str = opt(None, "the fine-tuned model; the LoRA is the difference original -> tuned")
     save_to: Path = opt(None, "the LoRA file to write (.safetensors, else a torch pickle)")
@@ -73,10 +77,11 @@ def parse_lora_list(models: list[str], ratios: list[float]) -> list[tuple[str, f
 
 
 def merge_lora_command(opts: MergeLoraOptions) -> int:
+    """``sdtune merge-lora``: check every LoRA file, load the model, merge the files in order and save; returns 0."""
     from sdtune.models.convert import infer_format
     from sdtune.models.io import load_model
-    from sdtune.models.save import PRECISIONS, save_model
     from sdtune.models.lora import merge_lora_into, read_lora
+    from sdtune.models.save import PRECISIONS, save_model
 
     loras = parse_lora_list(list(opts.models), list(opts.ratios))
     if not loras:
@@ -97,10 +102,11 @@ def merge_lora_command(opts: MergeLoraOptions) -> int:
 
 
 def extract_lora_command(opts: ExtractLoraOptions) -> int:
+    """``sdtune extract-lora``: load both models, extract the LoRA and write it with its metadata; returns 0."""
     from sdtune.models.io import load_model
-    from sdtune.models.save import PRECISIONS
     from sdtune.models.lora import network_metadata, save_lora_file
     from sdtune.models.lora_extract import extract_lora
+    from sdtune.models.save import PRECISIONS
 
     kwargs = dict(v2=opts.v2, v_parameterization=opts.v_parameterization, tokenizer=opts.tokenizer)
     base = load_model(opts.model_org, **kwargs)

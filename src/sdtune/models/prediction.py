@@ -53,6 +53,8 @@ _SS_VERSION = re.compile(r"^sd_v([12])(_v)?$")
 
 @dataclass(frozen=True)
 class Decision:
+    """What ``detect_prediction_type`` decided, and on which signal."""
+
     prediction_type: str  # "epsilon" or "v_prediction"
     signal: str  # which signal decided, for the log
     ztsnr: bool = False  # ComfyUI's zero-terminal-SNR marker was present

@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # imported where used: diffusers and transformers take second
 
 @dataclass
 class StableDiffusion:
+    """A loaded model: its family, the diffusers/transformers modules and the LDM tensors diffusers has no place for."""
+
     family: Family
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -28,9 +30,11 @@ class StableDiffusion:
 
     @property
     def prediction_type(self) -> str:
+        """The family's: ``epsilon`` or ``v_prediction``."""
         return self.family.prediction_type
 
     def noise_scheduler(self) -> DDPMScheduler:
+        """A new DDPM scheduler of the model's training schedule and prediction type."""
         from diffusers import DDPMScheduler
 
         return DDPMScheduler.from_config(self.family.scheduler_config())
@@ -46,6 +50,7 @@ class StableDiffusion:
 
 
 def text_config_dict(config: CLIPTextConfig) -> dict[str, Any]:
+    """The CLIP text config fields that :meth:`StableDiffusion.configs` keeps for the text encoder."""
     keys = ("hidden_act", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
             "max_position_embeddings", "projection_dim", "vocab_size", "layer_norm_eps", "bos_token_id",
             "eos_token_id", "pad_token_id")
@@ -72,5 +77,6 @@ def place(module: torch.nn.Module, device: torch.device | str | None = None,
 
 
 def with_prediction_type(family: Family, prediction_type: str) -> Family:
+    """``family`` with ``prediction_type`` (``family`` itself when it has it already)."""
     return family if family.prediction_type == prediction_type else dataclasses.replace(
         family, prediction_type=prediction_type)

@@ -30,6 +30,7 @@ CHUNK = 75  # tokens per chunk, without <BOS>/<EOS>
 
 
 def check_max_token_length(max_token_length: int) -> int:
+    """Return ``max_token_length`` when it is 75, 150 or 225; otherwise raise ValueError."""
     if max_token_length not in ALLOWED_TOKEN_LENGTHS:
         raise ValueError(f"--max_token_length must be one of 75, 150, 225 (got {max_token_length})")
     return max_token_length
@@ -114,5 +115,6 @@ def encode_prompts(
     max_token_length: int = 75,
     clip_skip: int = 1,
 ) -> torch.Tensor:
+    """Hidden states of ``captions``: :func:`tokenize`, then :func:`encode`."""
     ids = tokenize(tokenizer, captions, max_token_length)
     return encode(text_encoder, ids, clip_skip, tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -17,6 +17,7 @@ from sdtune.models.tokenizer import packaged_tokenizer
 
 
 def tiny_configs(family: Family) -> dict[str, dict[str, Any]]:
+    """``family``'s component configs at tiny widths (32-64 channels, 3 text layers), for :func:`build_tiny`."""
     configs = family.configs()
     width = 32
     configs["unet"].update(

@@ -19,6 +19,8 @@ DRIVERS = ("chromedriver",)
 
 @dataclass(frozen=True)
 class Browser:
+    """The headless browser to drive: a Chrome/Chromium binary and its chromedriver."""
+
     binary: str
     driver: str
 
@@ -50,6 +52,7 @@ def start_chrome(browser: Browser, width: int = 1400, height: int = 1000) -> Any
 
 
 def page_url(page: Path) -> str:
+    """The ``file://`` URL of ``page``."""
     return Path(page).resolve().as_uri()
 
 
@@ -61,6 +64,7 @@ def wait_ready(driver: Any, timeout: float = 60) -> None:
 
 
 def console_errors(driver: Any) -> list[dict[str, Any]]:
+    """The browser console's entries of level SEVERE or ERROR."""
     return [e for e in driver.get_log("browser") if e.get("level") in ("SEVERE", "ERROR")]
 
 

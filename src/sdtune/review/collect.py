@@ -23,8 +23,8 @@ from typing import Any, Optional
 from sdtune.data.buckets import AspectBuckets, Reso, TooSmall, cover
 from sdtune.data.dataset import FineTuneData, build_caption
 from sdtune.data.images import DEFAULT_MAX_PIXELS, list_images
-from sdtune.data.prepare import parse_resolution
 from sdtune.data.metadata import KeyIndex, duplicate_stems, load_metadata
+from sdtune.data.prepare import parse_resolution
 from sdtune.errors import SdtuneError
 from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, check_max_token_length
 from sdtune.option_groups import ImageKeys, Recursive
@@ -40,6 +40,8 @@ PAGE_FILE = "index.html"
 
 @dataclass
 class ReviewOptions(ImageKeys, Recursive):
+    """``review``: a page showing META_JSON's dataset as training would see it, written to --out."""
+
     in_json: Path = opt(help="metadata JSON (from merge-captions / clean / prepare)", positional=True,
                         metavar="META_JSON")
     train_data_dir: Optional[Path] = opt(None, "folder of training images (without it: captions, tags and buckets "
@@ -103,6 +105,7 @@ class Item:
     error: str = ""
 
     def flags(self, max_token_length: int) -> list[str]:
+        """The problems the page marks this item with (the names of page.py's ``FLAG_FILTERS``)."""
         out = []
         if self.caption_state == "none":
             out.append("no caption")
@@ -123,6 +126,8 @@ class Item:
 
 @dataclass
 class Review:
+    """Everything the page shows: the items, epoch 0's batches, the tokenizer used and dataset-wide problems."""
+
     options: ReviewOptions
     items: list[Item]
     tokenizer_note: str
@@ -132,6 +137,7 @@ class Review:
 
     @property
     def trained(self) -> list[Item]:
+        """The items training uses."""
         return [i for i in self.items if i.trained]
 
     def bucket_rows(self) -> list[dict[str, Any]]:
@@ -149,10 +155,12 @@ class Review:
         return rows
 
     def tag_counts(self) -> list[tuple[str, int]]:
+        """How many items have each tag, most frequent first (ties by name)."""
         counts = Counter(t for i in self.items for t in dict.fromkeys(i.tags))
         return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
     def summary(self) -> dict[str, Any]:
+        """The headline figures of the page (trained images, buckets, steps, tokens, problems)."""
         trained = self.trained
         limit = self.options.max_token_length
         errors = [abs(i.aspect_error) for i in trained if i.aspect_error is not None]
@@ -174,6 +182,7 @@ class Review:
 
 
 def make_buckets(options: ReviewOptions) -> AspectBuckets:
+    """The ``AspectBuckets`` the prepare options describe, for images not prepared yet."""
     return AspectBuckets(parse_resolution(options.max_resolution), options.min_bucket_reso, options.max_bucket_reso,
                          options.bucket_reso_steps, options.bucket_no_upscale)
 

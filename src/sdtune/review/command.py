@@ -75,6 +75,7 @@ def serve(folder: Path, host: str, port: int) -> None:
 
 
 def review_command(options: ReviewOptions) -> int:
+    """``sdtune review``: write the page, print its path, then with --serve serve it; returns 0."""
     page, review = write_review(options)
     print(page.resolve())
     if options.serve:

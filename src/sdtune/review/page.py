@@ -23,6 +23,7 @@ FLAG_FILTERS = ("no caption", "empty caption", "duplicate", "over token limit", 
 
 
 def esc(value: Any) -> str:
+    """``value`` as text escaped for HTML, quotes included."""
     return html.escape(str(value), quote=True)
 
 
@@ -42,6 +43,8 @@ def _reso(r: Sequence[int] | None) -> str | None:
 
 
 def item_json(item: Item, tag_index: dict[str, int], max_token_length: int) -> dict[str, Any]:
+    """An item as the page's script reads it (crop as fractions of the resized image, tags as indexes into
+    ``tag_index``)."""
     crop = None
     if item.crop is not None and item.resized is not None:
         rw, rh = item.resized
@@ -84,6 +87,8 @@ def hbar_chart(chart_id: str, title: str, rows: Sequence[tuple[str, float, str]]
 
 
 def token_chart(values: list[int], max_token_length: int, width: int = 560, height: int = 190) -> str:
+    """The SVG histogram of the captions' token counts, with the 75/150/225 limits marked (``max_token_length``'s
+    highlighted)."""
     bins = token_histogram(values)
     if not bins:
         return '<p class="note">Token counts: unavailable.</p>'

@@ -29,6 +29,8 @@ VALID, MISSING, DAMAGED, STALE, UNUSED = "valid", "missing", "damaged", "stale",
 
 @dataclass(frozen=True)
 class ImageJob:
+    """One image for :func:`inspect_image`, with what its thumbnail and latent cache are checked against."""
+
     path: Path
     bucket: Reso | None  # the metadata's train_resolution
     thumb_dir: Path
@@ -39,6 +41,8 @@ class ImageJob:
 
 @dataclass
 class ImageFacts:
+    """What :func:`inspect_image` found about one image: hash, size, thumbnail, latent cache state, or the error."""
+
     path: Path
     content_hash: str = ""
     size: Reso | None = None  # (width, height), EXIF orientation applied
@@ -52,6 +56,7 @@ class ImageFacts:
 
 
 def thumb_name(digest: str, size: int) -> str:
+    """A thumbnail's file name: the image's content hash and the thumbnail size."""
     return f"{digest}-{size}.jpg"
 
 
@@ -92,6 +97,7 @@ def check_latents(path: Path, bucket: Reso | None, vae_print: str | None) -> tup
 
 
 def inspect_image(job: ImageJob) -> ImageFacts:
+    """Read one image: hash it, make its thumbnail (unless one of the same bytes exists) and judge its latent cache."""
     facts = ImageFacts(job.path)
     try:
         data = job.path.read_bytes()

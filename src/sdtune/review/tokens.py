@@ -80,6 +80,7 @@ def _hub_tokenizer(repo_id: str) -> Path | None:
 
 
 def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """The token count of each text, without BOS/EOS and not cut off."""
     if not texts:
         return []
     ids = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False).input_ids
