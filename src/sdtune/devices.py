@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.models.choices import HALF_ON_CPU_HELP
 
 
 def same_device(current: torch.device, target: torch.device) -> bool:

@@ -7,6 +7,11 @@ pipeline and its seed rule, PNG files and their infotext). Importing this module
 
 ``--hypernetwork FILE`` (an AUTOMATIC1111/NovelAI ``.pt``, see :mod:`sdtune.models.hypernetwork`) changes every
 attention's keys and values, scaled by ``--hypernetwork_multiplier``; at 0 the images are the base model's.
+
+``--lora FILE[:WEIGHT] ...`` (sd-scripts / kohya LoRA and LoCon files, see :mod:`sdtune.sampling.loras`) hooks each
+file's layers at its weight (default 1.0) for the run; the images are those of the model ``sdtune merge-lora`` would
+write with the same files and weights. Every file is read before the model loads and checked against it before the
+first image.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
 
     from sdtune.models.hypernetwork import Hypernetwork
     from sdtune.models.sd import StableDiffusion
+    from sdtune.sampling.loras import LoraFile
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,11 @@ class GenerateOptions(ModelSource):
     hypernetwork: Optional[Path] = opt(None, "apply this hypernetwork .pt (sdtune train --hypernetwork_module, "
                                        "AUTOMATIC1111 or NovelAI format)")
     hypernetwork_multiplier: float = opt(1.0, "strength of --hypernetwork (0: the base model's images)")
+    lora: list[str] = opt(help="LoRA files to apply (sd-scripts/kohya LoRA or LoCon, as sdtune train writes them), "
+                          "each FILE or FILE:WEIGHT (weight 1.0 by default; 0: no effect), all after one --lora: "
+                          "--lora a.safetensors:0.7 b.safetensors:0.5; the images equal those of the model "
+                          "sdtune merge-lora writes with the same weights",
+                          default_factory=list, metavar="FILE[:WEIGHT]")
 
 
 def read_prompts(opts: GenerateOptions) -> list[PromptSpec]:
@@ -101,6 +112,14 @@ def _load_hypernetwork(opts: GenerateOptions) -> Hypernetwork | None:
     return hypernetwork
 
 
+def _read_loras(opts: GenerateOptions) -> list[LoraFile]:
+    if not opts.lora:
+        return []
+    from sdtune.sampling.loras import parse_lora_options, read_lora_files
+
+    return read_lora_files(parse_lora_options(opts.lora))  # small: a bad file fails before the model loads
+
+
 def _load_model(opts: GenerateOptions, device: torch.device, hypernetwork: Hypernetwork | None) -> StableDiffusion:
     """The model on ``device`` in ``--dtype`` (its VAE in float32), the hypernetwork checked against it and moved."""
     import torch
@@ -126,12 +145,8 @@ def generate(opts: GenerateOptions) -> list[Path]:
     """The ``generate`` stage: validate, load, generate, save; returns the written files in order."""
     from sdtune.atomic import check_writable
     from sdtune.devices import half_precision_on_cpu_warning, resolve_device
-    from sdtune.sampling.pipeline import (
-        hypernetwork_applied,
-        iter_images,
-        plan_images,
-        random_seed,
-    )
+    from sdtune.sampling.loras import build_networks, loras_applied
+    from sdtune.sampling.pipeline import hypernetwork_applied, iter_images, plan_images, random_seed
     from sdtune.sampling.png import NumberedWriter, model_display_name
 
     prompts = read_prompts(opts)  # every option and the prompt file are checked before the model loads
@@ -139,11 +154,13 @@ def generate(opts: GenerateOptions) -> list[Path]:
     seed = opts.seed if opts.seed is not None else random_seed()
     _check_options(opts, prompts, seed)
     hypernetwork = _load_hypernetwork(opts)
+    loras = _read_loras(opts)
     slow = half_precision_on_cpu_warning(device, "--dtype", opts.dtype, "--dtype float")
     if slow:
         logger.warning(slow)
     check_writable([("--outdir", Path(opts.outdir))])  # before the model loads, not after the first image
     model = _load_model(opts, device, hypernetwork)
+    networks = build_networks(model, loras)  # a LoRA of another family fails here, before any image
     family = model.family
     clip_skip = opts.clip_skip if opts.clip_skip is not None else family.default_clip_skip
     plan = plan_images(prompts, sampler=opts.sampler, steps=opts.steps, scale=opts.scale,
@@ -153,12 +170,12 @@ def generate(opts: GenerateOptions) -> list[Path]:
                        model_name=model_display_name(opts.pretrained_model_name_or_path), family=family.name,
                        prediction_type=family.prediction_type,
                        hypernetwork=hypernetwork.name if hypernetwork is not None else "",
-                       hypernetwork_multiplier=opts.hypernetwork_multiplier)
+                       hypernetwork_multiplier=opts.hypernetwork_multiplier, loras=[f.use for f in loras])
     logger.info("%d image(s) of %d prompt(s); sampler %s, %d steps, CFG scale %g, seeds from %d; %s, clip skip %d, "
                 "max tokens %d", len(plan), len(prompts), plan[0].sampler, opts.steps, opts.scale, seed,
                 family.prediction_type, clip_skip, opts.max_token_length)
     writer = NumberedWriter(opts.outdir)
-    with hypernetwork_applied(model, hypernetwork, opts.hypernetwork_multiplier):
+    with hypernetwork_applied(model, hypernetwork, opts.hypernetwork_multiplier), loras_applied(networks):
         paths = [writer.save(g) for g in iter_images(model, plan, batch_size=opts.batch_size)]
     logger.info("wrote %d image(s) to %s (%s ... %s)", len(paths), opts.outdir, paths[0].name, paths[-1].name)
     return paths

@@ -10,7 +10,7 @@ import pytest
 from sdtune.cli import main
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
-from sdtune.train import loop
+from sdtune.train import base_model
 
 pytestmark = pytest.mark.component
 
@@ -30,7 +30,7 @@ def no_model_load(monkeypatch):
         calls.append(args)
         raise AssertionError("the model was loaded before the metadata was checked")
 
-    monkeypatch.setattr(loop, "load_model", refuse)
+    monkeypatch.setattr(base_model, "load_model", refuse)
     return calls
 
 

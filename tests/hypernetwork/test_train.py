@@ -138,7 +138,7 @@ def test_bad_hypernetwork_options_fail_before_the_model_loads(prepared, tmp_path
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr("sdtune.train.loop.load_model", no_loading)
+    monkeypatch.setattr("sdtune.train.base_model.load_model", no_loading)
     with pytest.raises(SdtuneError, match=message):
         Trainer(options(prepared, tmp_path, **overrides)).run()
 

@@ -144,12 +144,12 @@ def test_the_interrupted_state_is_removed_once_its_run_has_finished(prepared, tm
 def test_samples_cut_short_by_ctrl_c_are_made_on_resume(prepared, tmp_path, monkeypatch, caplog):
     """A second Ctrl-C during sampling stops at once; the state of that step boundary is saved with none of the
     step's images. The resumed run makes them first."""
-    import sdtune.train.samples as samples
+    from sdtune.train import loop  # the trainer calls its own imported name
 
     caplog.set_level("INFO", logger="sdtune")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 32 --h 32 --s 1\n", encoding="utf-8")
-    real = samples.sample_during_training
+    real = loop.sample_during_training
     calls = []
 
     def cut_short(*args, **kwargs):
@@ -158,13 +158,13 @@ def test_samples_cut_short_by_ctrl_c_are_made_on_resume(prepared, tmp_path, monk
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(samples, "sample_during_training", cut_short)
+    monkeypatch.setattr(loop, "sample_during_training", cut_short)
     common = dict(max_train_steps=3, save_state=True, sample_prompts=str(prompts), sample_every_n_steps=2)
     with pytest.raises(KeyboardInterrupt):
         train(options(prepared, tmp_path, **common))
     sample_dir = tmp_path / "out" / "sample"
     assert not (sample_dir / "sample_000002_00.png").exists()
-    monkeypatch.setattr(samples, "sample_during_training", real)
+    monkeypatch.setattr(loop, "sample_during_training", real)
     train(options(prepared, tmp_path, resume=str(tmp_path / "out" / "interrupted-state"), **common))
     assert (sample_dir / "sample_000002_00.png").is_file()
     assert "step 2: its samples were cut short when the run stopped; making them now" in caplog.text

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sdtune.cli import main
-from sdtune.train import loop
+from sdtune.train import base_model
 from sdtune.train.loop import train
 from sdtune.train.run_folder import LOCK_NAME, pid_alive
 from tests.train.test_train import options
@@ -31,7 +31,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(loop, "load_model", refuse)
+    monkeypatch.setattr(base_model, "load_model", refuse)
 
 
 def train_args(prepared, out: Path, *extra: str) -> list[str]:
@@ -103,14 +103,14 @@ def test_a_stale_lock_is_taken_over_with_a_warning_and_released_at_the_end(prepa
     (out / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "earlier"}),
                                  encoding="utf-8")
     held = []
-    original = loop.load_model
+    original = base_model.load_model
 
     def load_model(*args, **kwargs):
         held.append(json.loads((out / LOCK_NAME).read_text(encoding="utf-8")))
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "load_model", load_model)
+        mp.setattr(base_model, "load_model", load_model)
         train(options(prepared, tmp_path, max_train_steps=2))
     assert held[0]["pid"] == os.getpid()  # this run held the folder while it trained
     assert f"taking over the lock of a run that is no longer running (pid {gone.pid}" in caplog.text

@@ -16,8 +16,8 @@ from sdtune.errors import SdtuneError
 from sdtune.models.io import load_model
 from sdtune.sampling.pipeline import generate_images
 from sdtune.sampling.prompts import PromptSpec
-from sdtune.train import loop
-from sdtune.train.loop import TrainOptions, Trainer, TrainingDiverged, train
+from sdtune.train import base_model, loop
+from sdtune.train.loop import Trainer, TrainingDiverged, TrainOptions, train
 
 pytestmark = pytest.mark.component
 
@@ -419,9 +419,8 @@ def test_every_missing_required_option_is_named_at_once(tmp_path, capsys):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("xformers") is not None, reason="xformers is installed")
 def test_a_missing_xformers_is_reported_before_the_model_loads(prepared, tmp_path, capsys, monkeypatch):
-    from sdtune.train import loop
 
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(base_model, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
     model, train_dir, meta = prepared("sd1")
     assert main(["train", "--pretrained_model_name_or_path", str(model), "--in_json", str(meta), "--train_data_dir",
                  str(train_dir), "--output_dir", str(tmp_path / "out"), "--xformers"]) == 2

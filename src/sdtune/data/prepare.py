@@ -68,8 +68,9 @@ from sdtune.data.metadata import (
     load_metadata,
     save_metadata,
 )
-from sdtune.devices import HALF_ON_CPU_HELP, half_precision_on_cpu_warning, resolve_device
+from sdtune.devices import half_precision_on_cpu_warning, resolve_device
 from sdtune.errors import SdtuneError
+from sdtune.models.choices import HALF_ON_CPU_HELP
 from sdtune.option_groups import ImageFolder, ImageKeys, LoaderWorkers
 from sdtune.options import opt
 from sdtune.precision_names import dtype_of

@@ -15,6 +15,11 @@ ALLOWED_TOKEN_LENGTHS: tuple[int, ...] = (75, 150, 225)
 # PyTorch's CPU kernels compute fp16 (and, on CPUs without bf16 instructions, bf16) through slow conversion paths.
 HALF_ON_CPU_HELP = "fp16/bf16 are for GPUs: on a CPU they are many times slower than float32, 23x for fp16 in prepare"
 
+# --network_module: sd-scripts names a Python module (networks.lora); "lora" is sdtune's short name for the same.
+# lycoris.kohya is LyCORIS's sd-scripts entry point (the optional lycoris-lora package).
+NETWORK_MODULES: tuple[str, ...] = ("lora", "networks.lora", "lycoris.kohya")
+LORA_MODULES: tuple[str, ...] = ("lora", "networks.lora")
+
 # sd-scripts' --hypernetwork_module names a Python module; its hypernetwork_nai is NovelAI's layout, the default.
 HYPERNETWORK_MODULES: tuple[str, ...] = ("default", "hypernetwork_nai", "networks.hypernetwork_nai")
 

@@ -302,6 +302,33 @@ class LoraNetwork(nn.Module):
                 groups.append({"params": params, "lr": lr, "name": name})
         return groups
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> dict[str, torch.Tensor]:
+        """sd-scripts' max-norm regularisation (``--scale_weight_norms``, its ``apply_max_norm_regularization``):
+        a module whose update ``(alpha / rank) * up @ down`` has a norm above ``max_norm`` gets ``up`` and ``down``
+        scaled by sqrt(max_norm / norm) (norms below ``max_norm / 2`` count as ``max_norm / 2``). Computed on the
+        device without waiting for it; returns ``keys_scaled``, ``average_key_norm`` and ``max_key_norm`` (the
+        norms after scaling) as tensors."""
+        scaled, norms = [], []
+        for lora in self.loras():
+            up, down = lora.lora_up.weight, lora.lora_down.weight
+            if up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
+                updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+            elif up.shape[2:] == (3, 3) or down.shape[2:] == (3, 3):
+                updown = nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+            else:
+                updown = up @ down
+            updown = updown * (lora.alpha.to(updown.device) / lora.lora_dim)
+            norm = updown.norm().clamp(min=max_norm / 2)
+            ratio = torch.clamp(norm, max=max_norm) / norm
+            up.mul_(ratio.sqrt().to(up.dtype))
+            down.mul_(ratio.sqrt().to(down.dtype))
+            scaled.append(ratio != 1)
+            norms.append(updown.norm() * ratio)
+        norm_values = torch.stack(norms).float()
+        return {"keys_scaled": torch.stack(scaled).sum(), "average_key_norm": norm_values.mean(),
+                "max_key_norm": norm_values.max()}
+
     # -------------------------------------------------------------------------------------------- files
     def load_weights(self, path: str | Path) -> None:
         """Load a LoRA file (``--network_weights``) of exactly this network's modules and ranks."""

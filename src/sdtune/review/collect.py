@@ -26,7 +26,8 @@ from sdtune.data.images import DEFAULT_MAX_PIXELS, list_images
 from sdtune.data.metadata import KeyIndex, duplicate_stems, load_metadata
 from sdtune.data.prepare import parse_resolution
 from sdtune.errors import SdtuneError
-from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, check_max_token_length
+from sdtune.models.choices import ALLOWED_TOKEN_LENGTHS
+from sdtune.models.text import check_max_token_length
 from sdtune.option_groups import ImageKeys, Recursive
 from sdtune.options import opt
 from sdtune.review.thumbs import VALID, ImageFacts, ImageJob, inspect_images

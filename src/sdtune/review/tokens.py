@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sdtune.models.text import ALLOWED_TOKEN_LENGTHS
+from sdtune.models.choices import ALLOWED_TOKEN_LENGTHS
 
 logger = logging.getLogger(__name__)
 

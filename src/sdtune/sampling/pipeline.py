@@ -19,6 +19,9 @@ same seed gives the same image whatever the batch size or device (up to floating
 
 **Hypernetworks.** A :class:`sdtune.models.hypernetwork.Hypernetwork` (an AUTOMATIC1111/NovelAI ``.pt``) changes
 every attention's keys and values, scaled by its multiplier; at 0 the images are the base model's.
+
+**LoRAs.** :mod:`sdtune.sampling.loras` hooks LoRA files onto the model for a run; :class:`ImageSettings` records
+their names, weights and hashes (``loras``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from tqdm import tqdm
 
 from sdtune.devices import same_device
 from sdtune.errors import SdtuneError
-from sdtune.models.text import ALLOWED_TOKEN_LENGTHS, encode_prompts
+from sdtune.models.choices import ALLOWED_TOKEN_LENGTHS
+from sdtune.models.text import encode_prompts
 from sdtune.sampling.png import infotext, settings_json
 from sdtune.sampling.prompts import MAX_SEED, PromptSpec, check_size
 from sdtune.sampling.samplers import get_sampler, make_scheduler
@@ -45,6 +49,7 @@ from sdtune.sampling.samplers import get_sampler, make_scheduler
 if TYPE_CHECKING:
     from sdtune.models.hypernetwork import Hypernetwork
     from sdtune.models.sd import StableDiffusion
+    from sdtune.sampling.loras import LoraUse
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ class ImageSettings:
     prediction_type: str = ""
     hypernetwork: str = ""  # its name; "" for none
     hypernetwork_multiplier: float = 1.0
+    loras: tuple[LoraUse, ...] = ()  # the LoRAs applied (sdtune generate --lora), in order
 
     def batch_key(self) -> tuple[int, int, int, float]:
         """Images with equal keys can share a batch (one scheduler run, one latent size)."""
@@ -129,6 +135,7 @@ def plan_images(
     prediction_type: str = "",
     hypernetwork: str = "",
     hypernetwork_multiplier: float = 1.0,
+    loras: Sequence[LoraUse] = (),
 ) -> list[ImageSettings]:
     """The settings of every image of a run, in order (see the module docstring for the seed rule)."""
     _check_run_settings(sampler=sampler, steps=steps, width=width, height=height, seed=seed,
@@ -146,7 +153,7 @@ def plan_images(
                 steps=spec.steps or steps, scale=spec.scale if spec.scale is not None else scale,
                 sampler=sampler, clip_skip=clip_skip, max_token_length=max_token_length, model=model_name,
                 family=family, prediction_type=prediction_type, hypernetwork=hypernetwork,
-                hypernetwork_multiplier=hypernetwork_multiplier,
+                hypernetwork_multiplier=hypernetwork_multiplier, loras=tuple(loras),
             ))
     return out
 

@@ -2,6 +2,8 @@
 
 Every PNG carries a ``parameters`` text chunk in AUTOMATIC1111's infotext format (readable by its "PNG Info" tab and
 by image sites) and an ``sdtune`` chunk with the full settings as JSON (:func:`read_png_settings` reads it back).
+LoRAs are written as A1111 writes them (prompt tags and ``Lora hashes``, see :func:`infotext`) and, in the JSON, as
+``loras``: a list of ``{"name", "weight", "hash"}``.
 
 **Names.** ``<outdir>/<number:05d>-<seed>.png``, numbered after the highest number already in the folder; a name is
 claimed with an exclusive create before the image is written (atomically) over it, so no file is ever overwritten,
@@ -14,7 +16,7 @@ import json
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -25,6 +27,7 @@ from sdtune.errors import SdtuneError
 from sdtune.sampling.samplers import get_sampler
 
 if TYPE_CHECKING:
+    from sdtune.sampling.loras import LoraUse
     from sdtune.sampling.pipeline import GeneratedImage, ImageSettings
 
 METADATA_VERSION = 1
@@ -36,9 +39,38 @@ def a1111_quote(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
+def _a1111_number(value: float) -> str:
+    """A weight as a user types it in an A1111 prompt tag: ``0.7``, ``1``, ``-0.25`` (all digits when needed)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+def lora_prompt_tags(loras: Sequence[LoraUse]) -> str:
+    """The ``<lora:name:weight>`` tags A1111 reads the LoRAs and their weights from (its prompt syntax), each after
+    a space. A1111 removes the tags before encoding the prompt, so pasting the infotext there repeats the image."""
+    return "".join(f" <lora:{lora.name}:{_a1111_number(lora.weight)}>" for lora in loras)
+
+
+def lora_hashes_field(loras: Sequence[LoraUse]) -> str:
+    """A1111's ``Lora hashes`` value, as its extensions-builtin/Lora/extra_networks_lora.py writes it: ``name:
+    shorthash`` pairs joined by ``", "``, the name (the one in the prompt tag) without ``:`` and ``,``, one entry per
+    name (a dict there: a later LoRA of the same name replaces the earlier one), shorthash the hash's first 12 hex
+    digits. Image sites (civitai) find the LoRAs by these hashes."""
+    hashes: dict[str, str] = {}
+    for lora in loras:
+        if lora.name and lora.shorthash:
+            hashes[lora.name.translate(_REMOVE_SYMBOLS)] = lora.shorthash
+    return ", ".join(f"{name}: {short}" for name, short in hashes.items())
+
+
+_REMOVE_SYMBOLS = str.maketrans("", "", ":,")
+
+
 def infotext(settings: ImageSettings) -> str:
-    """The ``parameters`` chunk of ``settings`` in AUTOMATIC1111's infotext format."""
-    lines = [settings.prompt]
+    """The ``parameters`` chunk of ``settings`` in AUTOMATIC1111's infotext format. LoRAs appear as A1111 writes
+    them: ``<lora:name:weight>`` tags in the prompt and a ``Lora hashes`` field after ``Clip skip`` (A1111's
+    ``extra_generation_params`` come after its own fields)."""
+    lines = [settings.prompt + lora_prompt_tags(settings.loras)]
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")
     fields: dict[str, Any] = {
@@ -51,6 +83,8 @@ def infotext(settings: ImageSettings) -> str:
         fields["Hypernet"] = settings.hypernetwork
         fields["Hypernet strength"] = settings.hypernetwork_multiplier
     fields["Clip skip"] = settings.clip_skip
+    if settings.loras:
+        fields["Lora hashes"] = lora_hashes_field(settings.loras)  # quoted below: it holds commas and colons
     lines.append(", ".join(f"{key}: {a1111_quote(value)}" for key, value in fields.items()))
     return "\n".join(lines)
 
@@ -127,5 +161,5 @@ class NumberedWriter:
             raise
 
 
-__all__ = ["METADATA_VERSION", "NumberedWriter", "a1111_quote", "infotext", "model_display_name", "png_info",
-           "read_png_settings", "save_png", "settings_json"]
+__all__ = ["METADATA_VERSION", "NumberedWriter", "a1111_quote", "infotext", "lora_hashes_field", "lora_prompt_tags",
+           "model_display_name", "png_info", "read_png_settings", "save_png", "settings_json"]

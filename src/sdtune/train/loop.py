@@ -44,25 +44,11 @@ from sdtune.train.base_model import load_base_model, resolve_clip_skip
 from sdtune.train.checkpoints import Checkpoints, SavePolicy
 from sdtune.train.interrupt import StopRequest, TrainingStopped
 from sdtune.train.logs import RunLogs, progress_bar
-from sdtune.train.optim import (
-    build_lr_scheduler,
-    build_optimizer,
-    parse_optimizer_args,
-    step_with_factor,
-)
-from sdtune.train.options import (
-    TrainOptions,
-    optimizer_name,
-    plan_run,
-    validate,
-)
+from sdtune.train.lora_metadata import training_metadata
+from sdtune.train.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, step_with_factor
+from sdtune.train.options import TrainOptions, optimizer_name, plan_run, validate
 from sdtune.train.precision import LossScaler, unscale_and_clip
-from sdtune.train.provenance import (
-    file_sha256,
-    metadata_changed,
-    read_provenance,
-    write_provenance,
-)
+from sdtune.train.provenance import file_sha256, metadata_changed, read_provenance, write_provenance
 from sdtune.train.rng import seeded_global_rng, step_batch_index, step_generator
 from sdtune.train.run_folder import RunLock, claim_output_folder
 from sdtune.train.samples import SamplePolicy, sample_during_training, sample_path
@@ -109,6 +95,7 @@ class Trainer:
         self.samples = SamplePolicy.from_options(opts)
         self.stop = StopRequest()
         self.in_step = False
+        self.update_figures: dict[str, torch.Tensor] = {}
         self.run_lock = RunLock(self.output_dir)
         # before any model loads: a folder that cannot be written, or another run's, fails now
         claim_output_folder(opts, self.run_lock, self.is_main, self.accelerator.wait_for_everyone)
@@ -130,11 +117,11 @@ class Trainer:
         self.noise_scheduler = self.model.noise_scheduler()
         # on the device once: the noise coefficients are looked up every step without a copy
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        batches = len(self.data.epoch_batches(0, self.seed, opts.train_batch_size, self.world, self.rank))
+        self.plan = plan_run(opts, len(self.data.examples), batches, self.world)
         self.target = self._make_target()
         self.trainable = [p for g in self.target.param_groups for p in g["params"]]
         self.optimizer = self._make_optimizer()
-        batches = len(self.data.epoch_batches(0, self.seed, opts.train_batch_size, self.world, self.rank))
-        self.plan = plan_run(opts, len(self.data.examples), batches, self.world)
         self.checkpoints = self._make_checkpoints()
         self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
                                                self.plan.total_steps, opts.lr_scheduler_num_cycles,
@@ -183,7 +170,9 @@ class Trainer:
     def _make_target(self) -> TrainTarget:
         opts = self.opts
         weight_dtype = torch.float16 if opts.full_fp16 else torch.bfloat16 if opts.full_bf16 else torch.float32
-        target = make_target(opts, self.model, self.device, weight_dtype, self.seed, self.clip_skip)
+        run_metadata = training_metadata(opts, self.data, self.plan, self.seed, self.clip_skip, self.world) \
+            if opts.network_module else None
+        target = make_target(opts, self.model, self.device, weight_dtype, self.seed, self.clip_skip, run_metadata)
         if opts.resume:
             target.load_state(Path(opts.resume))
         return target
@@ -336,7 +325,7 @@ class Trainer:
         """The text encoder's hidden states for a batch's captions (with gradients when it is trained)."""
         tok = self.model.tokenizer
         ids = self.to_device(tokenize(tok, captions, self.opts.max_token_length))
-        with torch.set_grad_enabled(self.opts.train_text_encoder), self.autocast():
+        with torch.set_grad_enabled(self.target.trains_text_encoder), self.autocast():
             return encode(self.text_encoder, ids, self.clip_skip, tok.eos_token_id, tok.pad_token_id)
 
     def draw(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,6 +396,7 @@ class Trainer:
         else:
             step_with_factor(self.optimizer, [p.grad for p in self.trainable if p.grad is not None], factor)
             self.lr_scheduler.step()
+            self.update_figures = self.target.after_update()
         self.optimizer.zero_grad(set_to_none=True)
         if stop and not self.stop.requested:
             self.stop.signal_name = "SIGINT"  # another rank was interrupted: stop together
@@ -464,7 +454,10 @@ class Trainer:
         lrs = self.lr_scheduler.get_last_lr()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", epoch=self.progress.epoch + 1)
-        self.logs.scalars({"loss/step": loss, **{f"lr/{name}": lr for name, lr in zip(self.target.group_names, lrs)}}, step)
+        figures = {f"lr/{name}": lr for name, lr in zip(self.target.group_names, lrs)}
+        if self.update_figures and self.logs.writer is not None:  # one more wait, only when they are logged
+            figures.update({f"network/{k}": float(v) for k, v in self.update_figures.items()})
+        self.logs.scalars({"loss/step": loss, **figures}, step)
 
     # -------------------------------------------------------------------------------------------- samples
     def sample(self) -> list[Path]:

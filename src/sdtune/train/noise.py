@@ -41,7 +41,8 @@ def _coefficients(scheduler: DDPMScheduler, latents: torch.Tensor,
     return abar.sqrt().reshape(shape), (1 - abar).sqrt().reshape(shape)
 
 
-def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor) -> torch.Tensor:
     """The noisy latent x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, in the latents' dtype."""
     a, s = _coefficients(scheduler, latents, timesteps)
     return (a * latents.float() + s * noise.float()).to(latents.dtype)

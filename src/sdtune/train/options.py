@@ -11,12 +11,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from sdtune.errors import SdtuneError
 from sdtune.models.choices import (
     ACTIVATION_CHOICES,
     HYPERNETWORK_MODULES,
+    LORA_MODULES,
+    NETWORK_MODULES,
     NOT_IN_COMFYUI,
     SAVE_FORMATS,
 )
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+LEARNING_RATE_DEFAULT = 2e-6  # sd-scripts' default, a fine-tune's
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "SGDNesterov")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -55,7 +58,7 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
                                    "(2 = penultimate; default 1; SD 2.x already uses its penultimate layer)")
     # training
     train_batch_size: int = opt(1, "images per batch (per process)")
-    learning_rate: float = opt(2e-6, "learning rate of the U-Net")
+    learning_rate: float = opt(LEARNING_RATE_DEFAULT, "learning rate of the U-Net (of the LoRA, with --network_module)")
     learning_rate_te: Optional[float] = opt(None, "learning rate of the text encoder (default: --learning_rate)")
     train_text_encoder: bool = opt(False, "train the text encoder too (more memory: its weights, gradients and "
                                    "optimizer state)")
@@ -110,7 +113,8 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
                                        "that can carry code and a diffusers folder is many files per save; ask for "
                                        "ckpt or diffusers here)", choices=SAVE_FORMATS)
     use_safetensors: bool = opt(False, "save .safetensors (or diffusers with safetensors weights)")
-    save_precision: Optional[str] = opt(None, "precision of saved models (default float)", choices=("float", "fp16", "bf16"))
+    save_precision: Optional[str] = opt(None, "precision of saved models (default float)",
+                                        choices=("float", "fp16", "bf16"))
     save_every_n_epochs: Optional[int] = opt(None, "also save a model every N epochs")
     save_every_n_steps: Optional[int] = opt(None, "also save a model every N steps")
     save_last_n_epochs: Optional[int] = opt(None, "keep only the last N epoch saves (older ones are removed)")
@@ -148,6 +152,29 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
     hypernetwork_dropout: Optional[str] = opt(
         None, "hypernetwork dropout: one probability for every hidden layer (e.g. 0.3), or AUTOMATIC1111's dropout "
         "structure, one value per layer-structure entry, first and last 0 (e.g. 0,0.05,0.15,0)")
+    # LoRA (networks)
+    network_module: Optional[str] = opt(
+        None, "train a LoRA instead of the model (U-Net and text encoder frozen), saved in sd-scripts' format that "
+        "AUTOMATIC1111, ComfyUI, Forge and diffusers load: lora (= networks.lora); lycoris.kohya needs "
+        "pip install lycoris-lora", choices=NETWORK_MODULES)
+    network_dim: Optional[int] = opt(None, "LoRA rank (default 4; 8-32 typical for a character or style)")
+    network_alpha: float = opt(1.0, "LoRA alpha: updates are scaled by alpha / rank (1 is sd-scripts' default; "
+                               "alpha = rank means no scaling)")
+    network_dropout: Optional[float] = opt(None, "dropout on the LoRA's rank activations while training (0.1 "
+                                           "typical; default none)")
+    network_args: list[str] = opt(help="more network options as key=value: conv_dim=N conv_alpha=A (LoCon: the "
+                                  "ResNet, down- and up-sample 3x3 convolutions too), rank_dropout=P, "
+                                  "module_dropout=P; for lycoris.kohya its own (algo=locon/loha/lokr, ...)",
+                                  default_factory=list)
+    network_weights: Optional[str] = opt(None, "start from this LoRA file (same rank and layers)")
+    network_train_unet_only: bool = opt(False, "LoRA on the U-Net only (less memory; no text-encoder LoRA)")
+    network_train_text_encoder_only: bool = opt(False, "LoRA on the text encoder only")
+    unet_lr: Optional[float] = opt(None, "learning rate of the U-Net's LoRA (default --learning_rate)")
+    text_encoder_lr: Optional[float] = opt(None, "learning rate of the text encoder's LoRA (default "
+                                           "--learning_rate; 0: not trained)")
+    scale_weight_norms: Optional[float] = opt(None, "after each step, scale down any LoRA module whose update "
+                                              "(alpha/rank * up @ down) has a norm above this (1 typical; "
+                                              "sd-scripts' max-norm regularisation)")
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -210,6 +237,7 @@ def validate(opts: TrainOptions) -> None:
     if not Path(opts.train_data_dir).is_dir():
         raise SdtuneError(f"--train_data_dir {opts.train_data_dir}: no such folder")
     validate_hypernetwork_options(opts)
+    validate_network_options(opts)
 
 
 def validate_hypernetwork_options(opts: TrainOptions) -> None:
@@ -232,6 +260,86 @@ def validate_hypernetwork_options(opts: TrainOptions) -> None:
     if opts.save_model_as or opts.use_safetensors:
         logger.warning("--save_model_as / --use_safetensors are ignored: a hypernetwork is saved as .pt, the format "
                        "AUTOMATIC1111 and ComfyUI load")
+
+
+# --network_args of sdtune's LoRA (sd-scripts' networks.lora create_network reads the same keys), with their types
+LORA_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float}
+NETWORK_ONLY = ("network_dim", "network_dropout", "network_weights", "network_train_unet_only",
+                "network_train_text_encoder_only", "unet_lr", "text_encoder_lr", "scale_weight_norms")
+
+
+def parse_network_args(opts: TrainOptions) -> dict[str, Any]:
+    """``--network_args key=value ...`` as a dict: typed for sdtune's LoRA (unknown keys refused, naming the known
+    ones), the strings as given for lycoris.kohya (which parses its own, as sd-scripts passes them)."""
+    args: dict[str, Any] = {}
+    for item in opts.network_args:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SdtuneError(f"--network_args {item!r}: expected key=value, e.g. conv_dim=4")
+        args[key.strip()] = value.strip()
+    if opts.network_module in LORA_MODULES:
+        unknown = sorted(set(args) - set(LORA_ARGS))
+        if unknown:
+            raise SdtuneError(f"--network_args {unknown[0]}: not an option of --network_module lora (it takes "
+                              f"{', '.join(LORA_ARGS)}); block-wise dims and LoHa/LoKr need lycoris.kohya")
+        for key, kind in LORA_ARGS.items():
+            if key in args:
+                try:
+                    args[key] = kind(args[key])
+                except ValueError:
+                    raise SdtuneError(f"--network_args {key}={args[key]}: not a number") from None
+        for key in ("rank_dropout", "module_dropout"):
+            if not 0.0 <= args.get(key, 0.0) < 1.0:
+                raise SdtuneError(f"--network_args {key}={args[key]}: a probability, from 0 to below 1")
+        if args.get("conv_dim", 1) < 1:
+            raise SdtuneError(f"--network_args conv_dim={args['conv_dim']}: must be 1 or more")
+    return args
+
+
+def validate_network_options(opts: TrainOptions) -> None:
+    """The LoRA options (--network_*), the --network_weights file and the LyCORIS package, checked before the
+    model loads."""
+    if opts.network_module is None:
+        given = [name for name in NETWORK_ONLY if getattr(opts, name) not in (None, False)]
+        if given or opts.network_args:
+            raise SdtuneError(f"--{(given or ['network_args'])[0]} needs --network_module lora: without it the model "
+                              "is fine-tuned and no LoRA is trained")
+        return
+    if opts.hypernetwork_module:
+        raise SdtuneError("--network_module and --hypernetwork_module: a run trains one of the two; drop one")
+    if opts.train_text_encoder:
+        raise SdtuneError("--train_text_encoder with --network_module: a LoRA run trains the text encoder's LoRA "
+                          "(by default; --text_encoder_lr sets its rate), never the text encoder itself; drop "
+                          "--train_text_encoder (or --network_train_unet_only for no text-encoder LoRA)")
+    if opts.network_train_unet_only and opts.network_train_text_encoder_only:
+        raise SdtuneError("--network_train_unet_only and --network_train_text_encoder_only together train nothing; "
+                          "drop one")
+    if opts.network_dim is not None and opts.network_dim < 1:
+        raise SdtuneError(f"--network_dim must be 1 or more, got {opts.network_dim}")
+    if opts.network_alpha < 0:
+        raise SdtuneError(f"--network_alpha must be 0 (= the rank) or positive, got {opts.network_alpha}")
+    if opts.network_dropout is not None and not 0.0 <= opts.network_dropout < 1.0:
+        raise SdtuneError(f"--network_dropout is a probability, from 0 to below 1; got {opts.network_dropout}")
+    if opts.scale_weight_norms is not None and opts.scale_weight_norms <= 0:
+        raise SdtuneError(f"--scale_weight_norms must be positive (1 is typical), got {opts.scale_weight_norms}")
+    if (opts.save_model_as or "").startswith("diffusers"):
+        raise SdtuneError(f"--save_model_as {opts.save_model_as}: a LoRA is one file; use safetensors (the "
+                          "default, what every UI loads) or ckpt")
+    parse_network_args(opts)
+    if opts.network_module == "lycoris.kohya" and importlib.util.find_spec("lycoris") is None:
+        raise SdtuneError("--network_module lycoris.kohya needs the LyCORIS package, which is not installed: "
+                          "pip install lycoris-lora (or use --network_module lora, with --network_args conv_dim=N "
+                          "for LoCon)")
+    if opts.network_weights:
+        if not Path(opts.network_weights).is_file():
+            raise SdtuneError(f"--network_weights {opts.network_weights}: no such file")
+        if opts.network_module in LORA_MODULES:
+            from sdtune.models.lora import read_lora
+
+            read_lora(opts.network_weights)  # not a LoRA file: fails now, before the model loads
+    if opts.unet_lr is None and opts.learning_rate == LEARNING_RATE_DEFAULT:
+        logger.warning("--learning_rate %g is the fine-tuning default; LoRAs are usually trained at 1e-4 "
+                       "(--learning_rate or --unet_lr)", opts.learning_rate)
 
 
 def hypernetwork_config(opts: TrainOptions) -> HypernetworkConfig:

@@ -1,8 +1,8 @@
 """The output folder of a run: checked before anything loads, held by one run at a time, never overwritten in
 silence.
 
-* :func:`sdtune.atomic.check_writable` creates each folder the run will write and writes a file there, before the model loads:
-  a folder that cannot be written is reported in seconds, not at the first save after hours of training.
+* :func:`sdtune.atomic.check_writable` creates each folder the run will write and writes a file there, before the
+  model loads: a folder that cannot be written is reported in seconds, not at the first save after hours of training.
 * :class:`RunLock` (``<output_dir>/.sdtune-train.lock``: pid, host, start time) keeps a second run out of the same
   folder; a lock whose process is gone (same host) is taken over with a warning.
 * :func:`earlier_run_files` lists the checkpoints and states of an earlier run that this run's names would

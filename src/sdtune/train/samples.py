@@ -9,7 +9,7 @@ Files: ``<out_dir>/<output_name or "sample">_<step:06d>_<index:02d>.png`` with t
 and ``epoch`` in the ``sdtune`` JSON chunk; with a TensorBoard writer each image is also logged as ``sample/<index>``.
 
 A hypernetwork being trained is sampled with the model it is attached to, in eval mode (no dropout) and at
-multiplier 1, and named in the images' metadata.
+multiplier 1, and named in the images' metadata; a LoRA being trained likewise (hooked in, its dropout off).
 """
 
 from __future__ import annotations
@@ -113,21 +113,24 @@ def sample_during_training(
     height: Optional[int] = None,
     batch_size: int = 1,
     hypernetwork: Optional[Hypernetwork] = None,
+    networks: tuple[torch.nn.Module, ...] = (),
 ) -> list[Path]:
     """Generate every prompt of ``prompts_file`` with ``model`` and save them under ``out_dir``; returns the files.
 
     Runs without gradients, with the modules in eval mode, and restores each module's mode and device after (also
     on error). ``steps``/``scale``/``width``/``height`` are the defaults for lines without ``--s``/``--l``/``--w``/
     ``--h`` (size: the family's resolution; the trainer passes its most used bucket). The log says what is being
-    sampled before it starts, and a progress bar counts the images. ``writer`` is a TensorBoard ``SummaryWriter`` (or None).
-    ``hypernetwork``: sample with it at multiplier 1 (attached to the U-Net for the call unless it already is).
+    sampled before it starts, and a progress bar counts the images. ``writer`` is a TensorBoard ``SummaryWriter``
+    (or None). ``hypernetwork``: sample with it at multiplier 1 (attached to the U-Net for the call unless it
+    already is). ``networks``: modules already hooked into the model (a LoRA being trained), put in eval mode for
+    the call like the model.
     """
     prompts = read_prompt_file(prompts_file)
     out_dir = Path(out_dir)
     started = time.perf_counter()
     size = f", {width}x{height} unless a line says otherwise" if width and height else ""
     logger.info("step %d: sampling %d image(s) (%s, %d steps%s)...", step, len(prompts), sampler, steps, size)
-    extra = (hypernetwork,) if hypernetwork is not None else ()
+    extra = ((hypernetwork,) if hypernetwork is not None else ()) + tuple(networks)
     with inference_state(model, device, *extra), torch.no_grad():
         generated = generate_images(
             model, prompts, sampler=sampler, steps=steps, scale=scale, width=width, height=height, seed=seed,

@@ -2,7 +2,8 @@
 
 :class:`FineTuneTarget`: the U-Net (and with ``--train_text_encoder`` the text encoder); checkpoints are whole
 models in any save format. :class:`HypernetworkTarget`: a hypernetwork with the model frozen; checkpoints are
-AUTOMATIC1111 ``.pt`` files. The loop in :mod:`sdtune.train.loop` is the same for both.
+AUTOMATIC1111 ``.pt`` files. :class:`LoraTarget`: a LoRA / LoCon with the model frozen; checkpoints are
+sd-scripts' LoRA ``.safetensors``. The loop in :mod:`sdtune.train.loop` is the same for all three.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import abc
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -23,7 +25,7 @@ from sdtune.models.save import save_model
 from sdtune.models.sd import place
 from sdtune.precision_names import dtype_of
 from sdtune.seeds import derived_seed
-from sdtune.train.options import hypernetwork_config
+from sdtune.train.options import hypernetwork_config, parse_network_args
 from sdtune.train.state import Progress, load_module_weights
 
 if TYPE_CHECKING:
@@ -62,12 +64,15 @@ class TrainTarget(abc.ABC):
     description: str
     # True when the trained modules draw from torch's global RNG (dropout): the loop then seeds it per batch
     uses_global_rng: bool = False
+    # True when gradients flow through the text encoder (its weights or a LoRA on them are trained)
+    trains_text_encoder: bool = False
 
     @abc.abstractmethod
     def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
         """The U-Net and text encoder the loop runs (DDP-wrapped where they are trained)."""
 
     def load_state(self, folder: Path) -> None:
+        """Restore the trained modules' weights from a --save_state folder (``--resume``)."""
         for name, module in self.modules.items():
             load_module_weights(folder, name, module)
 
@@ -86,6 +91,33 @@ class TrainTarget(abc.ABC):
         """Extra arguments of :func:`sdtune.train.samples.sample_during_training`."""
         return {}
 
+    def after_update(self) -> dict[str, torch.Tensor]:
+        """Called after each optimizer update; what it returns (device tensors) is logged with the step."""
+        return {}
+
+
+def freeze(model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype, mixed_precision: str) -> None:
+    """The U-Net and text encoder frozen (no gradients, eval mode) on ``device``: in ``weight_dtype`` under
+    --full_fp16/--full_bf16, else in the autocast dtype (autocast computes in it anyway: half the memory)."""
+    frozen = weight_dtype if weight_dtype != torch.float32 else frozen_dtype(mixed_precision)
+    for module in (model.unet, model.text_encoder):
+        module.requires_grad_(False)
+        place(module, device, frozen).eval()
+
+
+def average_gradients(accelerator: Accelerator, parameters: list[nn.Parameter]) -> None:
+    """Average the gradients over processes in one all-reduce, for modules DDP does not wrap (they run inside the
+    frozen model's forward, through hooks, never through a forward of their own)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
 
 class FineTuneTarget(TrainTarget):
     """Full fine-tuning: the U-Net, and with --train_text_encoder the text encoder; checkpoints are whole models."""
@@ -95,6 +127,7 @@ class FineTuneTarget(TrainTarget):
         from sdtune.models.text import unused_layers
 
         self.opts, self.model = opts, model
+        self.trains_text_encoder = opts.train_text_encoder
         place(model.unet, device, weight_dtype).train()
         model.unet.requires_grad_(True)
         model.text_encoder.requires_grad_(opts.train_text_encoder)
@@ -123,10 +156,12 @@ class FineTuneTarget(TrainTarget):
         return accelerator.prepare(self.model.unet), self.model.text_encoder
 
     def checkpoint_path(self, output_dir: Path, name: str) -> Path:
+        """``<name>.safetensors`` / ``<name>.ckpt``, or the folder ``<name>`` for the diffusers formats."""
         suffix = {"ckpt": ".ckpt", "safetensors": ".safetensors"}.get(save_format(self.opts), "")
         return output_dir / f"{name}{suffix}"
 
     def save_checkpoint(self, path: Path, progress: Progress) -> None:
+        """The whole model in --save_model_as's format and --save_precision."""
         save_model(self.model, path, save_format(self.opts), self.opts.save_precision or "float",
                    epoch=progress.epoch, global_step=progress.global_step)
 
@@ -144,10 +179,7 @@ class HypernetworkTarget(TrainTarget):
         from sdtune.models.hypernetwork import Hypernetwork, attention_sizes, describe
 
         self.opts, self.model = opts, model
-        frozen = weight_dtype if weight_dtype != torch.float32 else frozen_dtype(opts.mixed_precision)
-        for module in (model.unet, model.text_encoder):
-            module.requires_grad_(False)
-            place(module, device, frozen).eval()
+        freeze(model, device, weight_dtype, opts.mixed_precision)
         source: str | Path = "--hypernetwork_module"
         if opts.hypernetwork_weights:
             source = Path(opts.hypernetwork_weights)
@@ -199,17 +231,11 @@ class HypernetworkTarget(TrainTarget):
             ) from exc
 
     def reduce_gradients(self, accelerator: Accelerator) -> None:
-        if accelerator.num_processes == 1:
-            return
-        grads = [p.grad for p in self.hypernetwork.parameters() if p.grad is not None]
-        if grads:
-            flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        """Average the hypernetwork's gradients over processes (DDP does not wrap it)."""
+        average_gradients(accelerator, list(self.hypernetwork.parameters()))
 
     def checkpoint_path(self, output_dir: Path, name: str) -> Path:
+        """``<name>.pt``, AUTOMATIC1111's hypernetwork file."""
         return output_dir / f"{name}.pt"
 
     @functools.cached_property
@@ -220,6 +246,7 @@ class HypernetworkTarget(TrainTarget):
         return file_shorthash(self.opts.pretrained_model_name_or_path)
 
     def save_checkpoint(self, path: Path, progress: Progress) -> None:
+        """The hypernetwork file, with the base model's hash and the step, as AUTOMATIC1111 writes them."""
         from sdtune.sampling.png import model_display_name
 
         hn = self.hypernetwork
@@ -231,12 +258,102 @@ class HypernetworkTarget(TrainTarget):
         hn.save(path, dtype_of(precision))
 
     def sample_options(self) -> dict[str, Any]:
+        """Samples run with the hypernetwork (at multiplier 1, named in their metadata)."""
         return {"hypernetwork": self.hypernetwork}
 
 
+class LoraTarget(TrainTarget):
+    """A LoRA (LoCon with ``conv_dim``) on the frozen model (:func:`freeze`); checkpoints are sd-scripts' LoRA
+    files (:mod:`sdtune.models.lora`) with its ``ss_*`` training metadata, AUTOMATIC1111's hashes and the SAI
+    model spec.
+
+    The LoRA modules hook the layers they adapt for the whole run (training steps and samples). They are drawn
+    from their own seed, the same on every rank, and stay in the trained precision (float32 unless
+    --full_fp16/--full_bf16). ``--text_encoder_lr 0`` leaves the text encoder's modules out of the optimizer (and
+    no gradient flows through the text encoder).
+    """
+
+    def __init__(self, opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
+                 seed: int, clip_skip: int, run_metadata: dict[str, str]) -> None:
+        from sdtune.models.lora import LoraNetwork
+
+        self.opts, self.model, self.clip_skip = opts, model, clip_skip
+        freeze(model, device, weight_dtype, opts.mixed_precision)
+        self.args = parse_network_args(opts)
+        self.dim = opts.network_dim or 4  # sd-scripts' create_network default
+        with torch.random.fork_rng(devices=[]):  # its own seed: not the data's draws; built on the CPU
+            torch.manual_seed(derived_seed(seed, 0x4C6F5241))
+            network = LoraNetwork(
+                model, dim=self.dim, alpha=opts.network_alpha, conv_dim=self.args.get("conv_dim"),
+                conv_alpha=self.args.get("conv_alpha"), dropout=opts.network_dropout,
+                rank_dropout=self.args.get("rank_dropout"), module_dropout=self.args.get("module_dropout"),
+                train_unet=not opts.network_train_text_encoder_only,
+                train_text_encoder=not opts.network_train_unet_only)
+        if opts.network_weights:
+            network.load_weights(opts.network_weights)
+        network.to(device, weight_dtype).train()
+        network.apply_to(model)
+        self.network = network
+        self.run_metadata = run_metadata
+        groups = network.parameter_groups(opts.unet_lr, opts.text_encoder_lr, opts.learning_rate)
+        if not groups:
+            raise SdtuneError("nothing to train: every LoRA part has learning rate 0 (--unet_lr / --text_encoder_lr)")
+        trained = {id(p) for g in groups for p in g["params"]}
+        for p in network.parameters():
+            p.requires_grad_(id(p) in trained)
+        self.param_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+        self.group_names = [g["name"] for g in groups]
+        self.trains_text_encoder = "textencoder" in self.group_names
+        self.uses_global_rng = any(p for p in (opts.network_dropout, self.args.get("rank_dropout"),
+                                                self.args.get("module_dropout")))
+        self.modules = {"lora": network}
+        conv = f", conv dim {self.args['conv_dim']}" if "conv_dim" in self.args else ""
+        self.description = (f"training: LoRA, dim {self.dim}, alpha {opts.network_alpha:g}{conv}, on "
+                            f"{len(network.unet_loras)} U-Net and {len(network.text_encoder_loras)} text-encoder "
+                            f"layers ({sum(p.numel() for p in network.parameters()):,} parameters; "
+                            f"trained: {', '.join(self.group_names)})")
+
+    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
+        """Nothing to wrap in DDP: the LoRA runs inside the frozen model's forward (see :func:`average_gradients`)."""
+        return self.model.unet, self.model.text_encoder
+
+    def reduce_gradients(self, accelerator: Accelerator) -> None:
+        """Average the LoRA's gradients over processes."""
+        average_gradients(accelerator, [p for g in self.param_groups for p in g["params"]])
+
+    def after_update(self) -> dict[str, torch.Tensor]:
+        """``--scale_weight_norms``: sd-scripts' max-norm regularisation after each update (its figures logged)."""
+        if self.opts.scale_weight_norms is None:
+            return {}
+        return self.network.apply_max_norm(self.opts.scale_weight_norms)
+
+    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
+        """``<name>.safetensors`` (or ``.ckpt`` with --save_model_as ckpt, as sd-scripts)."""
+        return output_dir / f"{name}.{'ckpt' if self.opts.save_model_as == 'ckpt' else 'safetensors'}"
+
+    def save_checkpoint(self, path: Path, progress: Progress) -> None:
+        """The LoRA file in --save_precision (alpha too, as sd-scripts), with its metadata."""
+        from sdtune.models.lora import network_metadata
+
+        meta = network_metadata(self.model.family, self.dim, self.opts.network_alpha, self.args,
+                                title=self.opts.output_name or path.stem, resolution=self.run_metadata.get(
+                                    "ss_resolution"), clip_skip=self.clip_skip)
+        meta.update(self.run_metadata)
+        meta.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(progress.global_step),
+                     "ss_epoch": str(progress.epoch)})
+        self.network.save(path, meta, dtype_of(self.opts.save_precision or "float"))
+
+    def sample_options(self) -> dict[str, Any]:
+        """Samples run with the LoRA as it is now (its modules in eval mode: no dropout)."""
+        return {"networks": (self.network,)}
+
+
 def make_target(opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
-                seed: int, clip_skip: int = 1) -> TrainTarget:
-    """The target ``opts`` ask for: a hypernetwork with --hypernetwork_module, otherwise the fine-tune."""
+                seed: int, clip_skip: int = 1, run_metadata: Optional[dict[str, str]] = None) -> TrainTarget:
+    """The target ``opts`` ask for: a hypernetwork with --hypernetwork_module, a LoRA with --network_module,
+    otherwise the fine-tune. ``run_metadata``: the LoRA file's ``ss_*`` training metadata."""
+    if opts.network_module:
+        return LoraTarget(opts, model, device, weight_dtype, seed, clip_skip, dict(run_metadata or {}))
     if opts.hypernetwork_module:
         return HypernetworkTarget(opts, model, device, weight_dtype, seed)
     return FineTuneTarget(opts, model, device, weight_dtype, clip_skip)
