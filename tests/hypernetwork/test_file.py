@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.models.hypernetwork import Hypernetwork, HypernetworkConfig, attention_sizes
+from sdtune.models.hypernetwork import Hypernetwork, attention_sizes
+from sdtune.models.hypernetwork_layout import HypernetworkConfig
 from sdtune.models.tiny import build_tiny
 
 pytestmark = pytest.mark.component

@@ -18,13 +18,8 @@ from diffusers.models.attention_processor import (
 
 from sdtune.errors import SdtuneError
 from sdtune.models.families import get_family
-from sdtune.models.hypernetwork import (
-    Hypernetwork,
-    HypernetworkConfig,
-    HypernetworkModule,
-    attention_sizes,
-    expected_parameter_count,
-)
+from sdtune.models.hypernetwork import Hypernetwork, HypernetworkModule, attention_sizes, expected_parameter_count
+from sdtune.models.hypernetwork_layout import HypernetworkConfig
 from sdtune.models.tiny import build_tiny
 
 pytestmark = pytest.mark.component

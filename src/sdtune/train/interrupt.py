@@ -27,6 +27,7 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        """Has a stop signal arrived (the run stops at the next step boundary)?"""
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
@@ -55,6 +56,7 @@ class TrainingStopped(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
+        """The shell's exit status for the signal that stopped the run (128 + its number)."""
         return 128 + int(signal.Signals[self.signal_name])
 
 

@@ -205,6 +205,7 @@ def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, ex
 
 def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                        num_cycles: int = 1, power: float = 1.0):
+    """The ``--lr_scheduler`` schedule (diffusers' ``get_scheduler``), refused by name when unknown."""
     from diffusers.optimization import get_scheduler
 
     if name not in LR_SCHEDULERS:

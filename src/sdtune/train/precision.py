@@ -49,9 +49,11 @@ class LossScaler:
 
     @property
     def inv_scale(self) -> torch.Tensor:
+        """1 / scale, computed in float64 as torch's GradScaler does."""
         return self._scale.double().reciprocal().float()
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss times the scale, before backward."""
         return loss * self._scale.to(loss.dtype)
 
     def unscale_(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -67,13 +69,16 @@ class LossScaler:
         return found_inf
 
     def update(self, found_inf: torch.Tensor) -> None:
+        """Grow or back off the scale after a step (torch's own update rule), on the device."""
         torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf.to(self._scale.device),
                                  self.growth_factor, self.backoff_factor, self.growth_interval)
 
     def state_dict(self) -> dict[str, float]:
+        """The scale and the count of good steps, for --save_state."""
         return {"scale": float(self._scale), "good_steps": int(self._growth_tracker)}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self._scale.fill_(float(state["scale"]))
         self._growth_tracker.fill_(int(state["good_steps"]))
 

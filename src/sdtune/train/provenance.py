@@ -32,6 +32,7 @@ VALUES_PER_TENSOR = 256
 
 
 def model_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
+    """A short hash of the modules' shapes and first values: tells two base models apart cheaply."""
     digest = hashlib.sha256()
     for name in sorted(modules):
         for key, tensor in sorted(modules[name].state_dict().items()):
@@ -42,6 +43,7 @@ def model_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -50,6 +52,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_provenance(folder: Path, record: dict[str, Any]) -> None:
+    """Write the record of a state folder atomically."""
     write_json_atomic(Path(folder) / FILE_NAME, record)
 
 
@@ -68,6 +71,7 @@ def read_provenance(folder: Path) -> Optional[dict[str, Any]]:
 
 
 def check_base_model(folder: Path, saved: Optional[dict[str, Any]], model_path: str, fingerprint: str) -> None:
+    """Refuse a --resume whose state was trained from another base model (when the state recorded one)."""
     if saved is None or not saved.get("base_fingerprint"):
         return
     if saved["base_fingerprint"] != fingerprint:

@@ -75,6 +75,7 @@ class RunLock:
         return data if isinstance(data, dict) else {}
 
     def check(self) -> None:
+        """Refuse when a live run (this host) or a run on another host holds the folder."""
         owner = self._read()
         if owner is None:
             return
@@ -90,6 +91,7 @@ class RunLock:
                 f"this folder (lock file {self.path}); if that run is over, delete the lock file")
 
     def acquire(self) -> None:
+        """Take the folder's lock (taking over a stale one with a warning); raises when another run holds it."""
         owner = self._read()
         if owner is not None:
             self.check()
@@ -109,6 +111,7 @@ class RunLock:
         self.held = True
 
     def release(self) -> None:
+        """Remove the lock file if this run holds it."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False

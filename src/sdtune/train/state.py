@@ -38,6 +38,7 @@ STATE_VERSION = 1
 
 @dataclass
 class Progress:
+    """Where a run is (step, epoch, batch) and the settings a resume must match; saved as progress.json."""
     global_step: int = 0
     epoch: int = 0  # 0-based epoch currently running
     batch_in_epoch: int = 0  # this rank's batches of `epoch` already consumed
@@ -48,9 +49,11 @@ class Progress:
     version: int = STATE_VERSION
 
     def state_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the fields from progress.json, refusing unknown keys and values that are not counts."""
         kinds = {f.name: f.type for f in fields(self)}
         for key, value in state.items():
             if not hasattr(self, key):
@@ -67,6 +70,7 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_state(folder: Path, progress: Progress, modules: dict[str, torch.nn.Module], optimizer, scheduler,
                scaler_state: dict[str, Any] | None = None) -> Path:
+    """Write a resumable state folder atomically: the trained modules, optimizer, scheduler, scaler, progress."""
     with atomic_dir(folder) as tmp:
         for name, module in modules.items():
             save_file(_weights(module), str(tmp / f"{name}.safetensors"))
@@ -79,6 +83,7 @@ def save_state(folder: Path, progress: Progress, modules: dict[str, torch.nn.Mod
 
 
 def read_progress(folder: Path) -> Progress:
+    """The progress.json of a state folder, every failure an error naming the file and the fix."""
     path = Path(folder) / "progress.json"
     if not path.is_file():
         raise SdtuneError(f"{folder}: not a training state folder (no progress.json); pass a folder that "
@@ -132,6 +137,7 @@ def _load_pickle(path: Path) -> Any:
 
 
 def load_module_weights(folder: Path, name: str, module: torch.nn.Module) -> None:
+    """Load ``<name>.safetensors`` of a state folder into ``module`` (strict)."""
     path = Path(folder) / f"{name}.safetensors"
     if not path.is_file():
         raise SdtuneError(f"{folder}: has no {name}.safetensors; was the state saved with the same options "
@@ -140,6 +146,7 @@ def load_module_weights(folder: Path, name: str, module: torch.nn.Module) -> Non
 
 
 def load_optimizer_and_scheduler(folder: Path, optimizer, scheduler) -> dict[str, Any] | None:
+    """Restore the optimizer and scheduler of a state folder; returns the saved scaler state, if any."""
     folder = Path(folder)
     optimizer_state = _load_pickle(folder / "optimizer.pt")
     scheduler_state = _load_pickle(folder / "scheduler.pt")

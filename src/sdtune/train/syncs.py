@@ -45,6 +45,7 @@ class HostSyncCounter:
 
     @property
     def total(self) -> int:
+        """All host syncs counted."""
         return sum(self.calls.values())
 
     def __enter__(self) -> "HostSyncCounter":
@@ -73,6 +74,7 @@ class HostSyncCounter:
         return converted
 
     def report(self) -> str:
+        """One line per calling place, most frequent first."""
         return "\n".join(f"{n:4d}  {where}" for where, n in self.calls.most_common()) or "none"
 
 
