@@ -26,7 +26,7 @@ from sdtune.option_groups import ImageKeys, LoaderWorkers, ModelSource, Recursiv
 from sdtune.options import opt
 
 if TYPE_CHECKING:
-    from sdtune.models.hypernetwork import HypernetworkConfig
+    from sdtune.models.hypernetwork_layout import HypernetworkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 @dataclass
 class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
+    """Every option of ``sdtune train``, with sd-scripts' names (``sdtune train --help`` prints each one's help);
+    checked by :func:`validate` before the model loads."""
+
     # model
     pretrained_model_name_or_path: str = opt(None, "base model: diffusers folder, .safetensors/.ckpt or hub repo id")
     # data
@@ -344,7 +347,7 @@ def validate_network_options(opts: TrainOptions) -> None:
 
 def hypernetwork_config(opts: TrainOptions) -> HypernetworkConfig:
     """The layout the --hypernetwork_* options ask for (imports torch: call it after parsing, not at import)."""
-    from sdtune.models.hypernetwork import HypernetworkConfig
+    from sdtune.models.hypernetwork_layout import HypernetworkConfig
 
     return HypernetworkConfig.from_options(opts.hypernetwork_layer_structure, opts.hypernetwork_activation,
                                            opts.hypernetwork_layer_norm, opts.hypernetwork_dropout)

@@ -20,7 +20,7 @@ from torch import nn
 
 from sdtune import __version__
 from sdtune.errors import SdtuneError
-from sdtune.models.hypernetwork import HypernetworkConfig
+from sdtune.models.hypernetwork_layout import HypernetworkConfig
 from sdtune.models.save import save_model
 from sdtune.models.sd import place
 from sdtune.precision_names import dtype_of
