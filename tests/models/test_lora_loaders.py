@@ -9,6 +9,12 @@ the LDM name that diffusers path has. A text-encoder name ``lora_te_text_model_e
 ``text_model.encoder.layers.<b>.<c'>.weight`` of the HF-layout CLIP (SD 2.x's OpenCLIP converted to it), with ``c``
 one of mlp_fc1, mlp_fc2, self_attn_{q,k,v,out}_proj. The patch of a "lora" entry is
 ``W += strength * (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(W.shape)``.
+
+The tiny-model checks run on three LoRA files of each family: one with random weights (every module's rank and
+alpha set), one written by a real ``sdtune train --network_module lora`` run (a LoCon with a text-encoder LoRA) and
+one written by ``sdtune extract-lora`` from a model and a changed copy of it. The full-size check uses a random
+LoCon: extracting one from a full-size pair takes about 10 minutes per model on a CPU (the SVD of ~350 layers, the
+widest 1280 x 11520).
 """
 
 from __future__ import annotations
@@ -16,20 +22,114 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
-from sdtune.models.save import ldm_state_dict
 from sdtune.models.ldm_keys import normalize_text_keys
-from sdtune.models.lora import lora_names, merge_lora_into, network_metadata
+from sdtune.models.lora import lora_names, merge_lora_into, network_metadata, read_lora
+from sdtune.models.save import ldm_state_dict
 from sdtune.models.tiny import build_tiny
 from tests.models.lora_helpers import random_lora
 
 pytestmark = pytest.mark.component
 
 FAMILIES = ["sd1", "sd2-v"]
+SOURCES = ["random", "trained", "extracted"]
 WEIGHT = 0.8
+
+
+# ------------------------------------------------------------------------------ the LoRA files
+def train_lora(family: str, model: Path, root: Path) -> Path:
+    """``sdtune train --network_module lora`` on the tiny model: 3 steps of a LoCon (conv_dim 2) with a
+    text-encoder LoRA, alpha = rank and a high learning rate, so that the up weights (zero at the start) are far
+    from zero."""
+    from accelerate.state import AcceleratorState
+
+    from sdtune.cli import main
+    from sdtune.data.metadata import save_metadata
+    from sdtune.data.prepare import PrepareOptions, prepare_latents
+    from sdtune.models.io import load_vae
+    from tests.train.conftest import make_images
+
+    train_dir = root / "train"
+    save_metadata(root / "meta.json", make_images(train_dir, 4))
+    prepare_latents(PrepareOptions(train_data_dir=train_dir, in_json=root / "meta.json",
+                                   out_json=root / "meta_lat.json", model_name_or_path=str(model),
+                                   max_resolution="64,64", min_bucket_reso=32, max_bucket_reso=128,
+                                   bucket_reso_steps=32, max_data_loader_n_workers=0), load_vae(model))
+    try:
+        assert main(["train", "--pretrained_model_name_or_path", str(model), "--in_json", str(root / "meta_lat.json"),
+                     "--train_data_dir", str(train_dir), "--output_dir", str(root / "out"), "--network_module",
+                     "lora", "--network_dim", "4", "--network_alpha", "4", "--network_args", "conv_dim=2",
+                     "--max_train_steps", "3", "--train_batch_size", "2", "--learning_rate", "1e-2", "--seed", "5",
+                     "--max_data_loader_n_workers", "0"]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)  # accelerate's process-wide state
+    return root / "out" / "last.safetensors"
+
+
+def extract_lora_file(family: str, root: Path) -> Path:
+    """``sdtune extract-lora --dim 4 --conv_dim 2`` from the tiny model to a copy whose U-Net and text-encoder
+    weights (every layer a LoRA may hold) were changed at random."""
+    from sdtune.cli import main
+    from sdtune.models.lora import model_targets
+    from sdtune.models.save import save_model
+
+    base = build_tiny(family)
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model_targets(tuned).values():
+            layer.weight.add_(torch.randn(layer.weight.shape, generator=generator) * 0.02)
+    save_model(base, root / "base.safetensors")
+    save_model(tuned, root / "tuned.safetensors")
+    out = root / "extracted.safetensors"
+    assert main(["extract-lora", "--model_org", str(root / "base.safetensors"), "--model_tuned",
+                 str(root / "tuned.safetensors"), "--save_to", str(out), "--dim", "4", "--conv_dim", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory, saved_model) -> Callable[[str, str], Path]:
+    """lora_file(source, family) -> a LoRA .safetensors for ``build_tiny(family)``, made once per module."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(source: str, family: str) -> Path:
+        if (source, family) not in cache:
+            root = tmp_path_factory.mktemp(f"lora-{source}-{family}")
+            if source == "random":
+                base = build_tiny(family)
+                network = random_lora(base)
+                cache[source, family] = network.save(root / "random.safetensors", network_metadata(
+                    base.family, 4, 2.0, {"conv_dim": 3, "conv_alpha": 1.5}, title="random"))
+            elif source == "trained":
+                cache[source, family] = train_lora(family, saved_model(family, "diffusers_safetensors"), root)
+            else:
+                cache[source, family] = extract_lora_file(family, root)
+            check_lora_file(cache[source, family], family)
+        return cache[source, family]
+
+    return get
+
+
+def check_lora_file(path: Path, family: str) -> None:
+    """What makes the agreement below mean something: modules on the text encoder, the U-Net's attention and its
+    3x3 convolutions (LoCon), and updates large enough that a wrong or missing patch cannot pass as rounding."""
+    lora, _ = read_lora(path)
+    names = lora_names(lora)
+    assert any(n.startswith("lora_te_") for n in names) and any("attn" in n for n in names)
+    assert any(v.dim() == 4 and v.shape[-1] == 3 for k, v in lora.items() if k.endswith("lora_down.weight"))
+    ups = [k for k in lora if k.endswith("lora_up.weight")]
+    assert sum(bool(lora[k].any()) for k in ups) > 0.5 * len(ups)
+    base = build_tiny(family)
+    merged = copy.deepcopy(base)
+    merge_lora_into(merged, lora, WEIGHT)
+    before = base.unet.state_dict()
+    change = max(float((v - before[k]).abs().max()) for k, v in merged.unet.state_dict().items())
+    assert change > 1e-3, change  # 1000 x the comparisons' atol
 
 
 # ------------------------------------------------------------------------------ ComfyUI's key map, in the test's words
@@ -137,10 +237,11 @@ def check_with_comfy(base, merged, lora, strength, rtol=1e-5, atol=1e-6) -> None
         torch.testing.assert_close(clip[key], want_clip[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_comfyui_mapping_uses_every_key_and_patches_as_merge(family):
+def test_comfyui_mapping_uses_every_key_and_patches_as_merge(lora_file, family, source):
     base = build_tiny(family)
-    lora = random_lora(base).state_dict()
+    lora, _ = read_lora(lora_file(source, family))
     merged = copy.deepcopy(base)
     merge_lora_into(merged, lora, WEIGHT)
     check_with_comfy(base, merged, lora, WEIGHT)
@@ -168,12 +269,15 @@ def diffusers_patched(model, path, strength: float, caplog) -> int:
     import peft
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    scheduler = DDIMScheduler.from_config(model.family.scheduler_config())
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=DDIMScheduler.from_config(model.family.scheduler_config()),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    caplog.clear()  # only what the loader says
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights(str(path))  # diffusers raises on a kohya key it cannot convert
-    unused = [r.getMessage() for r in caplog.records if re.search(r"unexpected|not found|missing", r.getMessage(), re.I)]
+    unused = [r.getMessage() for r in caplog.records
+              if re.search(r"unexpected|not found|missing", r.getMessage(), re.I)]
     assert not unused, unused[:3]
     wrapped = sum(isinstance(m, peft.tuners.lora.LoraLayer)
                   for m in list(model.unet.modules()) + list(model.text_encoder.modules()))
@@ -191,13 +295,12 @@ def assert_same_weights(got, want, rtol=1e-5, atol=1e-6) -> None:
             torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{part} {key}: {m}")
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_diffusers_loads_every_module_and_patches_as_merge(tmp_path, family, caplog):
+def test_diffusers_loads_every_module_and_patches_as_merge(lora_file, family, source, caplog):
     base = build_tiny(family)
-    network = random_lora(base)
-    path = network.save(tmp_path / "l.safetensors",
-                        network_metadata(base.family, 4, 2.0, {"conv_dim": 3, "conv_alpha": 1.5}, title="l"))
-    lora = network.state_dict()
+    path = lora_file(source, family)
+    lora, _ = read_lora(path)
     merged = copy.deepcopy(base)
     merge_lora_into(merged, lora, WEIGHT)
     theirs = copy.deepcopy(base)
