@@ -352,6 +352,9 @@ def make_target(opts: TrainOptions, model: StableDiffusion, device: torch.device
                 seed: int, clip_skip: int = 1, run_metadata: Optional[dict[str, str]] = None) -> TrainTarget:
     """The target ``opts`` ask for: a hypernetwork with --hypernetwork_module, a LoRA with --network_module,
     otherwise the fine-tune. ``run_metadata``: the LoRA file's ``ss_*`` training metadata."""
+    if opts.network_module == "lycoris.kohya":
+        from sdtune.train.lycoris_target import LycorisTarget  # imports targets: here, not at the top
+        return LycorisTarget(opts, model, device, weight_dtype, seed, clip_skip, dict(run_metadata or {}))
     if opts.network_module:
         return LoraTarget(opts, model, device, weight_dtype, seed, clip_skip, dict(run_metadata or {}))
     if opts.hypernetwork_module:
