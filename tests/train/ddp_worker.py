@@ -1,10 +1,10 @@
 """Run by tests/train/test_distributed.py under torchrun: trains and records what this rank saw.
 
 Usage: torchrun --nproc_per_node 2 tests/train/ddp_worker.py MODEL TRAIN_DIR META OUT_DIR [OPTIONS_JSON]
-Writes OUT_DIR/rank<r>.json: the (epoch, image keys, weight) of every batch and a digest of the final U-Net, and
-OUT_DIR/rank<r>.safetensors: the final U-Net and text encoder weights (``unet.*``, ``te.*``), and
-OUT_DIR/rank<r>-step1.safetensors: the same after the first optimizer step. OPTIONS_JSON overrides TrainOptions
-fields.
+Writes OUT_DIR/rank<r>.json: the (epoch, image keys, weight) of every batch and a digest of the final trained
+weights, and OUT_DIR/rank<r>.safetensors: the final U-Net and text encoder weights (``unet.*``, ``te.*``; for a LoRA
+run, with ``network_module``, the LoRA's own state dict, the file's keys), and OUT_DIR/rank<r>-step1.safetensors: the
+same after the first optimizer step. OPTIONS_JSON overrides TrainOptions fields.
 """
 
 from __future__ import annotations
@@ -17,15 +17,23 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sdtune.data.dataset import FineTuneData
-from sdtune.train.loop import TrainOptions, Trainer
+from sdtune.train.loop import Trainer, TrainOptions
+
+
+def trained_weights(trainer: Trainer) -> dict:
+    """What the run trains: the LoRA's state dict, or the U-Net and text encoder (``unet.*``, ``te.*``)."""
+    network = getattr(trainer.target, "network", None)
+    if network is not None:
+        return {k: v.detach().contiguous() for k, v in network.state_dict().items()}
+    unet = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
+    text = trainer.accelerator.unwrap_model(trainer.text_encoder).state_dict()
+    return {**{f"unet.{k}": v.contiguous() for k, v in unet.items()},
+            **{f"te.{k}": v.contiguous() for k, v in text.items()}}
 
 
 def save_weights(trainer: Trainer, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    unet = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
-    text = trainer.accelerator.unwrap_model(trainer.text_encoder).state_dict()
-    save_file({**{f"unet.{k}": v.contiguous() for k, v in unet.items()},
-               **{f"te.{k}": v.contiguous() for k, v in text.items()}}, str(path))
+    save_file(trained_weights(trainer), str(path))
 
 
 def main() -> None:
@@ -53,7 +61,8 @@ def main() -> None:
     trainer.after_step = snapshot
     result = trainer.run()
     save_weights(trainer, Path(out, f"rank{trainer.rank}.safetensors"))
-    weights = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
+    weights = trained_weights(trainer) if trainer.opts.network_module else \
+        trainer.accelerator.unwrap_model(trainer.unet).state_dict()
     digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
     plan = {e: trainer.data.epoch_batches(e, trainer.seed, 2, trainer.world, trainer.rank) for e in range(3)}
     Path(out, f"rank{trainer.rank}.json").write_text(json.dumps({
