@@ -335,7 +335,9 @@ class LoraTarget(TrainTarget):
         """The LoRA file in --save_precision (alpha too, as sd-scripts), with its metadata."""
         from sdtune.models.lora import network_metadata
 
-        meta = network_metadata(self.model.family, self.dim, self.opts.network_alpha, self.args,
+        # ss_network_args as sd-scripts writes it: the --network_args strings as given ("2", not the parsed 2.0)
+        given = {k.strip(): v.strip() for k, _, v in (item.partition("=") for item in self.opts.network_args)}
+        meta = network_metadata(self.model.family, self.dim, self.opts.network_alpha, given,
                                 title=self.opts.output_name or path.stem, resolution=self.run_metadata.get(
                                     "ss_resolution"), clip_skip=self.clip_skip)
         meta.update(self.run_metadata)
