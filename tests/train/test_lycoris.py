@@ -75,6 +75,24 @@ def test_a_lycoris_run_writes_a_file_lycoris_loads_back(prepared, tmp_path, lyco
         torch.testing.assert_close(value.float(), weights[key].float(), msg=key)
 
 
+def test_resume_is_bit_exact_and_network_weights_start_from_a_file(prepared, tmp_path, lycoris_kohya):
+    from sdtune.train.loop import Trainer
+
+    common = dict(network_module="lycoris.kohya", network_args=["algo=loha", "rank_dropout=0.2"], learning_rate=1e-2,
+                  max_train_steps=4, save_state=True)
+    straight = train(options(prepared, tmp_path / "a", save_every_n_steps=2, **common))
+    state = tmp_path / "a" / "out" / "step-00000002-state"
+    assert (state / "lycoris.safetensors").is_file()
+    resumed = train(options(prepared, tmp_path / "b", resume=str(state), **common))
+    assert resumed["global_step"] == 4 and resumed["losses"] == straight["losses"][2:]
+    a, b = load_file(str(straight["model"])), load_file(str(resumed["model"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    trainer = Trainer(options(prepared, tmp_path / "c", network_weights=str(straight["model"]), **common))
+    start = trainer.target.network.state_dict()
+    assert all(torch.equal(start[k].float(), a[k].float()) for k in a)
+
+
 def test_samples_during_training_use_the_network(prepared, tmp_path, lycoris_kohya):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 64 --h 64 --s 3 --d 5\n", encoding="utf-8")
