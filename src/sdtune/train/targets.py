@@ -107,16 +107,33 @@ def freeze(model: StableDiffusion, device: torch.device, weight_dtype: torch.dty
 
 def average_gradients(accelerator: Accelerator, parameters: list[nn.Parameter]) -> None:
     """Average the gradients over processes in one all-reduce, for modules DDP does not wrap (they run inside the
-    frozen model's forward, through hooks, never through a forward of their own)."""
-    if accelerator.num_processes == 1:
+    frozen model's forward, through hooks, never through a forward of their own).
+
+    Every rank sends the same tensor: a parameter without a gradient here (a LoRA module that module dropout left
+    out of this rank's batches) counts as zero, and a flag per parameter says which ranks had one. Such a parameter
+    gets the mean where any rank had a gradient and stays without one where none had (as in one process with
+    accumulation); only a rank that lacks a gradient reads the flags (one host-device wait)."""
+    if accelerator.num_processes == 1 or not parameters:
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if grads:
-        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    dtype = functools.reduce(torch.promote_types, {p.dtype for p in parameters})
+    device = parameters[0].device
+    parts = [p.grad.flatten().to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=device)
+             for p in parameters]
+    parts.append(torch.tensor([float(p.grad is not None) for p in parameters], dtype=dtype, device=device))
+    flat = accelerator.reduce(torch.cat(parts), reduction="mean")
+    missing = [i for i, p in enumerate(parameters) if p.grad is None]
+    anywhere: set[int] = set()
+    if missing:
+        flags = flat[-len(parameters):]
+        anywhere = {i for i, has in zip(missing, flags[missing].tolist()) if has > 0}
+    offset = 0
+    for i, p in enumerate(parameters):
+        mean = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is not None:
+            p.grad.copy_(mean)
+        elif i in anywhere:
+            p.grad = mean.to(p.dtype).clone()
 
 
 class FineTuneTarget(TrainTarget):
@@ -318,8 +335,19 @@ class LoraTarget(TrainTarget):
         return self.model.unet, self.model.text_encoder
 
     def reduce_gradients(self, accelerator: Accelerator) -> None:
-        """Average the LoRA's gradients over processes."""
-        average_gradients(accelerator, [p for g in self.param_groups for p in g["params"]])
+        """Average the LoRA's gradients over processes (those of the layers clip skip never reads are left out:
+        they never have one, and checking for it would make every step wait for the device)."""
+        average_gradients(accelerator, self._averaged_parameters)
+
+    @functools.cached_property
+    def _averaged_parameters(self) -> list[nn.Parameter]:
+        from sdtune.models.text import unused_layers
+
+        never_read = {id(m) for layer in unused_layers(self.model.text_encoder, self.clip_skip)
+                      for m in layer.modules()}
+        skipped = {id(p) for lora in self.network.text_encoder_loras if id(lora.org_module) in never_read
+                   for p in lora.parameters()}
+        return [p for g in self.param_groups for p in g["params"] if id(p) not in skipped]
 
     def after_update(self) -> dict[str, torch.Tensor]:
         """``--scale_weight_norms``: sd-scripts' max-norm regularisation after each update (its figures logged)."""
