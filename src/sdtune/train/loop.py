@@ -62,6 +62,7 @@ from sdtune.train.state import (
 )
 from sdtune.train.summary import startup_lines
 from sdtune.train.targets import TrainTarget, make_target
+from sdtune.train.text_cache import text_encoder_cache
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,10 @@ class Trainer:
             if self.scaler is not None and scaler_state:
                 self.scaler.load_state_dict(scaler_state)
         self.unet, self.text_encoder = self.target.prepare(self.accelerator)
+        self.text_cache = text_encoder_cache(opts, self.data, self.model, self.target, self.clip_skip, self.is_main,
+                                             self.encode_captions) if opts.cache_text_encoder_outputs else None
+        if self.text_cache is not None:
+            self.model.text_encoder.to("cpu")  # samples bring it back for their call
 
     # -------------------------------------------------------------------------------------------- set-up
     def _progress(self) -> tuple[Progress, Optional[dict[str, Any]]]:
@@ -322,7 +327,13 @@ class Trainer:
         return tensor.to(self.device)
 
     def conditioning(self, captions: list[str]) -> torch.Tensor:
-        """The text encoder's hidden states for a batch's captions (with gradients when it is trained)."""
+        """The text encoder's hidden states for a batch's captions (--cache_text_encoder_outputs: from the cache)."""
+        if self.text_cache is not None:
+            return self.to_device(self.text_cache(captions))
+        return self.encode_captions(captions)
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """The text encoder's hidden states for ``captions`` (with gradients when it is trained)."""
         tok = self.model.tokenizer
         ids = self.to_device(tokenize(tok, captions, self.opts.max_token_length))
         with torch.set_grad_enabled(self.target.trains_text_encoder), self.autocast():

@@ -59,6 +59,13 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
                                 choices=(75, 150, 225))
     clip_skip: Optional[int] = opt(None, "use the hidden state N layers from the end of the text encoder "
                                    "(2 = penultimate; default 1; SD 2.x already uses its penultimate layer)")
+    cache_text_encoder_outputs: bool = opt(False, "encode each distinct caption once at start-up and train from the "
+                                           "cache, the text encoder off the device (faster steps, less memory; "
+                                           "needs a frozen text encoder and fixed captions: no shuffle, no "
+                                           "dropout)")
+    cache_text_encoder_outputs_to_disk: bool = opt(False, "also keep those states next to each image "
+                                                   "(<stem>_te_outputs.npz), reused by later runs while the "
+                                                   "caption, model, clip skip and token length are the same")
     # training
     train_batch_size: int = opt(1, "images per batch (per process)")
     learning_rate: float = opt(LEARNING_RATE_DEFAULT, "learning rate of the U-Net (of the LoRA, with --network_module)")
@@ -213,6 +220,7 @@ def validate(opts: TrainOptions) -> None:
         raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
     if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
         raise SdtuneError(f"--min_snr_gamma must be positive (5 is typical), got {opts.min_snr_gamma}")
+    validate_text_cache(opts)
     if opts.lr_warmup_steps and opts.lr_scheduler == "constant":
         raise SdtuneError(f"--lr_warmup_steps {opts.lr_warmup_steps} does nothing with --lr_scheduler constant; use "
                           "--lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")
@@ -297,6 +305,27 @@ def parse_network_args(opts: TrainOptions) -> dict[str, Any]:
         if args.get("conv_dim", 1) < 1:
             raise SdtuneError(f"--network_args conv_dim={args['conv_dim']}: must be 1 or more")
     return args
+
+
+def validate_text_cache(opts: TrainOptions) -> None:
+    """--cache_text_encoder_outputs only where the cached states are the ones each step would compute: a frozen
+    text encoder and captions that never change between uses."""
+    if opts.cache_text_encoder_outputs_to_disk and not opts.cache_text_encoder_outputs:
+        raise SdtuneError("--cache_text_encoder_outputs_to_disk needs --cache_text_encoder_outputs")
+    if not opts.cache_text_encoder_outputs:
+        return
+    varying = [name for name in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                                 "caption_tag_dropout_rate") if getattr(opts, name)]
+    if varying:
+        raise SdtuneError(f"--cache_text_encoder_outputs with --{varying[0]}: the caption changes between uses, so "
+                          "its encoding cannot be cached; drop one of the two")
+    trains_te_lora = (opts.network_module is not None and not opts.network_train_unet_only
+                      and opts.text_encoder_lr != 0)
+    if opts.train_text_encoder or trains_te_lora:
+        which = "--train_text_encoder" if opts.train_text_encoder else "a LoRA that trains the text encoder"
+        raise SdtuneError(f"--cache_text_encoder_outputs with {which}: the text encoder changes every step, so its "
+                          "outputs cannot be cached; drop the option" + ("" if opts.train_text_encoder else
+                                                                          " or add --network_train_unet_only"))
 
 
 def validate_network_options(opts: TrainOptions) -> None:
