@@ -45,7 +45,13 @@ from sdtune.train.checkpoints import Checkpoints, SavePolicy
 from sdtune.train.interrupt import StopRequest, TrainingStopped
 from sdtune.train.logs import RunLogs, progress_bar
 from sdtune.train.lora_metadata import training_metadata
-from sdtune.train.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, step_with_factor
+from sdtune.train.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    evaluation_weights,
+    parse_optimizer_args,
+    step_with_factor,
+)
 from sdtune.train.options import TrainOptions, optimizer_name, plan_run, validate
 from sdtune.train.precision import LossScaler, unscale_and_clip
 from sdtune.train.provenance import file_sha256, metadata_changed, read_provenance, write_provenance
@@ -191,14 +197,16 @@ class Trainer:
                            "keeps them (--half_weight_rounding)", name)
         return build_optimizer(name, self.target.param_groups, opts.learning_rate,
                                parse_optimizer_args(opts.optimizer_args), half_weights=half_weights,
-                               seed=derived_seed(self.seed, 0x5352), rounding=opts.half_weight_rounding)
+                               seed=derived_seed(self.seed, 0x5352), rounding=opts.half_weight_rounding,
+                               warn=self.is_main)
 
     def _make_checkpoints(self) -> Checkpoints:
         target = self.target
         return Checkpoints(
             self.output_dir, SavePolicy.from_options(self.opts, self.plan.total_steps, self.plan.epochs),
             model_path=lambda name: target.checkpoint_path(self.output_dir, name),
-            write_model=lambda path: target.save_checkpoint(path, self.progress),
+            # a schedule-free optimizer's evaluation weights are saved; the state keeps the training ones
+            write_model=lambda path: self.with_evaluation_weights(target.save_checkpoint, path, self.progress),
             write_state=self.write_training_state if self.opts.save_state else None,
             is_main=self.is_main, barrier=self.accelerator.wait_for_everyone)
 
@@ -433,6 +441,12 @@ class Trainer:
         """Save the checkpoint (and the state with --save_state) as ``name``; rank 0 writes, the others wait."""
         return self.checkpoints.save(name)
 
+    def with_evaluation_weights(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)`` with a schedule-free optimizer's evaluation weights in the model (the
+        training weights restored exactly after: :func:`sdtune.train.optim.evaluation_weights`)."""
+        with evaluation_weights(self.optimizer):
+            return function(*args, **kwargs)
+
     def write_training_state(self, folder: Path) -> None:
         """The --save_state folder: trained weights, optimizer, schedule, scaler, progress and provenance."""
         save_state(folder, self.progress, self.target.modules, self.optimizer, self.lr_scheduler,
@@ -477,7 +491,8 @@ class Trainer:
         if self.is_main:
             # lines without --w/--h: the size most of the data trained at, not the family's 512/768 px
             (width, height), _ = max(self.data.buckets.counts().items(), key=lambda item: item[1])
-            paths = sample_during_training(
+            paths = self.with_evaluation_weights(
+                sample_during_training,
                 self.model, self.opts.sample_prompts, self.output_dir / "sample", self.progress.global_step,
                 self.progress.epoch, self.opts.sample_sampler, clip_skip=self.clip_skip,
                 max_token_length=self.opts.max_token_length, device=self.device, seed=self.seed,

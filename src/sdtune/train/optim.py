@@ -3,21 +3,35 @@
 Memory per trainable parameter (fp32 weights): AdamW keeps two fp32 moments (8 bytes), AdamW8bit two uint8 moments
 (2 bytes, bitsandbytes), Lion one moment (4 bytes), Adafactor factored second moments (a few bytes per row and
 column), SGD with Nesterov momentum one buffer (4 bytes). For the 860M-parameter SD U-Net that is 6.9 GB of AdamW
-state against 1.7 GB for AdamW8bit.
+state against 1.7 GB for AdamW8bit. From the optional packages (their state as their code allocates it): Prodigy
+four fp32 values (16 bytes: the moments, its ``s`` and the starting weights ``p0``), DAdaptAdam three (12 bytes),
+AdamWScheduleFree two (8 bytes: ``z`` and the second moment).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib
+import logging
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.seeds import derived_seed
-from sdtune.train.options import LR_SCHEDULERS, OPTIMIZERS
+from sdtune.train.options import (
+    ADAPTIVE_LR_OPTIMIZERS,
+    DADAPT_OPTIMIZERS,
+    LR_SCHEDULERS,
+    OPTIMIZER_PACKAGES,
+    OPTIMIZERS,
+    SCHEDULE_FREE_OPTIMIZERS,
+)
 from sdtune.train.precision import stochastic_round
+
+logger = logging.getLogger(__name__)
 
 
 def parse_optimizer_args(items: Iterable[str]) -> dict[str, Any]:
@@ -175,14 +189,88 @@ def step_with_factor(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]
     optimizer.step()
 
 
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """A schedule-free optimizer (``train()``/``eval()`` switch its parameters between the point it trains at and
+    the average it returns); torch's own optimizers have neither method."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside, the parameters are a schedule-free optimizer's evaluation weights (its average ``x``, what a
+    checkpoint and a sample must use, as sd-scripts' ``optimizer_eval_fn``); after, the training weights ``y`` again,
+    copied back exactly: ``train()`` recomputes them from ``x`` with rounding, and a run must not depend on when it
+    saved or sampled. The copy of the trainable weights lives in host memory meanwhile. Other optimizers: nothing."""
+    if not is_schedule_free(optimizer):
+        yield
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    kept = [p.detach().to("cpu", copy=True) for p in params]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+        with torch.no_grad():
+            for p, value in zip(params, kept):
+                p.copy_(value)
+
+
+def _package(name: str) -> Any:
+    """The optional package ``name`` comes from, imported; an error naming the pip package when it is missing."""
+    package = OPTIMIZER_PACKAGES[name]
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise SdtuneError(f"--optimizer_type {name} needs the {package} package: pip install {package}") from exc
+
+
+def _adaptive_lr_warnings(name: str, param_groups: list[dict[str, Any]], lr: float) -> None:
+    """sd-scripts' advice for Prodigy and D-Adaptation: the learning rate multiplies the step size they estimate."""
+    lrs = {group.get("lr", lr) for group in param_groups}
+    if min(lrs) <= 0.1:
+        logger.warning("--optimizer_type %s estimates its own step size and the learning rate multiplies it: "
+                       "use --learning_rate 1.0 (got %s)", name, ", ".join(f"{x:g}" for x in sorted(lrs)))
+    if len(lrs) > 1 and name in DADAPT_OPTIMIZERS:
+        logger.warning("--optimizer_type %s with several learning rates (%s): D-Adaptation estimates one step size "
+                       "for all groups; the rates only scale it per group", name,
+                       ", ".join(f"{x:g}" for x in sorted(lrs)))
+
+
+def _fast_adamw(param_groups: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """torch AdamW's fused kernel where every parameter is on a CUDA device, its multi-tensor (foreach) one
+    elsewhere, unless ``--optimizer_args`` chose (torch's default on a CPU is a loop over the tensors)."""
+    if "fused" in extra or "foreach" in extra:
+        return extra
+    on_cuda = all(p.is_cuda for group in param_groups for p in group["params"])
+    return {"fused": True, **extra} if on_cuda else {"foreach": True, **extra}
+
+
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, extra: dict[str, Any],
-                    half_weights: bool = False, seed: int = 0, rounding: str = "kahan") -> torch.optim.Optimizer:
+                    half_weights: bool = False, seed: int = 0, rounding: str = "kahan",
+                    warn: bool = True) -> torch.optim.Optimizer:
     """The optimizer called ``name``; with ``half_weights`` (fp16/bf16 parameters) AdamW is
-    :class:`HalfWeightAdamW`."""
+    :class:`HalfWeightAdamW`. A schedule-free one is returned in training mode. ``warn``: log advice on the
+    options (the main process)."""
     if name == "AdamW":
         if half_weights:
             return HalfWeightAdamW(param_groups, lr=lr, seed=seed, rounding=rounding, **extra)
-        return torch.optim.AdamW(param_groups, lr=lr, **extra)
+        return torch.optim.AdamW(param_groups, lr=lr, **_fast_adamw(param_groups, extra))
+    if name in ADAPTIVE_LR_OPTIMIZERS:
+        if warn:
+            _adaptive_lr_warnings(name, param_groups, lr)
+        if name == "Prodigy":
+            return _package(name).Prodigy(param_groups, lr=lr, **extra)
+        # as sd-scripts: DAdaptation is the preprint's Adam, from dadaptation.experimental with DAdaptAdanIP
+        module = _package(name)
+        if name in ("DAdaptation", "DAdaptAdamPreprint", "DAdaptAdanIP"):
+            module = importlib.import_module("dadaptation.experimental")
+        cls = getattr(module, "DAdaptAdamPreprint" if name == "DAdaptation" else name)
+        return cls(param_groups, lr=lr, **extra)
+    if name in SCHEDULE_FREE_OPTIMIZERS:
+        optimizer = getattr(_package(name), name)(param_groups, lr=lr, **extra)
+        optimizer.train()  # steps are refused in eval mode; evaluation_weights switches around saves and samples
+        return optimizer
     if name == "AdamW8bit":
         try:
             import bitsandbytes as bnb

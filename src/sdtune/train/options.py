@@ -31,7 +31,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LEARNING_RATE_DEFAULT = 2e-6  # sd-scripts' default, a fine-tune's
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "SGDNesterov")
+# --optimizer_type, sd-scripts' names. Schedule-free optimizers (Defazio et al. 2024) replace the learning-rate
+# schedule; Prodigy and D-Adaptation estimate the step size themselves (--learning_rate ~1.0 scales it).
+SCHEDULE_FREE_OPTIMIZERS = ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree")
+DADAPT_OPTIMIZERS = ("DAdaptation", "DAdaptAdam", "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdan", "DAdaptAdanIP",
+                     "DAdaptLion", "DAdaptSGD")
+ADAPTIVE_LR_OPTIMIZERS = ("Prodigy", *DADAPT_OPTIMIZERS)
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "SGDNesterov", *ADAPTIVE_LR_OPTIMIZERS,
+              *SCHEDULE_FREE_OPTIMIZERS)
+# the optional package (import name = pip name) an optimizer comes from; pyproject.toml has an extra for each
+OPTIMIZER_PACKAGES = {"AdamW8bit": "bitsandbytes", "Prodigy": "prodigyopt",
+                      **dict.fromkeys(SCHEDULE_FREE_OPTIMIZERS, "schedulefree"),
+                      **dict.fromkeys(DADAPT_OPTIMIZERS, "dadaptation")}
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -83,7 +94,10 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
     min_snr_gamma: Optional[float] = opt(None, "weight each sample's loss by min(SNR, gamma)/SNR (Min-SNR, 5 is "
                                          "typical): faster, steadier convergence; unset: off")
     seed: Optional[int] = opt(None, "random seed (default: drawn at random and printed; saved with the state)")
-    optimizer_type: Optional[str] = opt(None, "optimizer (default AdamW)", choices=OPTIMIZERS)
+    optimizer_type: Optional[str] = opt(None, "optimizer (default AdamW); Prodigy (pip install prodigyopt) and "
+                                        "DAdapt* (pip install dadaptation) find their own step size: use "
+                                        "--learning_rate 1.0; *ScheduleFree (pip install schedulefree) need no "
+                                        "--lr_scheduler", choices=OPTIMIZERS)
     use_8bit_adam: bool = opt(False, "same as --optimizer_type AdamW8bit (bitsandbytes): optimizer state in "
                               "8 bits, saving about 75 % of its memory (5 GB for SD's U-Net)")
     optimizer_args: list[str] = opt(help="extra optimizer arguments, e.g. weight_decay=0.01 betas=0.9,0.99",
@@ -229,6 +243,7 @@ def validate(opts: TrainOptions) -> None:
     if opts.use_8bit_adam and opts.optimizer_type not in (None, "AdamW8bit"):
         raise SdtuneError(f"--use_8bit_adam and --optimizer_type {opts.optimizer_type} name two optimizers; drop "
                           "--use_8bit_adam, or use --optimizer_type AdamW8bit alone")
+    validate_optimizer(opts)
     if opts.clip_skip is not None and opts.clip_skip < 1:
         raise SdtuneError("--clip_skip must be 1 or more")
     if sum([opts.xformers, opts.mem_eff_attn, opts.sdpa]) > 1:
@@ -249,6 +264,20 @@ def validate(opts: TrainOptions) -> None:
         raise SdtuneError(f"--train_data_dir {opts.train_data_dir}: no such folder")
     validate_hypernetwork_options(opts)
     validate_network_options(opts)
+
+
+def validate_optimizer(opts: TrainOptions) -> None:
+    """The optimizer's package is installed; a schedule-free optimizer gets no schedule on top of its own."""
+    name = optimizer_name(opts)
+    package = OPTIMIZER_PACKAGES.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        spelled = "--use_8bit_adam" if opts.use_8bit_adam else f"--optimizer_type {name}"
+        raise SdtuneError(f"{spelled} needs the {package} package, which is not installed: pip install {package} "
+                          "(or choose another --optimizer_type)")
+    if name in SCHEDULE_FREE_OPTIMIZERS and opts.lr_scheduler != "constant":
+        raise SdtuneError(f"--optimizer_type {name} is schedule-free: it replaces the learning-rate schedule, and "
+                          f"--lr_scheduler {opts.lr_scheduler} would scale its steps again; drop --lr_scheduler "
+                          "(constant) and warm up with --optimizer_args warmup_steps=N")
 
 
 def validate_hypernetwork_options(opts: TrainOptions) -> None:
@@ -369,7 +398,8 @@ def validate_network_options(opts: TrainOptions) -> None:
             from sdtune.models.lora import read_lora
 
             read_lora(opts.network_weights)  # not a LoRA file: fails now, before the model loads
-    if opts.unet_lr is None and opts.learning_rate == LEARNING_RATE_DEFAULT:
+    if opts.unet_lr is None and opts.learning_rate == LEARNING_RATE_DEFAULT \
+            and optimizer_name(opts) not in ADAPTIVE_LR_OPTIMIZERS:
         logger.warning("--learning_rate %g is the fine-tuning default; LoRAs are usually trained at 1e-4 "
                        "(--learning_rate or --unet_lr)", opts.learning_rate)
 
