@@ -16,6 +16,10 @@ the model spec.
 restricted to SD 1.x/2.x's module classes (:data:`SD_FULL_PRESET`): lycoris-lora 4.1's own ``full`` also targets
 ``TimestepEmbedding`` (for other architectures) and names ``time_embedding.linear_1`` again, so it fails on SD's
 U-Net with "duplicated lora name". The layers and their names are those of ``full`` in earlier LyCORIS versions.
+
+**Text-encoder names.** LyCORIS names a module after its path in the module it is given; under transformers 5 it is
+given the text encoder inside a ``text_model`` holder (:func:`text_encoder_root`), so the names are transformers 4's
+(``lora_te_text_model_encoder_...``), which every loader expects.
 """
 
 from __future__ import annotations
@@ -108,7 +112,11 @@ class LycorisTarget(TrainTarget):
         network.apply_to(model.text_encoder, model.unet, apply_text_encoder=not opts.network_train_unet_only,
                          apply_unet=not opts.network_train_text_encoder_only)
         if opts.network_weights:
-            info = network.load_weights(opts.network_weights)
+            try:
+                info = network.load_weights(opts.network_weights)
+            except RuntimeError as exc:  # a tensor of another shape: another rank or algo
+                raise ModelLoadError(f"{opts.network_weights}: does not fit this network ({exc}); use the "
+                                     "--network_dim and --network_args it was trained with") from exc
             if info:
                 missing, unexpected = info.get("missing keys", []), info.get("unexpected keys", [])
                 first = (missing or unexpected)[0]
