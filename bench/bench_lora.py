@@ -22,13 +22,16 @@ bench/bench_memory.py counts them.
 
 ``--model tiny``: sdtune's tiny SD1 model (U-Net width 32, seconds). ``--model sd1``: SD 1.5's full-size U-Net and
 text encoder with random weights; the fine-tune rows need about 14 GB of RAM, so they are skipped (with a line
-saying so) when the machine has less free. Not a test: nothing here asserts a time or a size.
+saying so) when the machine has less free. ``--json``: one JSON line a row (sizes in bytes). ``--smoke``: the tiny
+model at 64 px in seconds, to check the script (tests/bench/test_bench_lora.py). Not a test: nothing here asserts a
+time or a size.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -203,23 +206,29 @@ def main() -> None:
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16"],
                         help="bf16 autocast, the frozen model of the LoRA rows in bf16 (as sdtune train)")
     parser.add_argument("--rows", default=None, help="comma-separated row numbers to run (default all), e.g. 0,2")
+    parser.add_argument("--json", action="store_true", help="one JSON line a row (bytes, seconds) instead of the table")
+    parser.add_argument("--smoke", action="store_true", help="checks the script: tiny model, 64 px, dim 4, one timed "
+                        "step, one thread (seconds)")
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.resolution, args.dim, args.steps, args.threads = "tiny", args.resolution or 64, 4, 1, 1
     torch.set_num_threads(args.threads)
     resolution = args.resolution or (64 if args.model == "tiny" else 256)
     steps = args.steps or (10 if args.model == "tiny" else 2)
+    out = (lambda text: None) if args.json else print
     started = time.perf_counter()
     model = build_tiny("sd1") if args.model == "tiny" else full_size_sd1()
     unet_params = sum(p.numel() for p in model.unet.parameters())
     te_params = sum(p.numel() for p in model.text_encoder.parameters())
-    print(f"{args.model}: U-Net {unet_params / 1e6:.1f}M and text encoder {te_params / 1e6:.1f}M parameters (fp32, "
+    out(f"{args.model}: U-Net {unet_params / 1e6:.1f}M and text encoder {te_params / 1e6:.1f}M parameters (fp32, "
           f"built in {time.perf_counter() - started:.0f} s); {resolution} px ({resolution // 8}x{resolution // 8} "
           f"latents), batch {args.batch}, LoRA dim {args.dim} alpha 1, AdamW, mixed precision "
           f"{args.mixed_precision}, {steps} timed step(s) a row, "
           f"{args.threads} thread(s)")
     unit, scale = ("GiB", GIB) if args.model == "sd1" else ("MiB", 2**20)
-    print(f"{'':42}{'CPU s':>8}{'wall s':>8}{'trained':>10}{'weights':>9}{'grads':>8}{'optim':>8}{'activ.':>8}"
+    out(f"{'':42}{'CPU s':>8}{'wall s':>8}{'trained':>10}{'weights':>9}{'grads':>8}{'optim':>8}{'activ.':>8}"
           f"{'total':>8}{'vs fine-tune':>14}")
-    print(f"{'':42}{'a step':>8}{'a step':>8}{'params':>10}{unit:>9}{unit:>8}{unit:>8}{unit:>8}{unit:>8}"
+    out(f"{'':42}{'a step':>8}{'a step':>8}{'params':>10}{unit:>9}{unit:>8}{unit:>8}{unit:>8}{unit:>8}"
           f"{'time  memory':>14}")
     wanted = [int(i) for i in args.rows.split(",")] if args.rows else range(len(ROWS))
     # fine-tune: 16 bytes a U-Net parameter (weights, gradients, two moments) plus activations and the text encoder
@@ -228,14 +237,22 @@ def main() -> None:
     for index in wanted:
         row = ROWS[index]
         if not row.lora and psutil.virtual_memory().available < need:
-            print(f"{row.label:42}skipped: needs about {need / GIB:.0f} GiB of free RAM, "
-                  f"{psutil.virtual_memory().available / GIB:.0f} GiB free")
+            free = psutil.virtual_memory().available
+            out(f"{row.label:42}skipped: needs about {need / GIB:.0f} GiB of free RAM, {free / GIB:.0f} GiB free")
+            if args.json:
+                print(json.dumps({"row": row.label, "skipped": f"needs {need} bytes of free RAM, {free} free"}))
             continue
         gc.collect()
         f = run_row(model, row, args.dim, args.batch, resolution // 8, steps,
                     torch.bfloat16 if args.mixed_precision == "bf16" else None)
         if not row.lora and not row.checkpointing:
             reference = f
+        if args.json:
+            print(json.dumps({"row": row.label, "lora": row.lora, "unet_only": row.unet_only,
+                              "checkpointing": row.checkpointing, "model": args.model, "resolution": resolution,
+                              "batch": args.batch, "dim": args.dim, "mixed_precision": args.mixed_precision, **f}),
+                  flush=True)
+            continue
         ratios = (f"{f['seconds'] / reference['seconds']:7.2f}{f['total'] / reference['total']:7.2f}"
                   if reference else f"{'':>14}")
         print(f"{row.label:42}{f['seconds']:8.2f}{f['wall']:8.2f}{f['trained_params'] / 1e6:9.2f}M"
