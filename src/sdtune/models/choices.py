@@ -34,3 +34,8 @@ ACTIVATION_CHOICES: tuple[str, ...] = (*A1111_ACTIVATION_NAMES, "softsign", "mis
 COMFYUI_ACTIVATIONS: frozenset[str] = frozenset(
     {"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"})
 NOT_IN_COMFYUI: tuple[str, ...] = tuple(a for a in ACTIVATION_CHOICES if a not in COMFYUI_ACTIVATIONS)
+
+# --torch_compile: torch.compile's backends (torch._dynamo.list_backends() names, as accelerate's dynamo_backend) and
+# inductor's modes (accelerate's dynamo_mode).
+DYNAMO_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager", "eager", "cudagraphs")
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

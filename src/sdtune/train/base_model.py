@@ -1,8 +1,8 @@
 """The model a run starts from: loaded once for training, fingerprinted, and the clip skip it conditions with.
 
 The fingerprint (of the U-Net, text encoder and VAE weights) goes into every training state, so ``--resume`` on a
-different base model fails before a step trains on it. Attention and gradient checkpointing are set here, before
-the target wraps or freezes any module.
+different base model fails before a step trains on it. Attention, gradient checkpointing, channels-last and
+torch.compile are set here, before the target wraps or freezes any module.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sdtune.models.attention import set_attention
+from sdtune.models.compile import compile_blocks, to_channels_last
 from sdtune.models.families import Family
 from sdtune.models.io import load_model, model_summary
 from sdtune.train.options import TrainOptions, attention_kind
@@ -36,6 +37,10 @@ def load_base_model(opts: TrainOptions, accelerator: Any, provenance: Optional[d
         model.unet.enable_gradient_checkpointing()
         if opts.train_text_encoder:
             model.text_encoder.gradient_checkpointing_enable()
+    if opts.channels_last:
+        to_channels_last(model.unet)
+    if opts.torch_compile:
+        compile_blocks(model.unet, opts.dynamo_backend, opts.dynamo_mode)
     return model, fingerprint
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from sdtune.data.dataset import CaptionRules, FineTuneData, RunBatches, run_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
+from sdtune.models.compile import recompile_room
 from sdtune.models.text import encode, tokenize
 from sdtune.precision_names import autocast_dtype_of
 from sdtune.seeds import derived_seed
@@ -365,7 +366,7 @@ class Trainer:
         target = noise_lib.target(self.model.prediction_type, self.noise_scheduler, latents, noise, timesteps)
         states = self.conditioning(batch["captions"])
         unet_dtype = next(self.model.unet.parameters()).dtype
-        with self.autocast():
+        with self.autocast(), recompile_room(self.opts.torch_compile):
             pred = self.unet(noisy.to(unet_dtype), timesteps, states.to(unet_dtype)).sample
         return noise_lib.prediction_loss(self.model.prediction_type, self.noise_scheduler, pred, target, timesteps,
                                          self.opts.min_snr_gamma)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from sdtune.errors import SdtuneError
 from sdtune.models.choices import (
     ACTIVATION_CHOICES,
+    COMPILE_MODES,
+    DYNAMO_BACKENDS,
     HYPERNETWORK_MODULES,
     LORA_MODULES,
     NETWORK_MODULES,
@@ -115,6 +117,15 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
                              "no fused kernel; next to SDPA it keeps more for backward (4.5 vs 1.7 GiB at 512 px)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: 83 % less activation memory "
                                        "(1.74 -> 0.29 GiB at 512 px, batch 1) for about 20-30 % more time per step")
+    torch_compile: bool = opt(False, "torch.compile the U-Net's transformer and ResNet blocks in place (faster steps "
+                              "after slow first ones; each block compiles about twice across bucket shapes)")
+    dynamo_backend: str = opt("inductor", "torch.compile backend (inductor generates kernels; aot_eager/eager "
+                              "only trace)", choices=DYNAMO_BACKENDS)
+    dynamo_mode: Optional[str] = opt(None, "inductor mode (reduce-overhead: CUDA graphs)", choices=COMPILE_MODES)
+    channels_last: bool = opt(False, "keep the U-Net's weights and activations in channels-last (NHWC) order, "
+                              "which NVIDIA tensor-core convolutions prefer (measure: on a CPU it is slower)")
+    persistent_data_loader_workers: bool = opt(False, "accepted for sd-scripts' command lines: sdtune's loader "
+                                               "already keeps its workers for the whole run")
     mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 speed up GPUs and cut activations by a "
                                "third, but keep half-precision weight copies (+1.3 GiB for SD 1.5); weights stay "
                                "fp32; fp16 uses dynamic loss scaling", choices=("no", "fp16", "bf16"))
@@ -235,6 +246,8 @@ def validate(opts: TrainOptions) -> None:
     if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
         raise SdtuneError(f"--min_snr_gamma must be positive (5 is typical), got {opts.min_snr_gamma}")
     validate_text_cache(opts)
+    if opts.dynamo_mode is not None and not opts.torch_compile:
+        raise SdtuneError(f"--dynamo_mode {opts.dynamo_mode} needs --torch_compile")
     if opts.lr_warmup_steps and opts.lr_scheduler == "constant":
         raise SdtuneError(f"--lr_warmup_steps {opts.lr_warmup_steps} does nothing with --lr_scheduler constant; use "
                           "--lr_scheduler constant_with_warmup (or another schedule), or drop --lr_warmup_steps")

@@ -1,0 +1,78 @@
+"""``--torch_compile``: the U-Net's repeated blocks compiled in place, and ``--channels_last``.
+
+**What is compiled.** Each ``BasicTransformerBlock`` (attention + feed-forward) and each ``ResnetBlock2D``, with
+:meth:`torch.nn.Module.compile`, as OneTrainer compiles transformer blocks: the blocks are where the time goes, a
+block compiles in seconds (the whole U-Net takes minutes and recompiles for any change around it), and blocks of the
+same shape share one compiled graph. ``Module.compile`` compiles the module's forward *in place*: the module is not
+wrapped, so its parameter names, and every checkpoint saved from it, stay as they were (no ``_orig_mod.`` prefix),
+and hooks (LoRA, hypernetworks) on layers inside a block still run (dynamo traces through them).
+
+**Bucket shapes.** ``dynamic=None`` is torch's automatic-dynamic mode: a block is compiled for the first shape it
+sees; when another bucket's shape arrives it is compiled once more with the changing sizes symbolic, and every later
+bucket reuses that graph. So a run with many buckets compiles each block about twice, not once per bucket. ``--
+dynamo_backend`` / ``--torch_compile_mode`` choose torch's backend (``inductor``, the default, generates kernels;
+``aot_eager`` and ``eager`` only trace, for debugging) and inductor's mode (``default``, ``reduce-overhead``: CUDA
+graphs, ``max-autotune``).
+
+**channels_last** stores 4-D weights and activations as NHWC, which NVIDIA's tensor-core convolutions prefer; on a
+CPU it changes the kernels PyTorch picks. The values are the same (up to float rounding); weights are made
+contiguous again when saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sdtune.models.choices import COMPILE_MODES, DYNAMO_BACKENDS
+
+logger = logging.getLogger(__name__)
+
+COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+RECOMPILE_LIMIT = 64  # per block class: its layouts x the bucket shapes before they turn dynamic
+
+
+def compile_blocks(unet: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> int:
+    """Compile every transformer and ResNet block of ``unet`` in place; returns how many were compiled."""
+    assert backend in DYNAMO_BACKENDS and (mode is None or mode in COMPILE_MODES), (backend, mode)
+    options: dict = {"backend": backend, "dynamic": None}
+    if backend == "inductor" and mode not in (None, "default"):
+        options["mode"] = mode
+    count = 0
+    for module in unet.modules():
+        if type(module).__name__ in COMPILED_BLOCKS:
+            module.compile(**options)
+            count += 1
+    logger.info("torch.compile (%s%s): %d U-Net blocks, each compiled on first use (slow first steps)", backend,
+                f", {mode}" if options.get("mode") else "", count)
+    return count
+
+
+def recompile_room(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """A context in which torch.compile may compile each block's code for up to :data:`RECOMPILE_LIMIT` shapes
+    (torch's default, 8, is shared by all the blocks of one class: an SD 1.5 U-Net's ResNet blocks alone come in
+    about a dozen channel layouts, and past the limit torch silently runs the rest uncompiled). Scoped: torch's
+    setting is back as it was outside the context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+
+
+def compiled_blocks(unet: nn.Module) -> int:
+    """How many of ``unet``'s modules are compiled in place (``Module.compile`` was called on them)."""
+    return sum(getattr(m, "_compiled_call_impl", None) is not None for m in unet.modules())
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """``module``'s 4-D weights in channels-last memory order (in place; returns it)."""
+    return module.to(memory_format=torch.channels_last)
+
+
+__all__ = ["COMPILED_BLOCKS", "RECOMPILE_LIMIT", "compile_blocks", "compiled_blocks", "recompile_room",
+           "to_channels_last"]
