@@ -207,6 +207,10 @@ def run_recipe(name: str, options: dict[str, Any], args, paths: dict[str, Path],
         train_batch_size=max(args.batches), learning_rate=1e-5, max_train_steps=10**6, seed=0,
         max_data_loader_n_workers=0, **options)
     trainer: Optional[Trainer] = None
+    groups = None
+    device = torch.device(common["device_type"])
+    if device.type == "cuda":  # what an earlier recipe left would count in this one's peak: say so
+        base["allocated_at_start_gib"] = round(torch.cuda.memory_allocated(device) / GIB, 3)
     try:
         trainer = Trainer(opts)
         base["encoded_on_the_fly"] = trainer.encodes_on_the_fly  # 0: the latent files were taken as valid
@@ -223,11 +227,12 @@ def run_recipe(name: str, options: dict[str, Any], args, paths: dict[str, Path],
                     if not is_oom(exc):
                         raise
                     oom_at = batch
-                    peak = torch.cuda.max_memory_allocated() / GIB if trainer.device.type == "cuda" else None
+                    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
                     record.update(oom=True, peak_vram_gib=None if peak is None else round(peak, 3),
                                   error=str(exc).splitlines()[0][:200])
+                if oom_at == batch:  # here, not in the except clause, whose traceback holds the step's tensors
                     trainer.optimizer.zero_grad(set_to_none=True)
-                    free_memory(trainer.device)
+                    free_memory(device)
             emit(record)
             rows.append(record)
     except Exception as exc:  # noqa: BLE001 - a benchmark reports what it could not run and goes on
@@ -240,8 +245,10 @@ def run_recipe(name: str, options: dict[str, Any], args, paths: dict[str, Path],
     finally:
         if trainer is not None:
             trainer.run_lock.release()
-        del trainer
-        free_memory(torch.device(common["device_type"]))
+        # the trainer holds reference cycles (bound methods in its parts) and the generator holds the trainer:
+        # drop both, then collect, so that the next recipe starts with none of this one's GPU memory
+        groups = trainer = None
+        free_memory(device)
     return rows
 
 
