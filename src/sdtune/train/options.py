@@ -118,12 +118,12 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: 83 % less activation memory "
                                        "(1.74 -> 0.29 GiB at 512 px, batch 1) for about 20-30 % more time per step")
     torch_compile: bool = opt(False, "torch.compile the U-Net's transformer and ResNet blocks in place (faster steps "
-                              "after slow first ones; each block compiles about twice across bucket shapes)")
+                              "after slow first ones; each block layout compiles about twice across bucket shapes)")
     dynamo_backend: str = opt("inductor", "torch.compile backend (inductor generates kernels; aot_eager/eager "
                               "only trace)", choices=DYNAMO_BACKENDS)
     dynamo_mode: Optional[str] = opt(None, "inductor mode (reduce-overhead: CUDA graphs)", choices=COMPILE_MODES)
     channels_last: bool = opt(False, "keep the U-Net's weights and activations in channels-last (NHWC) order, "
-                              "which NVIDIA tensor-core convolutions prefer (measure: on a CPU it is slower)")
+                              "which NVIDIA tensor-core convolutions prefer (off: not measured on a GPU yet)")
     persistent_data_loader_workers: bool = opt(False, "accepted for sd-scripts' command lines: sdtune's loader "
                                                "already keeps its workers for the whole run")
     mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 speed up GPUs and cut activations by a "
