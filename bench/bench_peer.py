@@ -166,6 +166,31 @@ def write_peer_dataset(root: Path, train_dir: Path, meta: dict) -> Path:
     return folder
 
 
+def sd_proportioned_vae(model, widths: list[int], layers: int):
+    """A random VAE of ``widths`` (the tiny model's configs otherwise): the encode-to-training ratio of SD 1.5."""
+    from sdtune.models.sd import build_modules
+    from sdtune.models.tiny import tiny_configs
+
+    configs = tiny_configs(model.family)
+    configs["vae"].update(block_out_channels=widths, layers_per_block=layers)
+    return build_modules(configs)[1]
+
+
+def vae_to_unet_flops(model, batch: int, size: int) -> float:
+    """FLOPs of the VAE encode of a batch over those of the U-Net's forward and backward on its latents (torch's
+    FlopCounterMode; SD 1.5 at 512 px: about 0.48)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pixels = torch.rand(batch, 3, size, size) * 2 - 1
+    with FlopCounterMode(display=False) as vae_flops, torch.no_grad():
+        latents = model.vae.encode(pixels).latent_dist.sample()
+    states = torch.randn(batch, 77, model.unet.config.cross_attention_dim)
+    with FlopCounterMode(display=False) as unet_flops:
+        model.unet(latents, torch.tensor([500] * batch), states).sample.mean().backward()
+    model.unet.zero_grad(set_to_none=True)
+    return vae_flops.get_total_flops() / unet_flops.get_total_flops()
+
+
 def vae_encode_seconds(model, batch: int, size: int, repeats: int = 5) -> float:
     """Seconds for the VAE to encode one batch of pixels (the peer's extra work each step)."""
     vae = model.vae.eval()
@@ -208,6 +233,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of each run")
     parser.add_argument("--warmup", type=int, default=3, help="first steps not counted")
     parser.add_argument("--width", type=int, default=64, help="U-Net base width (tiny: 32; SD: 320)")
+    parser.add_argument("--vae_widths", default="32,64,64,64",
+                        help="the VAE's block widths (SD: 128,256,512,512 with 2 layers per block; the default "
+                             "keeps SD 1.5's share of VAE encode in the peer's step, printed as a FLOP ratio)")
+    parser.add_argument("--vae_layers", type=int, default=1, help="the VAE's layers per block (SD: 2)")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="copy the work folder (logs, step times, outputs) here")
@@ -223,6 +252,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                   "unet_width": args.width}
     try:
         model = build_model(args.width)
+        model.vae = sd_proportioned_vae(model, [int(w) for w in args.vae_widths.split(",")], args.vae_layers)
         results["unet_params_m"] = round(sum(p.numel() for p in model.unet.parameters()) / 1e6, 2)
         model_path = save_model(model, work / "model", "diffusers_safetensors")
         make_dataset(work, count=args.images, size=args.size)
@@ -259,6 +289,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         show("bare_foreach", bare_foreach)
         encode = vae_encode_seconds(model, args.batch, args.size)
         results["vae_encode_s"] = round(encode, 4)
+        results["vae_to_unet_flops"] = round(vae_to_unet_flops(model, args.batch, args.size), 3)
+        print(f"VAE encode / U-Net training FLOPs: {results['vae_to_unet_flops']} (SD 1.5 at 512 px: ~0.48)")
         print(f"VAE encode of one batch (the peer's extra work each step): {encode:.4f} s", flush=True)
 
         peer = None
