@@ -22,7 +22,6 @@ import functools
 import logging
 import math
 import random
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -57,7 +56,7 @@ from sdtune.train.options import TrainOptions, optimizer_name, plan_run, validat
 from sdtune.train.precision import LossScaler, unscale_and_clip
 from sdtune.train.provenance import file_sha256, metadata_changed, read_provenance, write_provenance
 from sdtune.train.rng import seeded_global_rng, step_batch_index, step_generator
-from sdtune.train.run_folder import RunLock, claim_output_folder
+from sdtune.train.run_folder import RunLock, claim_output_folder, remove_spent_interrupted_state
 from sdtune.train.samples import SamplePolicy, sample_during_training, sample_path
 from sdtune.train.state import (
     Progress,
@@ -67,7 +66,7 @@ from sdtune.train.state import (
     resolve_resume,
     save_state,
 )
-from sdtune.train.summary import startup_lines
+from sdtune.train.summary import closing_lines, startup_lines
 from sdtune.train.targets import TrainTarget, make_target
 from sdtune.train.text_cache import text_encoder_cache
 
@@ -206,8 +205,7 @@ class Trainer:
         return Checkpoints(
             self.output_dir, SavePolicy.from_options(self.opts, self.plan.total_steps, self.plan.epochs),
             model_path=lambda name: target.checkpoint_path(self.output_dir, name),
-            # a schedule-free optimizer's evaluation weights are saved; the state keeps the training ones
-            write_model=lambda path: self.with_evaluation_weights(target.save_checkpoint, path, self.progress),
+            write_model=self.save_model,
             write_state=self.write_training_state if self.opts.save_state else None,
             is_main=self.is_main, barrier=self.accelerator.wait_for_everyone)
 
@@ -286,9 +284,10 @@ class Trainer:
 
     def finish(self, losses: list[float], elapsed: float) -> dict[str, Any]:
         """The final save and the closing summary; ``elapsed`` is the training itself, not the final save."""
-        opts, progress = self.opts, self.progress
+        progress = self.progress
         final = self.save(self.checkpoints.policy.name("last"))
-        self.remove_resumed_interrupted_state()
+        if self.is_main:
+            remove_spent_interrupted_state(self.output_dir, self.opts.resume)
         self.logs.close()
         result = {
             "model": final, "saved": list(self.saved), "global_step": progress.global_step,
@@ -297,12 +296,8 @@ class Trainer:
             "encoded_on_the_fly": self.encodes_on_the_fly,
         }
         if self.is_main:
-            logger.info("done: %d steps (%.2f steps/s); saved to %s", progress.global_step,
-                        result["steps_per_second"], final)
-            if opts.save_state:
-                logger.info("training state: %s", self.checkpoints.state_folder(self.checkpoints.policy.name("last")))
-            if self.logs.folder is not None:
-                logger.info("TensorBoard logs: %s (tensorboard --logdir %s)", self.logs.folder, opts.logging_dir)
+            for line in closing_lines(self, result):
+                logger.info("%s", line)
         return result
 
     def interrupted(self, exc: KeyboardInterrupt, bar: tqdm) -> None:
@@ -442,11 +437,11 @@ class Trainer:
         """Save the checkpoint (and the state with --save_state) as ``name``; rank 0 writes, the others wait."""
         return self.checkpoints.save(name)
 
-    def with_evaluation_weights(self, function, *args, **kwargs):
-        """``function(*args, **kwargs)`` with a schedule-free optimizer's evaluation weights in the model (the
-        training weights restored exactly after: :func:`sdtune.train.optim.evaluation_weights`)."""
+    def save_model(self, path: Path) -> None:
+        """Write the target's checkpoint file; with a schedule-free optimizer its evaluation weights (the state
+        keeps the training ones, for an exact --resume)."""
         with evaluation_weights(self.optimizer):
-            return function(*args, **kwargs)
+            self.target.save_checkpoint(path, self.progress)
 
     def write_training_state(self, folder: Path) -> None:
         """The --save_state folder: trained weights, optimizer, schedule, scaler, progress and provenance."""
@@ -457,15 +452,6 @@ class Trainer:
                                   "metadata_file": str(self.opts.in_json),
                                   "metadata_sha256": self.metadata_sha256,
                                   "clip_skip": self.clip_skip, "max_token_length": self.opts.max_token_length})
-
-    def remove_resumed_interrupted_state(self) -> None:
-        """After a finished run resumed from this folder's ``interrupted-state``, that state is spent: removed, so
-        that a later ``--resume`` of the folder does not go back to it."""
-        resumed = Path(self.opts.resume) if self.opts.resume else None
-        spent = self.output_dir / "interrupted-state"
-        if self.is_main and resumed is not None and spent.is_dir() and resumed.resolve() == spent.resolve():
-            shutil.rmtree(spent)
-            logger.info("removed %s: the run it resumed has finished", spent)
 
     # -------------------------------------------------------------------------------------------- reports
     def announce(self) -> None:
@@ -492,13 +478,13 @@ class Trainer:
         if self.is_main:
             # lines without --w/--h: the size most of the data trained at, not the family's 512/768 px
             (width, height), _ = max(self.data.buckets.counts().items(), key=lambda item: item[1])
-            paths = self.with_evaluation_weights(
-                sample_during_training,
-                self.model, self.opts.sample_prompts, self.output_dir / "sample", self.progress.global_step,
-                self.progress.epoch, self.opts.sample_sampler, clip_skip=self.clip_skip,
-                max_token_length=self.opts.max_token_length, device=self.device, seed=self.seed,
-                writer=self.logs.writer, output_name=self.opts.output_name, width=width, height=height,
-                **self.target.sample_options())
+            with evaluation_weights(self.optimizer):  # a schedule-free optimizer's; the others' as they are
+                paths = sample_during_training(
+                    self.model, self.opts.sample_prompts, self.output_dir / "sample", self.progress.global_step,
+                    self.progress.epoch, self.opts.sample_sampler, clip_skip=self.clip_skip,
+                    max_token_length=self.opts.max_token_length, device=self.device, seed=self.seed,
+                    writer=self.logs.writer, output_name=self.opts.output_name, width=width, height=height,
+                    **self.target.sample_options())
         self.accelerator.wait_for_everyone()
         return paths
 

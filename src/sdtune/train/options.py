@@ -227,24 +227,7 @@ def validate(opts: TrainOptions) -> None:
         raise SdtuneError("--full_fp16 needs --mixed_precision fp16")
     if opts.full_bf16 and opts.mixed_precision != "bf16":
         raise SdtuneError("--full_bf16 needs --mixed_precision bf16")
-    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        if not 0.0 <= getattr(opts, name) <= 1.0:
-            raise SdtuneError(f"--{name} is a probability, between 0 and 1; got {getattr(opts, name)}")
-    if opts.caption_dropout_every_n_epochs < 0 or opts.keep_tokens < 0:
-        raise SdtuneError("--caption_dropout_every_n_epochs and --keep_tokens must be 0 or more")
-    if opts.save_n_epoch_ratio is not None and opts.save_every_n_epochs is not None:
-        raise SdtuneError("--save_n_epoch_ratio and --save_every_n_epochs both set how often to save; pick one")
-    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_n_epoch_ratio",
-                 "save_last_n_steps"):
-        if getattr(opts, name) is not None and getattr(opts, name) < 1:
-            raise SdtuneError(f"--{name} must be 1 or more, got {getattr(opts, name)}")
-    if not 0 <= opts.min_timestep < opts.max_timestep <= 1000:
-        raise SdtuneError(f"--min_timestep {opts.min_timestep} and --max_timestep {opts.max_timestep}: need "
-                          "0 <= min < max <= 1000 (SD's schedule has timesteps 0-999)")
-    if opts.noise_offset < 0:
-        raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
-    if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
-        raise SdtuneError(f"--min_snr_gamma must be positive (5 is typical), got {opts.min_snr_gamma}")
+    validate_numbers(opts)
     validate_text_cache(opts)
     if opts.dynamo_mode is not None and not opts.torch_compile:
         raise SdtuneError(f"--dynamo_mode {opts.dynamo_mode} needs --torch_compile")
@@ -277,6 +260,28 @@ def validate(opts: TrainOptions) -> None:
         raise SdtuneError(f"--train_data_dir {opts.train_data_dir}: no such folder")
     validate_hypernetwork_options(opts)
     validate_network_options(opts)
+
+
+def validate_numbers(opts: TrainOptions) -> None:
+    """The ranges of the caption, save-schedule and noise numbers."""
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0.0 <= getattr(opts, name) <= 1.0:
+            raise SdtuneError(f"--{name} is a probability, between 0 and 1; got {getattr(opts, name)}")
+    if opts.caption_dropout_every_n_epochs < 0 or opts.keep_tokens < 0:
+        raise SdtuneError("--caption_dropout_every_n_epochs and --keep_tokens must be 0 or more")
+    if opts.save_n_epoch_ratio is not None and opts.save_every_n_epochs is not None:
+        raise SdtuneError("--save_n_epoch_ratio and --save_every_n_epochs both set how often to save; pick one")
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_n_epoch_ratio",
+                 "save_last_n_steps"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise SdtuneError(f"--{name} must be 1 or more, got {getattr(opts, name)}")
+    if not 0 <= opts.min_timestep < opts.max_timestep <= 1000:
+        raise SdtuneError(f"--min_timestep {opts.min_timestep} and --max_timestep {opts.max_timestep}: need "
+                          "0 <= min < max <= 1000 (SD's schedule has timesteps 0-999)")
+    if opts.noise_offset < 0:
+        raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
+    if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
+        raise SdtuneError(f"--min_snr_gamma must be positive (5 is typical), got {opts.min_snr_gamma}")
 
 
 def validate_optimizer(opts: TrainOptions) -> None:

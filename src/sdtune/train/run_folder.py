@@ -147,6 +147,15 @@ def remove_earlier_run_files(output_dir: Path, earlier: list[Path]) -> None:
                        output_dir)
 
 
+def remove_spent_interrupted_state(output_dir: Path, resumed: Optional[str]) -> None:
+    """After a finished run resumed from ``output_dir``'s ``interrupted-state``, that state is spent: removed, so
+    that a later ``--resume`` of the folder does not go back to it."""
+    spent = Path(output_dir) / "interrupted-state"
+    if resumed and spent.is_dir() and Path(resumed).resolve() == spent.resolve():
+        shutil.rmtree(spent)
+        logger.info("removed %s: the run it resumed has finished", spent)
+
+
 def claim_output_folder(opts: Any, lock: RunLock, is_main: bool, barrier: Callable[[], None]) -> None:
     """Before any model loads: every folder the run writes can be written, no other run holds it, and no earlier
     run's files would be replaced in silence (``opts``: ``sdtune train``'s options; ``barrier``: accelerate's

@@ -44,6 +44,17 @@ def startup_lines(trainer: Trainer) -> list[str]:
     return lines
 
 
+def closing_lines(trainer: Trainer, result: dict) -> list[str]:
+    """The end-of-run summary: steps and speed, the final file, the state folder and the logs."""
+    lines = [f"done: {result['global_step']} steps ({result['steps_per_second']:.2f} steps/s); saved to "
+             f"{result['model']}"]
+    if trainer.opts.save_state:
+        lines.append(f"training state: {trainer.checkpoints.state_folder(trainer.checkpoints.policy.name('last'))}")
+    if trainer.logs.folder is not None:
+        lines.append(f"TensorBoard logs: {trainer.logs.folder} (tensorboard --logdir {trainer.opts.logging_dir})")
+    return lines
+
+
 def device_description(device: torch.device) -> str:
     """The device, with the GPU's name."""
     if device.type == "cuda":
