@@ -42,6 +42,7 @@ from sdtune.train import noise as noise_lib
 from sdtune.train.accelerator import make_accelerator
 from sdtune.train.base_model import load_base_model, resolve_clip_skip
 from sdtune.train.checkpoints import Checkpoints, SavePolicy
+from sdtune.train.fused_backward import FusedBackward
 from sdtune.train.interrupt import StopRequest, TrainingStopped
 from sdtune.train.logs import RunLogs, progress_bar
 from sdtune.train.lora_metadata import training_metadata
@@ -129,6 +130,8 @@ class Trainer:
         self.target = self._make_target()
         self.trainable = [p for g in self.target.param_groups for p in g["params"]]
         self.optimizer = self._make_optimizer()
+        self.fused_backward = FusedBackward(self.optimizer, self.trainable, opts.max_grad_norm) \
+            if opts.fused_backward_pass else None
         self.checkpoints = self._make_checkpoints()
         self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
                                                self.plan.total_steps, opts.lr_scheduler_num_cycles,
@@ -383,6 +386,8 @@ class Trainer:
 
     def finish_gradients(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:func:`sdtune.train.precision.unscale_and_clip` of the trainable gradients."""
+        if self.fused_backward is not None:  # stepped, clipped and freed during backward
+            return torch.zeros(1, device=self.device), None
         grads = [p.grad for p in self.trainable if p.grad is not None]
         return unscale_and_clip(grads, self.scaler, self.opts.max_grad_norm, self.device)
 
@@ -409,7 +414,8 @@ class Trainer:
         if overflow:
             self.skip_step(scale_value * self.scaler.backoff_factor)
         else:
-            step_with_factor(self.optimizer, [p.grad for p in self.trainable if p.grad is not None], factor)
+            if self.fused_backward is None:
+                step_with_factor(self.optimizer, [p.grad for p in self.trainable if p.grad is not None], factor)
             self.lr_scheduler.step()
             self.update_figures = self.target.after_update()
         self.optimizer.zero_grad(set_to_none=True)
