@@ -149,12 +149,16 @@ def test_adaptive_optimizers_warn_about_a_fine_tuning_learning_rate(caplog):
 
 
 def test_adamw_takes_the_multi_tensor_step_with_the_plain_steps_result():
-    """On a CPU the built AdamW has foreach=True (fused=True on CUDA); a few steps of a small conv net match
-    torch's single-tensor loop within float tolerance. --optimizer_args foreach=False is kept."""
+    """On a CPU the built AdamW keeps torch's default (the per-tensor loop, faster there: see optim._fast_adamw;
+    fused=True on CUDA); --optimizer_args foreach=True gives the multi-tensor step, and a few steps of a small conv
+    net match torch's single-tensor loop within float tolerance. --optimizer_args foreach=False is kept."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SiLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
     twin = copy.deepcopy(model)
-    fast = build_optimizer("AdamW", [{"params": list(model.parameters()), "lr": 1e-2}], 1e-2, {"weight_decay": 0.1})
+    default = build_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.ones(2))]}], 1e-3, {})
+    assert not default.defaults.get("foreach") and not default.defaults.get("fused")
+    fast = build_optimizer("AdamW", [{"params": list(model.parameters()), "lr": 1e-2}], 1e-2,
+                           {"weight_decay": 0.1, "foreach": True})
     plain = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
     assert fast.defaults["foreach"] is True and not fast.defaults.get("fused")
     for _ in range(4):
