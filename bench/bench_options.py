@@ -10,8 +10,8 @@ SD1-topology U-Net, cached latents).
     .venv/bin/python bench/bench_options.py [--steps 20] [--warmup 4] [--rounds 3] [--width 64] [--batch 4]
         [--threads 2] [--compile]
 
-Options compared: the plain run (torch's per-tensor AdamW on a CPU, the default there), foreach AdamW, --cache_text_encoder_outputs,
---channels_last, and with --compile --torch_compile (inductor: minutes of compilation on a CPU). Prints one JSON
+Options compared: the plain run (torch's per-tensor AdamW on a CPU, the default there), foreach AdamW,
+--cache_text_encoder_outputs,--channels_last, and with --compile --torch_compile (inductor: minutes of compilation on a CPU). Prints one JSON
 line per configuration and the ratio to the plain run. Not a test: nothing here asserts a time.
 """
 

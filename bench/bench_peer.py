@@ -32,10 +32,8 @@ under a CPU-only torch (``operator torchvision::nms does not exist``); the launc
 peer then stubs ``torchvision._meta_registrations`` (the fake-tensor registrations of those operators, which the
 peer never calls; its transforms are pure Python on PIL images) and runs the script unchanged with ``runpy``.
 
-Not quite the same step in one more way: sdtune's AdamW runs torch's multi-tensor (foreach) kernel on the CPU
-(fused on CUDA; src/sdtune/train/optim.py), while the bare loop and the peer take ``torch.optim.AdamW``'s default,
-which on the CPU updates one tensor at a time. So ``bare`` runs twice: as bench_train.py wrote it (the peer's
-optimizer) and as ``bare_foreach`` (sdtune's); sdtune / bare_foreach is sdtune's overhead.
+All three use ``torch.optim.AdamW``'s CPU default (one tensor at a time; sdtune picks the fused kernel on CUDA
+only, src/sdtune/train/optim.py), so sdtune / bare is sdtune's overhead.
 
 Measured 2026-12-04 (2-core CPU shared with other jobs, 1 thread; the tiny SD1 model with a 64-channel U-Net as in
 bench_train.py, 12.7M U-Net parameters; 16 images, 128 px (16x16 latents), batch 4, 30 steps, 3 warm-up; the peer at
@@ -69,7 +67,6 @@ Not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -203,20 +200,13 @@ def vae_encode_seconds(model, batch: int, size: int, repeats: int = 5) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def bare_seconds(model_path: Path, data: FineTuneData, steps: int, batch: int, warmup: int,
-                 foreach: bool = False) -> dict[str, float]:
-    """bench_train.bare_loop, its optimizer steps timed by the same global hook as the subprocesses'. ``foreach``:
-    its ``torch.optim.AdamW`` made with ``foreach=True`` (the multi-tensor kernel sdtune uses off CUDA), for the
-    length of the call."""
+def bare_seconds(model_path: Path, data: FineTuneData, steps: int, batch: int, warmup: int) -> dict[str, float]:
+    """bench_train.bare_loop, its optimizer steps timed by the same global hook as the subprocesses'."""
     times: list[float] = []
     handle = register_optimizer_step_post_hook(lambda *_: times.append(time.perf_counter()))
-    adamw = torch.optim.AdamW
-    if foreach:
-        torch.optim.AdamW = functools.partial(adamw, foreach=True)
     try:
         bare_loop(model_path, data, steps, batch, 0)
     finally:
-        torch.optim.AdamW = adamw
         handle.remove()
     return step_seconds(times, warmup)
 
@@ -285,8 +275,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         bare_seconds(model_path, data, args.warmup + 2, args.batch, 1)  # warm-up (first-call allocations, imports)
         bare = bare_seconds(model_path, data, args.steps, args.batch, args.warmup)
         show("bare", bare)
-        bare_foreach = bare_seconds(model_path, data, args.steps, args.batch, args.warmup, foreach=True)
-        show("bare_foreach", bare_foreach)
         encode = vae_encode_seconds(model, args.batch, args.size)
         results["vae_encode_s"] = round(encode, 4)
         results["vae_to_unet_flops"] = round(vae_to_unet_flops(model, args.batch, args.size), 3)
@@ -320,11 +308,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 show("peer", peer)
         else:
             print("peer        : not run (no --peer_script)")
-        s, b, bf = sdtune["median"], bare["median"], bare_foreach["median"]
-        print(f"ratio sdtune / bare : {s / b:6.3f}; sdtune / bare_foreach (the same AdamW kernel as sdtune's): "
-              f"{s / bf:6.3f}  (1.0 = no overhead)")
+        s, b = sdtune["median"], bare["median"]
+        print(f"ratio sdtune / bare : {s / b:6.3f}  (1.0 = no overhead)")
         results["ratio_sdtune_over_bare"] = round(s / b, 3)
-        results["ratio_sdtune_over_bare_foreach"] = round(s / bf, 3)
         if peer is not None:
             p = peer["median"]
             print(f"ratio sdtune / peer : {s / p:6.3f}  (below 1: sdtune faster)")
