@@ -32,8 +32,8 @@ def _smooth(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 
 
 def bench_prepare(root: Path, n: int) -> None:
-    from sdtune.data.prepare import PrepareOptions, prepare_latents
     from sdtune.data.metadata import save_metadata
+    from sdtune.data.prepare import PrepareOptions, prepare_latents
     from sdtune.models.tiny import build_tiny
 
     train = root / "train"

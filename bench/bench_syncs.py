@@ -21,16 +21,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from bench_train import build_model, make_dataset
+
 from sdtune.data.dataset import FineTuneData
-from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents
 from sdtune.data.metadata import load_metadata
+from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents
 from sdtune.models.io import load_model
 from sdtune.models.save import save_model
 from sdtune.models.text import encode_prompts
 from sdtune.train import noise as noise_lib
-from sdtune.train.loop import TrainOptions, Trainer
+from sdtune.train.loop import Trainer, TrainOptions
 from sdtune.train.syncs import HostSyncCounter, count_run_syncs
 
 CONFIGS = {

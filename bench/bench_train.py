@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 
 from sdtune.data.dataset import FineTuneData
-from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents
 from sdtune.data.metadata import load_metadata, save_metadata
+from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents
 from sdtune.models.io import load_model
 from sdtune.models.save import save_model
 from sdtune.models.text import encode_prompts
 from sdtune.models.tiny import build_tiny
 from sdtune.train import noise as noise_lib
-from sdtune.train.loop import TrainOptions, Trainer
+from sdtune.train.loop import Trainer, TrainOptions
 
 
 def make_dataset(root: Path, count: int, size: int) -> None:
