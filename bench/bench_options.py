@@ -12,7 +12,8 @@ SD1-topology U-Net, cached latents).
 
 Options compared: the plain run (torch's per-tensor AdamW on a CPU, the default there), foreach AdamW,
 --cache_text_encoder_outputs, --channels_last, and with --compile --torch_compile (inductor: minutes of compilation
-on a CPU). Prints one JSON line per configuration and the ratio to the plain run. Not a test: nothing here asserts a time.
+on a CPU). Prints one JSON line per configuration and the ratio to the plain run.
+Not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
