@@ -128,6 +128,7 @@ def test_gradient_checkpointing_trains_the_same_lora(prepared, tmp_path):
     plain.run()
     checkpointed = Trainer(lora_options(prepared, tmp_path / "ckpt", gradient_checkpointing=True, max_train_steps=2))
     assert checkpointed.model.unet.is_gradient_checkpointing
+    assert checkpointed.model.text_encoder.is_gradient_checkpointing  # its LoRA trains: as sd-scripts
     start = initial(checkpointed)
     result = checkpointed.run()
     check_file(checkpointed, result, start)

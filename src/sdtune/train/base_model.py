@@ -35,7 +35,8 @@ def load_base_model(opts: TrainOptions, accelerator: Any, provenance: Optional[d
     set_attention(model.unet, attention_kind(opts))
     if opts.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        if opts.train_text_encoder:
+        trains_te_lora = opts.network_module is not None and not opts.network_train_unet_only
+        if opts.train_text_encoder or trains_te_lora:  # as sd-scripts: a text-encoder LoRA too
             model.text_encoder.gradient_checkpointing_enable()
     if opts.channels_last:
         to_channels_last(model.unet)
