@@ -33,7 +33,9 @@ def full_size_fp16(name: str, seed: int = 0) -> StableDiffusion:
     """A full-size model of family ``name`` in fp16 with pseudo-random weights, built fast and lean: the modules are
     made on the meta device, cast there, then allocated once in fp16 (no float32 copy), and every tensor is a window
     of one shared pool of random values at its own random offset (drawing 1.3 billion normal samples would take
-    most of a minute). Enough to tell every tensor from any other, which is all the key-mapping tests need."""
+    most of a minute), each matrix and kernel scaled by 1 / sqrt(fan-in) so that a forward pass stays finite and a
+    training step on the model gives a finite loss. Enough to tell every tensor from any other, which is all the
+    key-mapping tests need."""
     from accelerate import init_empty_weights
 
     from sdtune.models.families import get_family
@@ -58,5 +60,7 @@ def full_size_fp16(name: str, seed: int = 0) -> StableDiffusion:
                     n = min(pool.numel(), flat.numel() - done)
                     flat[done:done + n].copy_(doubled[start:start + n])
                     done += n
+                if p.dim() > 1:  # so that activations stay finite through the full depth and a step can train
+                    p.mul_(float(p[0].numel()) ** -0.5)
     unet, vae, text = modules
     return StableDiffusion(family, unet, vae, text, packaged_tokenizer(family.pad_token))
