@@ -1,5 +1,11 @@
 """What a run shows while it trains: the progress bar on the console and the TensorBoard scalars.
 
+**Loss by timestep quartile** (``loss/q0`` .. ``loss/q3``, as guided-diffusion logs its loss terms): the diffusion
+loss depends mostly on the timestep drawn (near 0 the noise is easy to see, near 1000 hard), so the per-step loss
+is too noisy to follow; the mean squared error of each quarter of the schedule is not. Each optimizer step's
+samples (all ranks', all micro-batches) are summed per quarter on the device, and read with the step's other
+figures in its one host wait; a quarter without a sample that step is not logged for it.
+
 Only the main process shows or writes anything; on other ranks, and without ``--logging_dir``, the calls do nothing.
 TensorBoard is imported when a log is opened, not before (it is slow to import and most runs never log).
 """
@@ -11,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from tqdm import tqdm
 
 from sdtune.train.interrupt import TolerantStream
@@ -42,6 +49,32 @@ class RunLogs:
         """Flush and close the log."""
         if self.writer is not None:
             self.writer.close()
+
+
+class TimestepQuartiles:
+    """Per-quarter sums and counts of the unweighted per-sample loss of one optimizer step, on the device."""
+
+    def __init__(self, num_train_timesteps: int, device: torch.device) -> None:
+        self.num_train_timesteps = num_train_timesteps
+        self.totals = torch.zeros(2, 4, device=device)  # row 0: loss sums, row 1: sample counts
+
+    def reset(self) -> None:
+        """A new step."""
+        self.totals.zero_()
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> None:
+        """Add a micro-batch's per-sample mean squared errors to their timesteps' quarters."""
+        with torch.no_grad():
+            per_sample = (pred.detach().float() - target.float()).square().mean(dim=tuple(range(1, pred.dim())))
+            quarter = (timesteps.long() * 4 // self.num_train_timesteps).clamp(0, 3)
+            self.totals[0].index_add_(0, quarter, per_sample)
+            self.totals[1].index_add_(0, quarter, torch.ones_like(per_sample))
+
+    @staticmethod
+    def figures(values: list[float]) -> dict[str, float]:
+        """``loss/q<i>`` for each quarter that had samples, from the 8 values of :attr:`totals` (read)."""
+        sums, counts = values[:4], values[4:]
+        return {f"loss/q{i}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0}
 
 
 def progress_bar(total: int, done: int, is_main: bool) -> tqdm:

@@ -44,7 +44,7 @@ from sdtune.train.base_model import load_base_model, resolve_clip_skip
 from sdtune.train.checkpoints import Checkpoints, SavePolicy
 from sdtune.train.fused_backward import FusedBackward
 from sdtune.train.interrupt import StopRequest, TrainingStopped
-from sdtune.train.logs import RunLogs, progress_bar
+from sdtune.train.logs import RunLogs, TimestepQuartiles, progress_bar
 from sdtune.train.lora_metadata import training_metadata
 from sdtune.train.optim import (
     build_lr_scheduler,
@@ -104,6 +104,7 @@ class Trainer:
         self.stop = StopRequest()
         self.in_step = False
         self.update_figures: dict[str, torch.Tensor] = {}
+        self.quartile_figures: dict[str, float] = {}
         self.run_lock = RunLock(self.output_dir)
         # before any model loads: a folder that cannot be written, or another run's, fails now
         claim_output_folder(opts, self.run_lock, self.is_main, self.accelerator.wait_for_everyone)
@@ -125,6 +126,8 @@ class Trainer:
         self.noise_scheduler = self.model.noise_scheduler()
         # on the device once: the noise coefficients are looked up every step without a copy
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.quartiles = TimestepQuartiles(self.noise_scheduler.config.num_train_timesteps, self.device) \
+            if opts.logging_dir else None  # on every rank: its sums join the step's one reduce
         batches = len(self.data.epoch_batches(0, self.seed, opts.train_batch_size, self.world, self.rank))
         self.plan = plan_run(opts, len(self.data.examples), batches, self.world)
         self.target = self._make_target()
@@ -366,12 +369,16 @@ class Trainer:
         unet_dtype = next(self.model.unet.parameters()).dtype
         with self.autocast(), recompile_room(self.opts.torch_compile):
             pred = self.unet(noisy.to(unet_dtype), timesteps, states.to(unet_dtype)).sample
+        if self.quartiles is not None:
+            self.quartiles.add(pred, target, timesteps)
         return noise_lib.prediction_loss(self.model.prediction_type, self.noise_scheduler, pred, target, timesteps,
                                          self.opts.min_snr_gamma)
 
     def backward(self, group: list[dict[str, Any]]) -> torch.Tensor:
         """Forward and backward of a step's micro-batches (gradient accumulation); their mean loss, on the device."""
         step, total = self.progress.global_step, torch.zeros((), device=self.device)
+        if self.quartiles is not None:
+            self.quartiles.reset()
         for i, batch in enumerate(group):
             index = step_batch_index(i, self.world, self.rank)
             no_sync = i < len(group) - 1 and self.world > 1 and self.unet is not self.model.unet
@@ -401,10 +408,14 @@ class Trainer:
         scale = self.scaler.scale_tensor if self.scaler is not None else torch.ones((), device=self.device)
         flags = torch.stack([loss, found_inf.reshape(()), torch.tensor(float(self.stop.requested),
                                                                         device=self.device), scale.float()])
-        if self.world > 1:  # the mean loss; any rank's overflow or stop; the scale (the same on every rank)
-            flags = self.accelerator.reduce(flags, reduction="sum") / torch.tensor([self.world, 1, 1, self.world],
-                                                                                   device=self.device)
-        loss_value, overflow, stop, scale_value = flags.tolist()
+        if self.quartiles is not None:  # the loss by timestep quarter, read in the same wait
+            flags = torch.cat([flags, self.quartiles.totals.flatten()])
+        if self.world > 1:  # the mean loss; any rank's overflow or stop; the scale (the same on every rank); sums
+            divisors = torch.ones_like(flags)
+            divisors[0] = divisors[3] = self.world
+            flags = self.accelerator.reduce(flags, reduction="sum") / divisors
+        loss_value, overflow, stop, scale_value, *quarters = flags.tolist()
+        self.quartile_figures = TimestepQuartiles.figures(quarters) if quarters else {}
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
                 f"the loss became {loss_value} at step {self.progress.global_step + 1}; training stopped. The last "
@@ -472,7 +483,7 @@ class Trainer:
         lrs = self.lr_scheduler.get_last_lr()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", epoch=self.progress.epoch + 1)
-        figures = {f"lr/{name}": lr for name, lr in zip(self.target.group_names, lrs)}
+        figures = {f"lr/{name}": lr for name, lr in zip(self.target.group_names, lrs)} | self.quartile_figures
         if self.update_figures and self.logs.writer is not None:  # one more wait, only when they are logged
             figures.update({f"network/{k}": float(v) for k, v in self.update_figures.items()})
         self.logs.scalars({"loss/step": loss, **figures}, step)
