@@ -42,6 +42,7 @@ from sdtune.train import noise as noise_lib
 from sdtune.train.accelerator import make_accelerator
 from sdtune.train.base_model import load_base_model, resolve_clip_skip
 from sdtune.train.checkpoints import Checkpoints, SavePolicy
+from sdtune.train.ema import EMA_FILE, Ema, ema_weights
 from sdtune.train.fused_backward import FusedBackward
 from sdtune.train.interrupt import StopRequest, TrainingStopped
 from sdtune.train.logs import RunLogs, TimestepQuartiles, progress_bar
@@ -63,6 +64,7 @@ from sdtune.train.state import (
     Progress,
     check_resume_compatible,
     load_optimizer_and_scheduler,
+    load_pickled_state,
     read_progress,
     resolve_resume,
     save_state,
@@ -135,6 +137,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.fused_backward = FusedBackward(self.optimizer, self.trainable, opts.max_grad_norm) \
             if opts.fused_backward_pass else None
+        self.ema = Ema(self.trainable, opts.ema_decay, opts.ema_inv_gamma, opts.ema_power) if opts.use_ema else None
         self.checkpoints = self._make_checkpoints()
         self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
                                                self.plan.total_steps, opts.lr_scheduler_num_cycles,
@@ -143,6 +146,8 @@ class Trainer:
         self.scaler = LossScaler(self.device) if opts.mixed_precision == "fp16" else None
         if opts.resume:
             scaler_state = load_optimizer_and_scheduler(Path(opts.resume), self.optimizer, self.lr_scheduler)
+            if self.ema is not None:
+                self.ema.load(load_pickled_state(Path(opts.resume), EMA_FILE))
             if self.scaler is not None and scaler_state:
                 self.scaler.load_state_dict(scaler_state)
         self.unet, self.text_encoder = self.target.prepare(self.accelerator)
@@ -429,6 +434,8 @@ class Trainer:
                 step_with_factor(self.optimizer, [p.grad for p in self.trainable if p.grad is not None], factor)
             self.lr_scheduler.step()
             self.update_figures = self.target.after_update()
+            if self.ema is not None:
+                self.ema.step()
         self.optimizer.zero_grad(set_to_none=True)
         if stop and not self.stop.requested:
             self.stop.signal_name = "SIGINT"  # another rank was interrupted: stop together
@@ -457,13 +464,15 @@ class Trainer:
     def save_model(self, path: Path) -> None:
         """Write the target's checkpoint file; with a schedule-free optimizer its evaluation weights (the state
         keeps the training ones, for an exact --resume)."""
-        with evaluation_weights(self.optimizer):
+        with evaluation_weights(self.optimizer), ema_weights(self.ema):
             self.target.save_checkpoint(path, self.progress)
 
     def write_training_state(self, folder: Path) -> None:
         """The --save_state folder: trained weights, optimizer, schedule, scaler, progress and provenance."""
         save_state(folder, self.progress, self.target.modules, self.optimizer, self.lr_scheduler,
                    self.scaler.state_dict() if self.scaler else None)
+        if self.ema is not None:
+            self.ema.save(folder)
         write_provenance(folder, {"base_model": str(self.opts.pretrained_model_name_or_path),
                                   "base_fingerprint": self.base_fingerprint,
                                   "metadata_file": str(self.opts.in_json),
@@ -495,7 +504,7 @@ class Trainer:
         if self.is_main:
             # lines without --w/--h: the size most of the data trained at, not the family's 512/768 px
             (width, height), _ = max(self.data.buckets.counts().items(), key=lambda item: item[1])
-            with evaluation_weights(self.optimizer):  # a schedule-free optimizer's; the others' as they are
+            with evaluation_weights(self.optimizer), ema_weights(self.ema):  # what a checkpoint would hold
                 paths = sample_during_training(
                     self.model, self.opts.sample_prompts, self.output_dir / "sample", self.progress.global_step,
                     self.progress.epoch, self.opts.sample_sampler, clip_skip=self.clip_skip,

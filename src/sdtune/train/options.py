@@ -129,6 +129,12 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
                                     "gradient (AdamW/Adafactor): saves nearly all gradient memory (3.2 GiB for SD "
                                     "1.5 in fp32); no gradient accumulation, fp16 loss scaling or DDP; "
                                     "--max_grad_norm then clips each parameter's gradient")
+    use_ema: bool = opt(False, "keep an exponential moving average of the trained weights (one more copy of them "
+                        "on the device) and save and sample with it")
+    ema_decay: float = opt(0.9999, "EMA decay per step (fixed from the second step; the cap with --ema_inv_gamma)")
+    ema_inv_gamma: Optional[float] = opt(None, "EMA warm-up as diffusers': decay 1 - (1 + step / inv_gamma) ** "
+                                         "-power, capped at --ema_decay (1.0 is diffusers' value)")
+    ema_power: float = opt(2 / 3, "EMA warm-up power (with --ema_inv_gamma; 2/3 diffusers', 3/4 for short runs)")
     persistent_data_loader_workers: bool = opt(False, "accepted for sd-scripts' command lines: sdtune's loader "
                                                "already keeps its workers for the whole run")
     mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 speed up GPUs and cut activations by a "
@@ -246,6 +252,10 @@ def validate(opts: TrainOptions) -> None:
                           "--use_8bit_adam, or use --optimizer_type AdamW8bit alone")
     validate_optimizer(opts)
     validate_fused_backward(opts)
+    if opts.use_ema and not 0.0 < opts.ema_decay < 1.0:
+        raise SdtuneError(f"--ema_decay is a factor between 0 and 1 (0.999-0.9999 typical), got {opts.ema_decay}")
+    if (opts.ema_inv_gamma is not None or opts.ema_decay != 0.9999) and not opts.use_ema:
+        raise SdtuneError("--ema_decay / --ema_inv_gamma need --use_ema")
     if opts.clip_skip is not None and opts.clip_skip < 1:
         raise SdtuneError("--clip_skip must be 1 or more")
     if sum([opts.xformers, opts.mem_eff_attn, opts.sdpa]) > 1:

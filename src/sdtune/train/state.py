@@ -136,6 +136,11 @@ def _load_pickle(path: Path) -> Any:
         raise SdtuneError(f"{path}: not readable ({type(exc).__name__}: {str(exc)[:200]})" + _DAMAGED) from exc
 
 
+def load_pickled_state(folder: Path, name: str) -> Any:
+    """``<folder>/<name>`` (a .pt the state folder holds, e.g. the EMA's), read with ``weights_only=True``."""
+    return _load_pickle(Path(folder) / name)
+
+
 def load_module_weights(folder: Path, name: str, module: torch.nn.Module) -> None:
     """Load ``<name>.safetensors`` of a state folder into ``module`` (strict)."""
     path = Path(folder) / f"{name}.safetensors"
