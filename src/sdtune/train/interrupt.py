@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
-from typing import Any, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +83,18 @@ class TolerantStream:
                 self.stream.flush()
             except (BrokenPipeError, ValueError):
                 self.broken = True
+
+
+def report_stop(exc: KeyboardInterrupt, bar: Any, state: Path, save: Optional[Callable[[Path], Any]], step: int,
+                is_main: bool, save_state: bool) -> None:
+    """After a stop: ``save(state)`` first when given (the step boundary is consistent), then close the progress
+    bar and say how to resume (or why there is nothing to resume from)."""
+    if save is not None:
+        save(state)
+    bar.close()
+    how = exc.signal_name if isinstance(exc, TrainingStopped) else "Ctrl-C"
+    if save is not None:
+        logger.info("stopped by %s after step %d: resume with --resume %s", how, step, state)
+    elif is_main:
+        logger.info("stopped by %s at step %d%s", how, step,
+                    "" if save_state else " (no --save_state: nothing to resume from)")

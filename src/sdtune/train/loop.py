@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import logging
 import math
-import random
 import time
 import warnings
 from pathlib import Path
@@ -44,7 +43,7 @@ from sdtune.train.base_model import load_base_model, resolve_clip_skip
 from sdtune.train.checkpoints import Checkpoints, SavePolicy
 from sdtune.train.ema import EMA_FILE, Ema, ema_weights
 from sdtune.train.fused_backward import FusedBackward
-from sdtune.train.interrupt import StopRequest, TrainingStopped
+from sdtune.train.interrupt import StopRequest, TrainingStopped, report_stop
 from sdtune.train.logs import RunLogs, TimestepQuartiles, progress_bar
 from sdtune.train.lora_metadata import training_metadata
 from sdtune.train.optim import (
@@ -56,18 +55,16 @@ from sdtune.train.optim import (
 )
 from sdtune.train.options import TrainOptions, optimizer_name, plan_run, validate
 from sdtune.train.precision import LossScaler, unscale_and_clip
-from sdtune.train.provenance import file_sha256, metadata_changed, read_provenance, write_provenance
+from sdtune.train.provenance import file_sha256, write_provenance
 from sdtune.train.rng import seeded_global_rng, step_batch_index, step_generator
 from sdtune.train.run_folder import RunLock, claim_output_folder, remove_spent_interrupted_state
 from sdtune.train.samples import SamplePolicy, sample_during_training, sample_path
 from sdtune.train.state import (
-    Progress,
-    check_resume_compatible,
     load_optimizer_and_scheduler,
     load_pickled_state,
-    read_progress,
     resolve_resume,
     save_state,
+    start_progress,
 )
 from sdtune.train.summary import closing_lines, startup_lines
 from sdtune.train.targets import TrainTarget, make_target
@@ -96,7 +93,8 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.output_dir = Path(opts.output_dir)
-        self.progress, self.provenance = self._progress()
+        self.progress, self.provenance = start_progress(opts, self.world, self.is_main,
+                                                        lambda: self.metadata_sha256)
         self.seed = self.progress.seed
         self.caption_rules = CaptionRules(
             shuffle=opts.shuffle_caption, keep_tokens=opts.keep_tokens, dropout_rate=opts.caption_dropout_rate,
@@ -157,22 +155,6 @@ class Trainer:
             self.model.text_encoder.to("cpu")  # samples bring it back for their call
 
     # -------------------------------------------------------------------------------------------- set-up
-    def _progress(self) -> tuple[Progress, Optional[dict[str, Any]]]:
-        """A new run's progress (with its seed), or the resumed state's, checked against this run's options."""
-        opts = self.opts
-        if not opts.resume:
-            progress = Progress(train_batch_size=opts.train_batch_size, world_size=self.world,
-                                gradient_accumulation_steps=opts.gradient_accumulation_steps)
-            progress.seed = opts.seed if opts.seed is not None else random.randint(0, 2**31 - 1)
-            return progress, None
-        progress = read_progress(Path(opts.resume))
-        check_resume_compatible(opts, progress, self.world)
-        provenance = read_provenance(Path(opts.resume))
-        changed = metadata_changed(provenance, opts.in_json, self.metadata_sha256)
-        if changed and self.is_main:
-            logger.warning("%s", changed)
-        return progress, provenance
-
     @functools.cached_property
     def metadata_sha256(self) -> str:
         """The --in_json file's hash, read once a run (every state records it; --resume compares it)."""
@@ -314,18 +296,9 @@ class Trainer:
     def interrupted(self, exc: KeyboardInterrupt, bar: tqdm) -> None:
         """Save the state (first: before any output, which may have nowhere to go) when the run stopped at a step
         boundary; a second Ctrl-C in the middle of a step saves nothing, as that state would be inconsistent."""
-        state = self.output_dir / "interrupted-state"
-        saved = False
-        if self.opts.save_state and self.is_main and not self.in_step:
-            self.checkpoints.save_state(state)
-            saved = True
-        bar.close()
-        how = exc.signal_name if isinstance(exc, TrainingStopped) else "Ctrl-C"
-        if saved:
-            logger.info("stopped by %s after step %d: resume with --resume %s", how, self.progress.global_step, state)
-        elif self.is_main:
-            logger.info("stopped by %s at step %d%s", how, self.progress.global_step,
-                        "" if self.opts.save_state else " (no --save_state: nothing to resume from)")
+        saves = self.opts.save_state and self.is_main and not self.in_step
+        report_stop(exc, bar, self.output_dir / "interrupted-state", self.checkpoints.save_state if saves else None,
+                    self.progress.global_step, self.is_main, self.opts.save_state)
 
     # -------------------------------------------------------------------------------------------- the step
     def autocast(self) -> contextlib.AbstractContextManager:

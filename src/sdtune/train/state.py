@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import random
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -207,3 +208,23 @@ def check_resume_compatible(opts: Any, progress: Progress, world_size: int) -> N
         )
     if opts.seed is not None and opts.seed != p.seed:
         logger.warning("--seed %d ignored: resuming with the saved seed %d", opts.seed, p.seed)
+
+
+def start_progress(opts: Any, world_size: int, is_main: bool,
+                   metadata_sha256: Callable[[], str]) -> tuple[Progress, Optional[dict[str, Any]]]:
+    """A new run's progress (its seed drawn when --seed is not given), or with --resume the state's, checked
+    against this run's options, and the state's provenance record (a changed --in_json is warned about)."""
+    from sdtune.train.provenance import metadata_changed, read_provenance
+
+    if not opts.resume:
+        progress = Progress(train_batch_size=opts.train_batch_size, world_size=world_size,
+                            gradient_accumulation_steps=opts.gradient_accumulation_steps)
+        progress.seed = opts.seed if opts.seed is not None else random.randint(0, 2**31 - 1)
+        return progress, None
+    progress = read_progress(Path(opts.resume))
+    check_resume_compatible(opts, progress, world_size)
+    provenance = read_provenance(Path(opts.resume))
+    changed = metadata_changed(provenance, opts.in_json, metadata_sha256())
+    if changed and is_main:
+        logger.warning("%s", changed)
+    return progress, provenance
