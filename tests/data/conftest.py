@@ -64,7 +64,6 @@ def one_torch_thread():
 def dataset(tmp_path, make_image) -> tuple[Path, Path]:
     """A training folder of the three ``EXPECTED`` images with captions, and its merged metadata JSON."""
     from sdtune.cli import main
-
     from tests.data.prepared import EXPECTED
 
     train = tmp_path / "train"

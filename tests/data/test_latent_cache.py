@@ -12,7 +12,6 @@ import torch
 from sdtune.data.latent_cache import LatentFileError, latent_files, latent_path, load_latent_file
 from sdtune.data.metadata import load_metadata
 from sdtune.data.prepare import prepare_latents
-
 from tests.data.prepared import EXPECTED, encode, expected_crop, options
 
 pytestmark = pytest.mark.component

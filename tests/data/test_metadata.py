@@ -10,8 +10,14 @@ import pytest
 
 from sdtune.cli import main
 from sdtune.data.metadata import (
-    METADATA_VERSION, MIGRATIONS, VERSION_KEY, MetadataError, load_metadata, merge_folder, parse_metadata,
-    read_sidecar, save_metadata,
+    MIGRATIONS,
+    VERSION_KEY,
+    MetadataError,
+    load_metadata,
+    merge_folder,
+    parse_metadata,
+    read_sidecar,
+    save_metadata,
 )
 
 pytestmark = pytest.mark.unit

@@ -14,11 +14,15 @@ from PIL import Image
 
 from sdtune.cli import main
 from sdtune.data.latent_cache import (
-    LATENT_FORMAT_VERSION, LatentFileError, latent_files, load_latent_file, vae_fingerprint)
+    LATENT_FORMAT_VERSION,
+    LatentFileError,
+    latent_files,
+    load_latent_file,
+    vae_fingerprint,
+)
 from sdtune.data.metadata import load_metadata, save_metadata
 from sdtune.data.prepare import PrepareOptions, prepare_latents
 from sdtune.errors import SdtuneError
-
 from tests.data.prepared import BUCKET_ARGS, CLI_BUCKET_ARGS, EXPECTED, encode, expected_crop, options
 
 pytestmark = pytest.mark.component
@@ -270,7 +274,6 @@ def trained_vae():
     one. About 5-15 s on two CPU cores.
     """
     from sdtune.models.tiny import build_tiny
-
     from tests.data.conftest import smooth_rgb
 
     threads = torch.get_num_threads()

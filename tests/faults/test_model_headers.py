@@ -16,8 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtune.errors import ModelLoadError, SdtuneError
-from sdtune.models import io as model_io
-from sdtune.models import sd as model_sd
+from sdtune.models import io as model_io, sd as model_sd
 from sdtune.models.io import load_model, load_vae
 
 pytestmark = pytest.mark.component

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from sdtune.train.loop import TrainOptions, Trainer
+from sdtune.train.loop import Trainer, TrainOptions
 
 
 def main() -> None:

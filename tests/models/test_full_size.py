@@ -6,8 +6,8 @@ the real block counts and widths.
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from accelerate import init_empty_weights
 
 from sdtune.models.families import get_family

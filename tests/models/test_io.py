@@ -12,8 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdtune.errors import ModelLoadError
-from sdtune.models import io
-from sdtune.models import save as model_save
+from sdtune.models import io, save as model_save
 from sdtune.models.files import read_state_dict
 from sdtune.models.io import load_model, load_vae
 from sdtune.models.ldm_keys import OPENCLIP_ROOT

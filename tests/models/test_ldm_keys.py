@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sdtune.errors import ConversionError
-from sdtune.models.save import diffusers_state_dict
-from sdtune.models.ldm_keys import build_key_map, normalize_ldm_keys, normalize_text_keys, unet_pairs
 from sdtune.models.families import SD1
+from sdtune.models.ldm_keys import build_key_map, normalize_ldm_keys, normalize_text_keys, unet_pairs
+from sdtune.models.save import diffusers_state_dict
 from sdtune.models.tiny import build_tiny
 
 pytestmark = pytest.mark.component

@@ -27,7 +27,7 @@ from sdtune.models.lora import (
 )
 from sdtune.models.lora_extract import extract_lora
 from sdtune.models.tiny import build_tiny
-from tests.models.lora_helpers import randomize, random_lora, target_weights
+from tests.models.lora_helpers import random_lora, randomize, target_weights
 
 pytestmark = pytest.mark.component
 

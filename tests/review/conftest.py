@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdtune.data.prepare import PrepareOptions, prepare_latents
 from sdtune.data.metadata import load_metadata, save_metadata
+from sdtune.data.prepare import PrepareOptions, prepare_latents
 
 # (stem, (width, height), caption or None, tags or None)
 # 222 one-token words, a 5-token word (tokens 223-227: the 225-token cut-off falls inside it), 10 more: 237 tokens

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.data.prepare import PrepareOptions, prepare_latents
 from sdtune.data.metadata import save_metadata
+from sdtune.data.prepare import PrepareOptions, prepare_latents
 from sdtune.models.io import load_vae
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40),

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from sdtune.train.interrupt import TrainingStopped
 from sdtune.train import loop
+from sdtune.train.interrupt import TrainingStopped
 from sdtune.train.loop import Trainer, train
 from tests.train.test_train import options
 

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from sdtune.data.dataset import CaptionRules, build_caption
 from sdtune.models.families import SD2_V
-from diffusers import DDPMScheduler
 from sdtune.train import noise
 
 pytestmark = pytest.mark.unit

@@ -21,8 +21,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from sdtune.models.io import load_model
-from sdtune.train.loop import TrainOptions, Trainer
-from sdtune.train.precision import LossScaler
+from sdtune.train.loop import Trainer, TrainOptions
 
 pytestmark = pytest.mark.component
 
