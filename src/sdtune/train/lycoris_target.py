@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +37,9 @@ from sdtune.errors import ModelLoadError, SdtuneError
 from sdtune.precision_names import dtype_of
 from sdtune.seeds import derived_seed
 from sdtune.train.options import parse_network_args
-from sdtune.train.targets import TrainTarget, average_gradients, freeze
+from sdtune.train.targets import NetworkTarget, freeze
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
     from sdtune.models.sd import StableDiffusion
     from sdtune.train.options import TrainOptions
     from sdtune.train.state import Progress
@@ -94,7 +91,7 @@ def create_network(opts: TrainOptions, model: StableDiffusion, args: dict[str, s
                               f"{type(exc).__name__}: {exc}") from exc
 
 
-class LycorisTarget(TrainTarget):
+class LycorisTarget(NetworkTarget):
     """A LyCORIS network (--network_module lycoris.kohya) on the frozen model (:func:`freeze`), hooked into its
     layers for the whole run (steps and samples); drawn from its own seed, the same on every rank, and kept in the
     trained precision (float32 unless --full_fp16/--full_bf16)."""
@@ -130,10 +127,7 @@ class LycorisTarget(TrainTarget):
         if not groups:
             raise SdtuneError("nothing to train: every LyCORIS part has learning rate 0 (--unet_lr / "
                               "--text_encoder_lr)")
-        self.param_groups = [{"params": list(g["params"]), "lr": g["lr"]} for g in groups]
-        trained = {id(p) for g in self.param_groups for p in g["params"]}
-        for p in network.parameters():
-            p.requires_grad_(id(p) in trained)
+        self._train_only(groups)
         self.group_names = [name.replace(" ", "_") for name in names]
         self.trains_text_encoder = any(name.startswith("textencoder") for name in names)
         self.uses_global_rng = any(float(self.args.get(key) or 0) > 0
@@ -146,14 +140,6 @@ class LycorisTarget(TrainTarget):
                             f"({sum(p.numel() for p in network.parameters()):,} parameters; trained: "
                             f"{', '.join(self.group_names)})")
 
-    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
-        """Nothing to wrap in DDP: the network runs inside the frozen model's forward (:func:`average_gradients`)."""
-        return self.model.unet, self.model.text_encoder
-
-    def reduce_gradients(self, accelerator: Accelerator) -> None:
-        """Average the network's gradients over processes."""
-        average_gradients(accelerator, [p for g in self.param_groups for p in g["params"]])
-
     def after_update(self) -> dict[str, torch.Tensor]:
         """``--scale_weight_norms``: the network's max-norm regularisation after each update (its figures logged)."""
         if self.opts.scale_weight_norms is None:
@@ -162,10 +148,6 @@ class LycorisTarget(TrainTarget):
         scaled, mean, maximum = self.network.apply_max_norm_regularization(self.opts.scale_weight_norms, device)
         return {"keys_scaled": torch.as_tensor(scaled), "average_key_norm": torch.as_tensor(mean),
                 "max_key_norm": torch.as_tensor(maximum)}
-
-    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
-        """``<name>.safetensors`` (or ``.ckpt`` with --save_model_as ckpt, as sd-scripts)."""
-        return output_dir / f"{name}.{'ckpt' if self.opts.save_model_as == 'ckpt' else 'safetensors'}"
 
     def save_checkpoint(self, path: Path, progress: Progress) -> None:
         """The network's tensors in --save_precision, with a LoRA run's metadata (``ss_network_module``
@@ -177,11 +159,5 @@ class LycorisTarget(TrainTarget):
                                 resolution=self.run_metadata.get("ss_resolution"), clip_skip=self.clip_skip)
         meta["ss_network_module"] = NETWORK_MODULE
         meta["ss_network_args"] = json.dumps(self.args)
-        meta.update(self.run_metadata)
-        meta.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(progress.global_step),
-                     "ss_epoch": str(progress.epoch)})
-        save_lora_file(path, self.network.state_dict(), meta, dtype_of(self.opts.save_precision or "float"))
-
-    def sample_options(self) -> dict[str, Any]:
-        """Samples run with the network as it is now (its modules in eval mode: no dropout)."""
-        return {"networks": (self.network,)}
+        save_lora_file(path, self.network.state_dict(), self._file_metadata(meta, progress),
+                       dtype_of(self.opts.save_precision or "float"))

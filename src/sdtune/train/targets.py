@@ -279,7 +279,51 @@ class HypernetworkTarget(TrainTarget):
         return {"hypernetwork": self.hypernetwork}
 
 
-class LoraTarget(TrainTarget):
+class NetworkTarget(TrainTarget):
+    """What a network hooked into the frozen model (a LoRA, a LyCORIS network) trains like: only the network's
+    parameters, averaged over processes by hand (no DDP wrapper: the network has no forward of its own), saved as
+    one file with sd-scripts' ``ss_*`` metadata, and applied while sampling. Subclasses build ``self.network``."""
+
+    network: nn.Module
+    run_metadata: dict[str, str]
+
+    def _train_only(self, groups: list[dict[str, Any]]) -> None:
+        """Train just the parameters of ``groups`` (``params``, ``lr``): the others get no gradient."""
+        self.param_groups = [{"params": list(g["params"]), "lr": g["lr"]} for g in groups]
+        trained = {id(p) for g in self.param_groups for p in g["params"]}
+        for p in self.network.parameters():
+            p.requires_grad_(id(p) in trained)
+
+    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
+        """Nothing to wrap in DDP: the network runs inside the frozen model's forward (:func:`average_gradients`)."""
+        return self.model.unet, self.model.text_encoder
+
+    def reduce_gradients(self, accelerator: Accelerator) -> None:
+        """Average the network's gradients over processes (:meth:`_averaged_parameters`)."""
+        average_gradients(accelerator, self._averaged_parameters)
+
+    @functools.cached_property
+    def _averaged_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients are averaged: all trained ones unless a subclass knows better."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
+        """``<name>.safetensors`` (or ``.ckpt`` with --save_model_as ckpt, as sd-scripts)."""
+        return output_dir / f"{name}.{'ckpt' if self.opts.save_model_as == 'ckpt' else 'safetensors'}"
+
+    def _file_metadata(self, meta: dict[str, str], progress: Progress) -> dict[str, str]:
+        """``meta`` (the network's own keys) with the run's ``ss_*`` training metadata and where it ended."""
+        meta.update(self.run_metadata)
+        meta.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(progress.global_step),
+                     "ss_epoch": str(progress.epoch)})
+        return meta
+
+    def sample_options(self) -> dict[str, Any]:
+        """Samples run with the network as it is now (its modules in eval mode: no dropout)."""
+        return {"networks": (self.network,)}
+
+
+class LoraTarget(NetworkTarget):
     """A LoRA (LoCon with ``conv_dim``) on the frozen model (:func:`freeze`); checkpoints are sd-scripts' LoRA
     files (:mod:`sdtune.models.lora`) with its ``ss_*`` training metadata, AUTOMATIC1111's hashes and the SAI
     model spec.
@@ -315,10 +359,7 @@ class LoraTarget(TrainTarget):
         groups = network.parameter_groups(opts.unet_lr, opts.text_encoder_lr, opts.learning_rate)
         if not groups:
             raise SdtuneError("nothing to train: every LoRA part has learning rate 0 (--unet_lr / --text_encoder_lr)")
-        trained = {id(p) for g in groups for p in g["params"]}
-        for p in network.parameters():
-            p.requires_grad_(id(p) in trained)
-        self.param_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+        self._train_only(groups)
         self.group_names = [g["name"] for g in groups]
         self.trains_text_encoder = "textencoder" in self.group_names
         self.uses_global_rng = any(p for p in (opts.network_dropout, self.args.get("rank_dropout"),
@@ -330,17 +371,10 @@ class LoraTarget(TrainTarget):
                             f"layers ({sum(p.numel() for p in network.parameters()):,} parameters; "
                             f"trained: {', '.join(self.group_names)})")
 
-    def prepare(self, accelerator: Accelerator) -> tuple[nn.Module, nn.Module]:
-        """Nothing to wrap in DDP: the LoRA runs inside the frozen model's forward (see :func:`average_gradients`)."""
-        return self.model.unet, self.model.text_encoder
-
-    def reduce_gradients(self, accelerator: Accelerator) -> None:
-        """Average the LoRA's gradients over processes (those of the layers clip skip never reads are left out:
-        they never have one, and checking for it would make every step wait for the device)."""
-        average_gradients(accelerator, self._averaged_parameters)
-
     @functools.cached_property
     def _averaged_parameters(self) -> list[nn.Parameter]:
+        """The trained parameters less those of the layers clip skip never reads: they never get a gradient, and
+        checking for one would make every step wait for the device."""
         from sdtune.models.text import unused_layers
 
         never_read = {id(m) for layer in unused_layers(self.model.text_encoder, self.clip_skip)
@@ -355,10 +389,6 @@ class LoraTarget(TrainTarget):
             return {}
         return self.network.apply_max_norm(self.opts.scale_weight_norms)
 
-    def checkpoint_path(self, output_dir: Path, name: str) -> Path:
-        """``<name>.safetensors`` (or ``.ckpt`` with --save_model_as ckpt, as sd-scripts)."""
-        return output_dir / f"{name}.{'ckpt' if self.opts.save_model_as == 'ckpt' else 'safetensors'}"
-
     def save_checkpoint(self, path: Path, progress: Progress) -> None:
         """The LoRA file in --save_precision (alpha too, as sd-scripts), with its metadata."""
         from sdtune.models.lora import network_metadata
@@ -368,14 +398,7 @@ class LoraTarget(TrainTarget):
         meta = network_metadata(self.model.family, self.dim, self.opts.network_alpha, given,
                                 title=self.opts.output_name or path.stem, resolution=self.run_metadata.get(
                                     "ss_resolution"), clip_skip=self.clip_skip)
-        meta.update(self.run_metadata)
-        meta.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(progress.global_step),
-                     "ss_epoch": str(progress.epoch)})
-        self.network.save(path, meta, dtype_of(self.opts.save_precision or "float"))
-
-    def sample_options(self) -> dict[str, Any]:
-        """Samples run with the LoRA as it is now (its modules in eval mode: no dropout)."""
-        return {"networks": (self.network,)}
+        self.network.save(path, self._file_metadata(meta, progress), dtype_of(self.opts.save_precision or "float"))
 
 
 def make_target(opts: TrainOptions, model: StableDiffusion, device: torch.device, weight_dtype: torch.dtype,
