@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import build_model, make_dataset  # noqa: E402  (the sibling benchmark's model and images)
+from bench_train import build_model, cache_latents, make_dataset  # noqa: E402  (the sibling benchmark's model and images)
 
-from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents  # noqa: E402
 from sdtune.models.save import save_model  # noqa: E402
 from sdtune.train.loop import Trainer, TrainOptions  # noqa: E402
 
@@ -84,11 +83,7 @@ def main() -> None:
         root = Path(tmp)
         model_path = save_model(build_model(args.width), root / "model", "diffusers_safetensors")
         make_dataset(root, count=4 * args.batch, size=args.size)
-        prepare_latents(PrepareOptions(train_data_dir=root / "train", in_json=root / "meta.json",
-                                       out_json=root / "lat.json", model_name_or_path=str(model_path),
-                                       max_resolution=f"{args.size},{args.size}", min_bucket_reso=64,
-                                       bucket_reso_steps=64, max_data_loader_n_workers=0),
-                        load_prepare_vae(str(model_path)))
+        cache_latents(root, model_path, args.size)
         base = dict(pretrained_model_name_or_path=str(model_path), in_json=str(root / "lat.json"),
                     train_data_dir=str(root / "train"), train_batch_size=args.batch, learning_rate=1e-4, seed=0,
                     max_data_loader_n_workers=0, save_model_as="safetensors")

@@ -82,11 +82,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import bare_loop, build_model, make_dataset  # noqa: E402  (the bare loop, reused)
+from bench_train import bare_loop, build_model, cache_latents, make_dataset  # noqa: E402  (the bare loop, reused)
 
 from sdtune.data.dataset import FineTuneData, build_caption  # noqa: E402
 from sdtune.data.metadata import load_metadata  # noqa: E402
-from sdtune.data.prepare import PrepareOptions, load_prepare_vae, prepare_latents  # noqa: E402
 from sdtune.models.save import save_model  # noqa: E402
 
 LAUNCHER = '''"""Runs a training script or module unchanged, writing the time of each optimizer step; see
@@ -245,11 +244,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         results["unet_params_m"] = round(sum(p.numel() for p in model.unet.parameters()) / 1e6, 2)
         model_path = save_model(model, work / "model", "diffusers_safetensors")
         make_dataset(work, count=args.images, size=args.size)
-        prepare_latents(PrepareOptions(train_data_dir=work / "train", in_json=work / "meta.json",
-                                       out_json=work / "lat.json", model_name_or_path=str(model_path),
-                                       max_resolution=f"{args.size},{args.size}", min_bucket_reso=64,
-                                       bucket_reso_steps=64, max_data_loader_n_workers=0),
-                        load_prepare_vae(str(model_path)))
+        cache_latents(work, model_path, args.size)
         meta = load_metadata(work / "lat.json")
         peer_data = write_peer_dataset(work, work / "train", meta)
         launcher = work / "run_timed.py"

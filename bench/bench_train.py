@@ -43,6 +43,15 @@ def make_dataset(root: Path, count: int, size: int) -> None:
     save_metadata(root / "meta.json", meta)
 
 
+def cache_latents(root: Path, model_path: Path, size: int) -> Path:
+    """``sdtune prepare`` of ``root/train`` (as :func:`make_dataset` wrote it) at ``size`` px; the metadata written."""
+    prepare_latents(PrepareOptions(train_data_dir=root / "train", in_json=root / "meta.json",
+                                   out_json=root / "lat.json", model_name_or_path=str(model_path),
+                                   max_resolution=f"{size},{size}", min_bucket_reso=64, bucket_reso_steps=64,
+                                   max_data_loader_n_workers=0), load_prepare_vae(str(model_path)))
+    return root / "lat.json"
+
+
 def build_model(width: int):
     model = build_tiny("sd1")
     if width != 32:
@@ -98,11 +107,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.unet.parameters())
         model_path = save_model(model, root / "model", "diffusers_safetensors")
         make_dataset(root, count=4 * args.batch, size=args.size)
-        prepare_latents(PrepareOptions(train_data_dir=root / "train", in_json=root / "meta.json",
-                                       out_json=root / "lat.json", model_name_or_path=str(model_path),
-                                       max_resolution=f"{args.size},{args.size}", min_bucket_reso=64,
-                                       bucket_reso_steps=64, max_data_loader_n_workers=0),
-                        load_prepare_vae(str(model_path)))
+        cache_latents(root, model_path, args.size)
         data = FineTuneData.from_metadata(load_metadata(root / "lat.json"), root / "train")
         # warm-up of both paths (first-call allocations, lazy imports)
         bare_loop(model_path, data, 3, args.batch, 0)
