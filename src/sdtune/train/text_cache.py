@@ -95,30 +95,29 @@ def build_text_cache(items: Iterable[tuple[str, Optional[Path]]], encode: Callab
     for caption, image in items:
         if image is not None:
             paths.setdefault(caption, []).append(te_outputs_path(image))
-    read = 0
+    read, stale = 0, []  # stale: (caption, key, file) to write once the caption's states are known
     for caption, files in paths.items():
+        key = key_of(caption)
         for path in files:
-            found = _read(path, key_of(caption))
-            if found is not None:
+            if caption in states and not write:
+                break  # found, and nothing will be written: the other files need not be read
+            found = _read(path, key)
+            if found is None:
+                stale.append((caption, key, path))
+            elif caption not in states:
                 states[caption], read = found, read + 1
-                break
     todo = sorted({caption for caption, _ in items} - set(states))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         with torch.no_grad():
             out = encode(chunk).detach().cpu().float()  # as the file holds them: read or encoded, the same
         states.update(zip(chunk, out.unbind(0)))
-    written = 0
     if write:
-        for caption, files in paths.items():
-            key = key_of(caption)
-            for path in files:
-                if caption in todo or _read(path, key) is None:
-                    _write(path, key, states[caption])
-                    written += 1
+        for caption, key, path in stale:
+            _write(path, key, states[caption])
     states = {c: s.clone() for c, s in states.items()}  # each its own storage: no view keeps a whole batch alive
     return TextEncoderCache(states), {"captions": len(states), "encoded": len(todo), "read": read,
-                                      "written": written}
+                                      "written": len(stale) if write else 0}
 
 
 def text_encoder_cache(opts: TrainOptions, data: FineTuneData, model: StableDiffusion, target: TrainTarget,
