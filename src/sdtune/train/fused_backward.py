@@ -56,7 +56,7 @@ class FusedBackward:
         self.stepped += 1
 
     def take_count(self) -> int:
-        """How many parameters were stepped since the last call (the trainer checks each step moved some)."""
+        """How many parameters were stepped since the last call (what tests and benchmarks read; the loop does not)."""
         count, self.stepped = self.stepped, 0
         return count
 
