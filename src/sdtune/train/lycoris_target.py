@@ -36,7 +36,7 @@ from torch import nn
 from sdtune.errors import ModelLoadError, SdtuneError
 from sdtune.precision_names import dtype_of
 from sdtune.seeds import derived_seed
-from sdtune.train.options import parse_network_args
+from sdtune.train.network_options import parse_network_args
 from sdtune.train.targets import NetworkTarget, freeze
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from sdtune.errors import SdtuneError
 from sdtune.models.choices import (
@@ -20,7 +20,6 @@ from sdtune.models.choices import (
     COMPILE_MODES,
     DYNAMO_BACKENDS,
     HYPERNETWORK_MODULES,
-    LORA_MODULES,
     NETWORK_MODULES,
     NOT_IN_COMFYUI,
     SAVE_FORMATS,
@@ -135,6 +134,29 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
     ema_inv_gamma: Optional[float] = opt(None, "EMA warm-up as diffusers': decay 1 - (1 + step / inv_gamma) ** "
                                          "-power, capped at --ema_decay (1.0 is diffusers' value)")
     ema_power: float = opt(2 / 3, "EMA warm-up power (with --ema_inv_gamma; 2/3 diffusers', 3/4 for short runs)")
+    ema_device: Optional[str] = opt(None, "where the EMA copy lives (default: the training device); cpu keeps it "
+                                    "off the GPU (saves its memory, 3.2 GiB for SD 1.5's U-Net; costs a copy of the "
+                                    "trained weights to the host every step)", choices=("cpu",))
+    save_ema_separately: bool = opt(False, "save the trained weights as the model and the EMA weights beside it "
+                                    "(<name>-ema.<ext>), instead of the EMA weights as the model")
+    # validation
+    validation_split: float = opt(0.0, "hold out this share of the images for validation (0.05 = 5 %; chosen "
+                                  "by a hash of each image's key, so the same images whatever the seed); they are "
+                                  "never trained")
+    validation_data_dir: Optional[str] = opt(None, "validate on this prepared folder instead (with "
+                                             "--validation_in_json)")
+    validation_in_json: Optional[str] = opt(None, "the metadata JSON of --validation_data_dir (sdtune prepare's)")
+    validate_every_n_steps: Optional[int] = opt(None, "compute the validation loss every N steps")
+    validate_every_n_epochs: Optional[int] = opt(None, "compute the validation loss every N epochs (default with a "
+                                                 "validation set: every epoch, and at the end)")
+    validation_timesteps: int = opt(4, "timesteps each validation image is scored at, one per equal share of the "
+                                    "schedule (4: one in each quarter), fixed with its noise for the whole run")
+    save_best: bool = opt(False, "keep the checkpoint with the lowest validation loss as <name>-best (needs a "
+                          "validation set)")
+    # masked loss
+    masked_loss: bool = opt(False, "weight the loss by each image's mask (cached by sdtune prepare --alpha_mask / "
+                            "--mask_dir): black areas are not trained; images without a mask train whole "
+                            "(counted at start-up)")
     persistent_data_loader_workers: bool = opt(False, "accepted for sd-scripts' command lines: sdtune's loader "
                                                "already keeps its workers for the whole run")
     mixed_precision: str = opt("no", "autocast precision: fp16 or bf16 speed up GPUs and cut activations by a "
@@ -254,8 +276,10 @@ def validate(opts: TrainOptions) -> None:
     validate_fused_backward(opts)
     if opts.use_ema and not 0.0 < opts.ema_decay < 1.0:
         raise SdtuneError(f"--ema_decay is a factor between 0 and 1 (0.999-0.9999 typical), got {opts.ema_decay}")
-    if (opts.ema_inv_gamma is not None or opts.ema_decay != 0.9999) and not opts.use_ema:
-        raise SdtuneError("--ema_decay / --ema_inv_gamma need --use_ema")
+    if (opts.ema_inv_gamma is not None or opts.ema_decay != 0.9999 or opts.ema_device or opts.save_ema_separately) \
+            and not opts.use_ema:
+        raise SdtuneError("--ema_decay / --ema_inv_gamma / --ema_device / --save_ema_separately need --use_ema")
+    validate_validation(opts)
     if opts.clip_skip is not None and opts.clip_skip < 1:
         raise SdtuneError("--clip_skip must be 1 or more")
     if sum([opts.xformers, opts.mem_eff_attn, opts.sdpa]) > 1:
@@ -275,6 +299,8 @@ def validate(opts: TrainOptions) -> None:
     if not Path(opts.train_data_dir).is_dir():
         raise SdtuneError(f"--train_data_dir {opts.train_data_dir}: no such folder")
     validate_hypernetwork_options(opts)
+    from sdtune.train.network_options import validate_network_options
+
     validate_network_options(opts)
 
 
@@ -298,6 +324,35 @@ def validate_numbers(opts: TrainOptions) -> None:
         raise SdtuneError(f"--noise_offset must be 0 (off) or positive, got {opts.noise_offset}")
     if opts.min_snr_gamma is not None and opts.min_snr_gamma <= 0:
         raise SdtuneError(f"--min_snr_gamma must be positive (5 is typical), got {opts.min_snr_gamma}")
+
+
+def validate_validation(opts: TrainOptions) -> None:
+    """The validation set and its schedule: one source, a share below 1, a schedule only with a set."""
+    has_split = opts.validation_split > 0
+    if not 0.0 <= opts.validation_split < 1.0:
+        raise SdtuneError(f"--validation_split is a share of the images, from 0 to below 1 (0.05 typical); got "
+                          f"{opts.validation_split}")
+    if bool(opts.validation_data_dir) != bool(opts.validation_in_json):
+        raise SdtuneError("--validation_data_dir and --validation_in_json go together: the prepared folder and its "
+                          "metadata JSON (sdtune prepare writes both)")
+    if has_split and opts.validation_data_dir:
+        raise SdtuneError("--validation_split and --validation_data_dir both name a validation set; pick one")
+    if opts.validation_data_dir:
+        if not Path(opts.validation_in_json).is_file():
+            raise SdtuneError(f"--validation_in_json {opts.validation_in_json}: no such file; run sdtune prepare on "
+                              "the validation folder to write it")
+        if not Path(opts.validation_data_dir).is_dir():
+            raise SdtuneError(f"--validation_data_dir {opts.validation_data_dir}: no such folder")
+    for name in ("validate_every_n_steps", "validate_every_n_epochs"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise SdtuneError(f"--{name} must be 1 or more, got {getattr(opts, name)}")
+    if opts.validation_timesteps < 1:
+        raise SdtuneError(f"--validation_timesteps must be 1 or more, got {opts.validation_timesteps}")
+    given = [name for name in ("validate_every_n_steps", "validate_every_n_epochs", "save_best")
+             if getattr(opts, name)]
+    if given and not (has_split or opts.validation_data_dir):
+        raise SdtuneError(f"--{given[0]} needs a validation set: --validation_split 0.05 (held out of the training "
+                          "images) or --validation_data_dir with --validation_in_json")
 
 
 def validate_fused_backward(opts: TrainOptions) -> None:
@@ -354,40 +409,6 @@ def validate_hypernetwork_options(opts: TrainOptions) -> None:
                        "AUTOMATIC1111 and ComfyUI load")
 
 
-# --network_args of sdtune's LoRA (sd-scripts' networks.lora create_network reads the same keys), with their types
-LORA_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float}
-NETWORK_ONLY = ("network_dim", "network_dropout", "network_weights", "network_train_unet_only",
-                "network_train_text_encoder_only", "unet_lr", "text_encoder_lr", "scale_weight_norms")
-
-
-def parse_network_args(opts: TrainOptions) -> dict[str, Any]:
-    """``--network_args key=value ...`` as a dict: typed for sdtune's LoRA (unknown keys refused, naming the known
-    ones), the strings as given for lycoris.kohya (which parses its own, as sd-scripts passes them)."""
-    args: dict[str, Any] = {}
-    for item in opts.network_args:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SdtuneError(f"--network_args {item!r}: expected key=value, e.g. conv_dim=4")
-        args[key.strip()] = value.strip()
-    if opts.network_module in LORA_MODULES:
-        unknown = sorted(set(args) - set(LORA_ARGS))
-        if unknown:
-            raise SdtuneError(f"--network_args {unknown[0]}: not an option of --network_module lora (it takes "
-                              f"{', '.join(LORA_ARGS)}); block-wise dims and LoHa/LoKr need lycoris.kohya")
-        for key, kind in LORA_ARGS.items():
-            if key in args:
-                try:
-                    args[key] = kind(args[key])
-                except ValueError:
-                    raise SdtuneError(f"--network_args {key}={args[key]}: not a number") from None
-        for key in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= args.get(key, 0.0) < 1.0:
-                raise SdtuneError(f"--network_args {key}={args[key]}: a probability, from 0 to below 1")
-        if args.get("conv_dim", 1) < 1:
-            raise SdtuneError(f"--network_args conv_dim={args['conv_dim']}: must be 1 or more")
-    return args
-
-
 def validate_text_cache(opts: TrainOptions) -> None:
     """--cache_text_encoder_outputs only where the cached states are the ones each step would compute: a frozen
     text encoder and captions that never change between uses."""
@@ -407,53 +428,6 @@ def validate_text_cache(opts: TrainOptions) -> None:
         raise SdtuneError(f"--cache_text_encoder_outputs with {which}: the text encoder changes every step, so its "
                           "outputs cannot be cached; drop the option" + ("" if opts.train_text_encoder else
                                                                           " or add --network_train_unet_only"))
-
-
-def validate_network_options(opts: TrainOptions) -> None:
-    """The LoRA options (--network_*), the --network_weights file and the LyCORIS package, checked before the
-    model loads."""
-    if opts.network_module is None:
-        given = [name for name in NETWORK_ONLY if getattr(opts, name) not in (None, False)]
-        if given or opts.network_args:
-            raise SdtuneError(f"--{(given or ['network_args'])[0]} needs --network_module lora: without it the model "
-                              "is fine-tuned and no LoRA is trained")
-        return
-    if opts.hypernetwork_module:
-        raise SdtuneError("--network_module and --hypernetwork_module: a run trains one of the two; drop one")
-    if opts.train_text_encoder:
-        raise SdtuneError("--train_text_encoder with --network_module: a LoRA run trains the text encoder's LoRA "
-                          "(by default; --text_encoder_lr sets its rate), never the text encoder itself; drop "
-                          "--train_text_encoder (or --network_train_unet_only for no text-encoder LoRA)")
-    if opts.network_train_unet_only and opts.network_train_text_encoder_only:
-        raise SdtuneError("--network_train_unet_only and --network_train_text_encoder_only together train nothing; "
-                          "drop one")
-    if opts.network_dim is not None and opts.network_dim < 1:
-        raise SdtuneError(f"--network_dim must be 1 or more, got {opts.network_dim}")
-    if opts.network_alpha < 0:
-        raise SdtuneError(f"--network_alpha must be 0 (= the rank) or positive, got {opts.network_alpha}")
-    if opts.network_dropout is not None and not 0.0 <= opts.network_dropout < 1.0:
-        raise SdtuneError(f"--network_dropout is a probability, from 0 to below 1; got {opts.network_dropout}")
-    if opts.scale_weight_norms is not None and opts.scale_weight_norms <= 0:
-        raise SdtuneError(f"--scale_weight_norms must be positive (1 is typical), got {opts.scale_weight_norms}")
-    if (opts.save_model_as or "").startswith("diffusers"):
-        raise SdtuneError(f"--save_model_as {opts.save_model_as}: a LoRA is one file; use safetensors (the "
-                          "default, what every UI loads) or ckpt")
-    parse_network_args(opts)
-    if opts.network_module == "lycoris.kohya" and importlib.util.find_spec("lycoris") is None:
-        raise SdtuneError("--network_module lycoris.kohya needs the LyCORIS package, which is not installed: "
-                          "pip install lycoris-lora (or use --network_module lora, with --network_args conv_dim=N "
-                          "for LoCon)")
-    if opts.network_weights:
-        if not Path(opts.network_weights).is_file():
-            raise SdtuneError(f"--network_weights {opts.network_weights}: no such file")
-        if opts.network_module in LORA_MODULES:
-            from sdtune.models.lora import read_lora
-
-            read_lora(opts.network_weights)  # not a LoRA file: fails now, before the model loads
-    if opts.unet_lr is None and opts.learning_rate == LEARNING_RATE_DEFAULT \
-            and optimizer_name(opts) not in ADAPTIVE_LR_OPTIMIZERS:
-        logger.warning("--learning_rate %g is the fine-tuning default; LoRAs are usually trained at 1e-4 "
-                       "(--learning_rate or --unet_lr)", opts.learning_rate)
 
 
 def hypernetwork_config(opts: TrainOptions) -> HypernetworkConfig:

@@ -25,7 +25,8 @@ from sdtune.models.save import save_model
 from sdtune.models.sd import place
 from sdtune.precision_names import dtype_of
 from sdtune.seeds import derived_seed
-from sdtune.train.options import hypernetwork_config, parse_network_args
+from sdtune.train.network_options import parse_network_args
+from sdtune.train.options import hypernetwork_config
 from sdtune.train.state import Progress, load_module_weights
 
 if TYPE_CHECKING:
