@@ -4,7 +4,7 @@
 model. :class:`Checkpoints` writes and removes saves through the callables the trainer gives it (the target's
 checkpoint writer, the training-state writer), remembers what it saved, and turns a full disk into a message that
 says what is safe. Names follow sd-scripts: ``last``, ``epoch-000003`` / ``<name>-000003``, ``step-00000500`` /
-``<name>-step00000500``; a state folder is ``<save name>-state``.
+``<name>-step00000500``; a state folder is ``<save name>-state``; ``--save_best`` keeps ``best`` / ``<name>-best``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class SavePolicy:
             return f"{base}-{number:06d}" if base else f"epoch-{number:06d}"
         if kind == "step":
             return f"{base}-step{number:08d}" if base else f"step-{number:08d}"
+        if kind == "best":  # --save_best: the lowest validation loss so far, replaced when beaten
+            return f"{base}-best" if base else "best"
         raise ValueError(f"no save kind {kind!r}")
 
     def step_save_due(self, step: int) -> bool:
@@ -108,15 +110,15 @@ class Checkpoints:
         """The training-state folder of the save ``name``."""
         return self.output_dir / f"{name}-state"
 
-    def save(self, name: str) -> Path:
-        """Write the save ``name`` (and its state); returns the model's path."""
+    def save(self, name: str, with_state: bool = True) -> Path:
+        """Write the save ``name`` (and its state, unless ``with_state`` is false); returns the model's path."""
         self.barrier()
         path = self.model_path(name)
         if self.is_main:
             with self.disk_full_reported(path):
                 self.write_model(path)
             self.saved.append(path)
-            if self.write_state is not None:
+            if self.write_state is not None and with_state:
                 self.save_state(self.state_folder(name))
         self.barrier()
         return path
