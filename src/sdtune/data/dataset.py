@@ -133,10 +133,14 @@ class FineTuneData:
                 f"no trainable images: none of the images in {train_data_dir} has an entry with train_resolution "
                 "in the metadata. Run sdtune prepare first (and check --train_data_dir / --in_json / --full_path)."
             )
-        buckets = AspectBuckets.from_assignments(
-            (f"{key}{_REPEAT_SEP}{r}", ex.bucket) for key, ex in examples.items() for r in range(repeats)
-        )
-        return cls(examples, buckets, repeats, skipped=skipped)
+        return cls(examples, _repeated_buckets(examples, repeats), repeats, skipped=skipped)
+
+    def split(self, held_out: set[str]) -> tuple["FineTuneData", "FineTuneData"]:
+        """(the rest, the ``held_out`` keys): two sets with their own buckets (``--validation_split``)."""
+        rest = {k: ex for k, ex in self.examples.items() if k not in held_out}
+        out = {k: ex for k, ex in self.examples.items() if k in held_out}
+        return (FineTuneData(rest, _repeated_buckets(rest, self.repeats), self.repeats, skipped=self.skipped),
+                FineTuneData(out, _repeated_buckets(out, 1), 1))
 
     def encode_missing(self, vae, batch_size: int = 4) -> int:
         """Encode (in memory) the images whose latent file is missing, unreadable or stale for this model's VAE
@@ -203,6 +207,12 @@ class FineTuneData:
             captions.append(caption)
             keys.append(key)
         return {"latents": torch.stack(latents), "captions": captions, "keys": keys}
+
+
+def _repeated_buckets(examples: dict[str, Example], repeats: int) -> AspectBuckets:
+    """Buckets holding each example ``repeats`` times (as ``<key>\\x00<repeat>``)."""
+    return AspectBuckets.from_assignments(
+        (f"{key}{_REPEAT_SEP}{r}", ex.bucket) for key, ex in examples.items() for r in range(repeats))
 
 
 class RunBatches(torch.utils.data.Dataset):
