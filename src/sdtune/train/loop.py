@@ -338,15 +338,22 @@ class Trainer:
         noise, timesteps = self.draw(batch, generator)
         return self.loss_for(batch, noise.to(self.device), timesteps.to(self.device))
 
-    def loss_for(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The loss of one batch for the given noise and timesteps (a float32 scalar on the device)."""
+    def predict(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor,
+                unet: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the U-Net's prediction, what it should predict) for one batch, the given noise and timesteps; ``unet``:
+        another call of the same U-Net (validation runs the module itself, not its DDP wrapper)."""
         latents = self.to_device(batch["latents"]).float() * self.scaling_factor
         noisy = noise_lib.add_noise(self.noise_scheduler, latents, noise, timesteps)
         target = noise_lib.target(self.model.prediction_type, self.noise_scheduler, latents, noise, timesteps)
         states = self.conditioning(batch["captions"])
         unet_dtype = next(self.model.unet.parameters()).dtype
         with self.autocast(), recompile_room(self.opts.torch_compile):
-            pred = self.unet(noisy.to(unet_dtype), timesteps, states.to(unet_dtype)).sample
+            pred = (unet or self.unet)(noisy.to(unet_dtype), timesteps, states.to(unet_dtype)).sample
+        return pred, target
+
+    def loss_for(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch for the given noise and timesteps (a float32 scalar on the device)."""
+        pred, target = self.predict(batch, noise, timesteps)
         if self.quartiles is not None:
             self.quartiles.add(pred, target, timesteps)
         return noise_lib.prediction_loss(self.model.prediction_type, self.noise_scheduler, pred, target, timesteps,
