@@ -5,6 +5,10 @@ Each batch holds images of one bucket (so the latents stack). The epoch's batche
 with :func:`sdtune.data.buckets.share_batches`. Every random choice (caption shuffle, picking the flipped latent)
 draws from a generator seeded by ``(seed, epoch, item key, repeat)`` (``sdtune.seeds``), so a resumed run sees
 exactly the batches and captions an uninterrupted one would, whatever the number of data-loader workers.
+
+With ``masks`` (``--masked_loss``) each batch also has ``"masks"``: float32 [B, 1, h, w], the loss mask cached by
+``prepare --alpha_mask / --mask_dir`` (mirrored with the mirrored latents), ones for an image without one. Without
+``masks`` no mask is stacked and the batches are as they were.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from sdtune.data.latent_cache import (
     LatentFileError,
     cache_staleness,
     encode_pixels,
+    has_mask,
     latent_path,
     load_latent_file,
     resize_and_crop,
@@ -97,6 +102,26 @@ class Example:
     bucket: Reso
 
 
+@dataclass(frozen=True)
+class MaskCounts:
+    """With --masked_loss: how many training images have a mask. ``encoded_on_the_fly`` counts the images whose
+    cache was missing or stale and was encoded at start-up, without a mask (included in ``without_mask``)."""
+
+    with_mask: int
+    without_mask: int
+    encoded_on_the_fly: int = 0
+
+
+class NoMasks(SdtuneError):
+    """--masked_loss, and no training image has a cached mask."""
+
+
+def _no_masks(train_data_dir: str | Path, why: str) -> NoMasks:
+    return NoMasks(f"--masked_loss: {why} in {train_data_dir}. Cache masks with sdtune prepare --alpha_mask (the "
+                   "images' alpha channels) or --mask_dir DIR (mask images with the images' stems), or train without "
+                   "--masked_loss")
+
+
 @dataclass
 class FineTuneData:
     """The images to train on, their captions and buckets. Build with :meth:`from_metadata`."""
@@ -107,11 +132,15 @@ class FineTuneData:
     # latents encoded at start-up for images whose cache file is missing (key -> [C, h, w])
     in_memory: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    masks: bool = False  # --masked_loss: batches carry "masks"
+    mask_counts: MaskCounts | None = None  # with masks, counted by encode_missing
 
     @classmethod
     def from_metadata(cls, images: Images, train_data_dir: str | Path, repeats: int = 1, full_path: bool = False,
-                      recursive: bool = False) -> "FineTuneData":
-        """The prepared images of ``train_data_dir`` (those with a ``train_resolution``), each ``repeats`` times."""
+                      recursive: bool = False, masks: bool = False) -> "FineTuneData":
+        """The prepared images of ``train_data_dir`` (those with a ``train_resolution``), each ``repeats`` times.
+        With ``masks`` (--masked_loss) batches carry the cached masks, and ``NoMasks`` is raised now, before any
+        model loads, when no latent file holds one."""
         if repeats < 1:
             raise SdtuneError(f"--dataset_repeats must be at least 1 (got {repeats})")
         index = KeyIndex(images, full_path)
@@ -133,20 +162,25 @@ class FineTuneData:
                 f"no trainable images: none of the images in {train_data_dir} has an entry with train_resolution "
                 "in the metadata. Run sdtune prepare first (and check --train_data_dir / --in_json / --full_path)."
             )
-        return cls(examples, _repeated_buckets(examples, repeats), repeats, skipped=skipped)
+        if masks and not any(has_mask(ex.latents) for ex in examples.values()):
+            raise _no_masks(train_data_dir, f"none of the {len(examples)} prepared images has a cached mask")
+        return cls(examples, _repeated_buckets(examples, repeats), repeats, skipped=skipped, masks=masks)
 
     def split(self, held_out: set[str]) -> tuple["FineTuneData", "FineTuneData"]:
         """(the rest, the ``held_out`` keys): two sets with their own buckets (``--validation_split``)."""
         rest = {k: ex for k, ex in self.examples.items() if k not in held_out}
         out = {k: ex for k, ex in self.examples.items() if k in held_out}
-        return (FineTuneData(rest, _repeated_buckets(rest, self.repeats), self.repeats, skipped=self.skipped),
-                FineTuneData(out, _repeated_buckets(out, 1), 1))
+        return (FineTuneData(rest, _repeated_buckets(rest, self.repeats), self.repeats, skipped=self.skipped,
+                             masks=self.masks),
+                FineTuneData(out, _repeated_buckets(out, 1), 1, masks=self.masks))
 
     def encode_missing(self, vae, batch_size: int = 4) -> int:
         """Encode (in memory) the images whose latent file is missing, unreadable or stale for this model's VAE
         (see ``latent_cache.cache_staleness``: bucket, VAE fingerprint, image size/mtime, then its hash); returns how
-        many. Every such file is named in the log."""
+        many. Every such file is named in the log. With ``masks`` the images with a usable mask are counted in
+        ``mask_counts`` (those encoded here have none; a changed mask file makes a cache stale)."""
         missing = []
+        masked = 0
         vae_print = vae_fingerprint(vae)
         for key, ex in self.examples.items():
             if not ex.latents.is_file():
@@ -158,11 +192,15 @@ class FineTuneData:
                 logger.warning("%s", exc)
                 missing.append(key)
                 continue
-            reason = cache_staleness(cached, ex.image, ex.bucket, vae_print)
+            reason = cache_staleness(cached, ex.image, ex.bucket, vae_print, check_mask=self.masks)
             if reason is not None:
                 logger.warning("%s: stale latent cache (%s); encoding it again (run sdtune prepare to cache it)",
                                ex.latents, reason)
                 missing.append(key)
+            else:
+                masked += cached.mask is not None
+        if self.masks:
+            self.mask_counts = MaskCounts(masked, len(self.examples) - masked, len(missing))
         for start in range(0, len(missing), batch_size):
             keys = missing[start:start + batch_size]
             by_bucket: dict[Reso, list[str]] = {}
@@ -178,6 +216,23 @@ class FineTuneData:
                     self.in_memory[key] = lat
         return len(missing)
 
+    def check_masks(self) -> MaskCounts:
+        """After :meth:`encode_missing`, for --masked_loss: the mask counts, logged when some images have no mask;
+        raises ``NoMasks`` when none has one."""
+        counts = self.mask_counts
+        if counts is None:
+            raise ValueError("check_masks needs masks=True and encode_missing first")
+        total, encoded = counts.with_mask + counts.without_mask, counts.encoded_on_the_fly
+        if not counts.with_mask:
+            raise _no_masks(next(iter(self.examples.values())).image.parent,
+                            f"no usable mask is left ({encoded} of {total} images had stale or missing caches and "
+                            "were encoded at start-up, without masks)")
+        if counts.without_mask:
+            logger.info("--masked_loss: %d of %d images have a mask; %d train whole (no cached mask%s)",
+                        counts.with_mask, total, counts.without_mask,
+                        f"; {encoded} encoded at start-up" if encoded else "")
+        return counts
+
     def epoch_batches(self, epoch: int, seed: int, batch_size: int, world_size: int, rank: int
                       ) -> list[tuple[list[str], float]]:
         """This rank's batches of ``epoch``: see :func:`share_batches`."""
@@ -185,14 +240,15 @@ class FineTuneData:
 
     def load_batch(self, bucket_keys: Sequence[str], epoch: int, seed: int,
                    caption_rules: CaptionRules = CaptionRules()) -> dict[str, Any]:
-        """One batch: stacked latents (cached, or encoded at start-up), captions after the rules, image keys."""
-        latents, captions, keys = [], [], []
+        """One batch: stacked latents (cached, or encoded at start-up), captions after the rules, image keys; with
+        ``masks`` also the masks [B, 1, h, w] (mirrored with a mirrored latent; ones where an image has none)."""
+        latents, captions, keys, masks = [], [], [], []
         for bucket_key in bucket_keys:
             key = bucket_key.split(_REPEAT_SEP)[0]
             ex = self.examples[key]
             rng = item_rng(seed, epoch, bucket_key)
             if key in self.in_memory:
-                lat = self.in_memory[key]
+                lat, mask = self.in_memory[key], None
             else:
                 cached = load_latent_file(ex.latents)
                 if cached.train_resolution != ex.bucket:  # replaced since the run started
@@ -202,11 +258,18 @@ class FineTuneData:
                                           "sdtune prepare again, then resume")
                 use_flip = cached.latents_flipped is not None and rng.random() < 0.5
                 lat = torch.from_numpy(cached.latents_flipped if use_flip else cached.latents)
+                # the mirrored crop's mask is the mirrored mask (exact: bucket widths are multiples of 8)
+                mask = cached.mask[:, ::-1] if use_flip and cached.mask is not None else cached.mask
             caption = caption_rules.apply(ex.caption, epoch, rng)
             latents.append(lat)
             captions.append(caption)
             keys.append(key)
-        return {"latents": torch.stack(latents), "captions": captions, "keys": keys}
+            if self.masks:
+                masks.append(torch.ones((1, *lat.shape[1:])) if mask is None else torch.from_numpy(mask.copy())[None])
+        batch = {"latents": torch.stack(latents), "captions": captions, "keys": keys}
+        if self.masks:
+            batch["masks"] = torch.stack(masks)
+        return batch
 
 
 def _repeated_buckets(examples: dict[str, Example], repeats: int) -> AspectBuckets:

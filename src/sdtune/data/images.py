@@ -42,7 +42,8 @@ def _avif_readable() -> bool:
     return bool(features.check("avif"))  # Pillow >= 11.2 built with libavif; sd-scripts reads it via pillow_avif
 
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + ((".avif",) if _avif_readable() else ())
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + (
+    (".avif",) if _avif_readable() else ())
 #: Extensions of image files that sdtune does not read (sd-scripts' list is the one above). They are named, never
 #: skipped without a word: ``list_images`` logs them with the fix.
 OTHER_IMAGE_EXTENSIONS: frozenset[str] = frozenset({
@@ -248,14 +249,32 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: byt
     files, and for images of more than ``max_pixels`` pixels (checked before decoding). ``data``, when given, is
     the file's content already read (``prepare`` hashes it too); ``path`` then only names the file in errors.
     """
-    path = Path(path)
+    return _open(Path(path), max_pixels, data, alpha=False)[0]
+
+
+def open_image_and_alpha(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None
+                         ) -> tuple[Image.Image, Image.Image | None]:
+    """``open_image``'s RGB image, and the image's alpha channel as an 8-bit ``L`` image of the same size and
+    orientation (None when the file has no transparency: no alpha channel, and no transparent palette index).
+    ``prepare --alpha_mask`` takes the alpha as the image's loss mask."""
+    return _open(Path(path), max_pixels, data, alpha=True)
+
+
+def _alpha_of(im: Image.Image) -> Image.Image | None:
+    if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA").getchannel("A")
+    return None
+
+
+def _open(path: Path, max_pixels: int, data: bytes | None, alpha: bool) -> tuple[Image.Image, Image.Image | None]:
     with _open_checked(path, max_pixels, data) as im:
         try:
             im.load()
             orientation = _exif_orientation(im)
             oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
             rgb = _to_rgb(oriented)
+            channel = _alpha_of(oriented) if alpha else None  # convert() makes a new image: detached from the file
             # Detach from the file: `_to_rgb` may return the opened image itself, which `with` closes.
-            return rgb.copy() if rgb is im else rgb
+            return (rgb.copy() if rgb is im else rgb), channel
         except _DECODE_ERRORS as exc:
             raise ImageError(path, _decode_reason(exc)) from None

@@ -17,6 +17,13 @@ Latent file (``.npz``, format version 1; ``np.load(path)`` reads it, no pickle):
     image_hash         str         hash of the image file's bytes            (optional: files from before they
     image_bytes        int64       the image file's size in bytes             were added lack them; validity is
     image_mtime_ns     int64       its modification time, ns                  then checked through cache_key)
+    mask               float32 [H/8, W/8]  the loss mask (prepare --alpha_mask / --mask_dir), optional: values in
+                                   [0, 1], 1 = train, 0 = ignore; the pixel mask resized and cropped exactly as the
+                                   image, then averaged over 8x8 blocks to latent resolution. Absent: no mask
+    mask_file          str         the mask image it came from (--mask_dir only), relative to the image's folder
+    mask_hash          str         hash of that file's bytes                  (these three only with mask_file)
+    mask_bytes         int64       its size in bytes
+    mask_mtime_ns      int64       its modification time, ns
 
 Choices, documented here because training relies on them:
 
@@ -27,11 +34,15 @@ Choices, documented here because training relies on them:
   checkable), and for SD's VAE the posterior's standard deviation is tiny anyway.
 * **Pixels**: RGB in [-1, 1], shape [B, 3, H, W].
 * ``--skip_existing`` reuses a file only when its ``cache_key`` matches: a hash of the image file's bytes, the
-  bucket, resized size and crop, the flip flag, the VAE fingerprint, the precision and this format version. Any
-  other file (stale, damaged, from another VAE) is encoded again.
+  bucket, resized size and crop, the flip flag, the VAE fingerprint, the precision, the mask source (``alpha`` with
+  --alpha_mask, the mask file's hash with --mask_dir; nothing for an image without a mask, so older files stay
+  valid) and this format version. Any other file (stale, damaged, from another VAE) is encoded again.
+* **The mask is not flipped in the file**: ``latents_flipped`` goes with ``mask[:, ::-1]``, which is exact because
+  bucket widths are multiples of 8 (an 8x8 block average of the mirrored crop is the mirrored block average).
 * **Training checks every cache before using it** (``cache_staleness``): the bucket against the metadata, the VAE
   fingerprint against the model's VAE, and the image: when its size and modification time are those stored, it is
-  taken as unchanged; otherwise its bytes are hashed and compared. A stale file is encoded again in memory and named.
+  taken as unchanged; otherwise its bytes are hashed and compared. A mask file (``mask_file``) is checked the same
+  way, and a missing one makes the cache stale. A stale file is encoded again in memory (without a mask) and named.
 """
 
 from __future__ import annotations
@@ -86,6 +97,15 @@ class LatentCache:
     image_hash: str | None = None
     image_bytes: int | None = None
     image_mtime_ns: int | None = None
+    mask: np.ndarray | None = None
+    mask_file: str | None = None
+    mask_hash: str | None = None
+    mask_bytes: int | None = None
+    mask_mtime_ns: int | None = None
+
+
+_OPTIONAL_STR = ("image_hash", "mask_file", "mask_hash")
+_OPTIONAL_INT = ("image_bytes", "image_mtime_ns", "mask_bytes", "mask_mtime_ns")
 
 
 class LatentFileError(SdtuneError):
@@ -138,9 +158,9 @@ def load_latent_file(path: str | Path) -> LatentCache:
                 vae_fingerprint=str(z["vae_fingerprint"]),
                 cache_key=str(z["cache_key"]),
                 format_version=version,
-                image_hash=str(z["image_hash"]) if "image_hash" in z.files else None,
-                image_bytes=int(z["image_bytes"]) if "image_bytes" in z.files else None,
-                image_mtime_ns=int(z["image_mtime_ns"]) if "image_mtime_ns" in z.files else None,
+                mask=z["mask"] if "mask" in z.files else None,
+                **{name: str(z[name]) for name in _OPTIONAL_STR if name in z.files},
+                **{name: int(z[name]) for name in _OPTIONAL_INT if name in z.files},
             )
     except FileNotFoundError:
         raise LatentFileError(f"{path}: latent file does not exist; run sdtune prepare") from None
@@ -150,6 +170,8 @@ def load_latent_file(path: str | Path) -> LatentCache:
     check_latents(path, cache.latents, cache.train_resolution)
     if cache.latents_flipped is not None:
         check_latents(path, cache.latents_flipped, cache.train_resolution, "latents_flipped")
+    if cache.mask is not None:
+        check_mask(path, cache.mask, cache.train_resolution)
     return cache
 
 
@@ -166,6 +188,25 @@ def check_latents(path: Path, latents: np.ndarray, train_resolution: Reso, name:
         raise LatentFileError(f"{path}: {name} contains NaN or infinite values (a damaged file, or the VAE "
                               "overflowed in fp16 when it was made: prepare with --mixed_precision no). Delete the "
                               "file and run sdtune prepare again")
+
+
+def check_mask(path: Path, mask: np.ndarray, train_resolution: Reso) -> None:
+    """Raise ``LatentFileError`` naming ``path`` unless ``mask`` is a float array [H/8, W/8] of values in [0, 1]."""
+    w, h = train_resolution
+    if mask.ndim != 2 or mask.dtype.kind != "f" or tuple(mask.shape) != (h // 8, w // 8):
+        raise LatentFileError(f"{path}: mask has shape {tuple(mask.shape)} ({mask.dtype}); a {w}x{h} bucket needs "
+                              f"[{h // 8}, {w // 8}] floats. Delete the file and run sdtune prepare again")
+    if not (np.isfinite(mask).all() and mask.min(initial=0.0) >= 0.0 and mask.max(initial=0.0) <= 1.0):
+        raise LatentFileError(f"{path}: mask has values outside [0, 1]; delete the file and run sdtune prepare again")
+
+
+def has_mask(path: Path) -> bool:
+    """Whether the latent file at ``path`` holds a mask (only the archive's list of names is read)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "mask" in z.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False  # a missing or damaged file has no usable mask; training names it when it checks the cache
 
 
 def stored_cache_key(path: Path) -> str | None:
@@ -206,12 +247,14 @@ def write_latent_file(path: Path, cache: LatentCache) -> None:
         "cache_key": np.array(cache.cache_key),
         "format_version": np.array(cache.format_version, dtype=np.int64),
     }
-    for name in ("image_hash", "image_bytes", "image_mtime_ns"):
+    for name in (*_OPTIONAL_STR, *_OPTIONAL_INT):
         value = getattr(cache, name)
         if value is not None:
-            arrays[name] = np.array(value) if name == "image_hash" else np.array(value, dtype=np.int64)
+            arrays[name] = np.array(value) if name in _OPTIONAL_STR else np.array(value, dtype=np.int64)
     if cache.latents_flipped is not None:
         arrays["latents_flipped"] = np.ascontiguousarray(cache.latents_flipped, dtype=np.float32)
+    if cache.mask is not None:
+        arrays["mask"] = np.ascontiguousarray(cache.mask, dtype=np.float32)
     with atomic_path(path) as tmp:  # keeps the .npz suffix, so numpy does not append another
         np.savez(tmp, **arrays)
 
@@ -234,36 +277,70 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def cache_key(image_hash: str, placement: Placement, flip_aug: bool, vae_print: str, precision: str) -> str:
-    """Everything a latent file's contents depend on, hashed."""
+def cache_key(image_hash: str, placement: Placement, flip_aug: bool, vae_print: str, precision: str,
+              mask_source: str | None = None) -> str:
+    """Everything a latent file's contents depend on, hashed. ``mask_source`` says where its mask comes from
+    (``"alpha"``, or ``"file:<hash of the mask file>"``); None, no mask, leaves the key of files without masks as it
+    was before masks existed."""
     parts = {
         "format": LATENT_FORMAT_VERSION, "image": image_hash, "bucket": list(placement.bucket),
         "resized": list(placement.resized), "crop": list(placement.crop_ltrb), "flip": flip_aug,
         "vae": vae_print, "precision": precision, "latent": "mean",
     }
+    if mask_source is not None:
+        parts["mask"] = mask_source
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cache_staleness(cache: LatentCache, image: Path, bucket: Reso, vae_print: str) -> str | None:
+def cache_staleness(cache: LatentCache, image: Path, bucket: Reso, vae_print: str,
+                    check_mask: bool = True) -> str | None:
     """Why ``cache`` is not valid for ``image`` in ``bucket`` with the VAE printed ``vae_print``; None if it is.
 
     Cheap first: the bucket and the VAE fingerprint are compared as stored; the image counts as unchanged when its
     size and modification time are those stored, and only otherwise is it read and hashed (a touched but identical
     image stays valid). Files without the image fields (older ones) are checked by recomputing their cache_key.
+    With ``check_mask`` (training with --masked_loss) the mask file a cache names is checked the same way; without
+    it, a changed mask does not make the latents stale.
     """
     if tuple(cache.train_resolution) != tuple(bucket):
         return f"cached for bucket {cache.train_resolution} but the metadata says {tuple(bucket)}"
     if cache.vae_fingerprint != vae_print:
         return "encoded with another VAE than the model's (--vae or the model changed)"
+    reason = _image_staleness(cache, image, bucket, vae_print)
+    if reason is None and check_mask and cache.mask_file is not None:
+        reason = _file_staleness(mask_file_of(cache, image), cache.mask_hash, cache.mask_bytes, cache.mask_mtime_ns,
+                                 "its mask file")
+    return reason
+
+
+def mask_file_of(cache: LatentCache, image: Path) -> Path:
+    """The mask file ``cache`` was made from (its ``mask_file`` is relative to ``image``'s folder)."""
+    return image.parent / str(cache.mask_file)
+
+
+def _file_staleness(path: Path, digest: str | None, size: int | None, mtime_ns: int | None,
+                    what: str) -> str | None:
+    """None when ``path`` is the file hashed ``digest`` (unchanged size and mtime, or else the same bytes);
+    ``what`` names it in the reason ("its image", "its mask file")."""
     try:
-        st = image.stat()
-        if (cache.image_bytes, cache.image_mtime_ns) == (st.st_size, st.st_mtime_ns):
+        st = path.stat()
+        if (size, mtime_ns) == (st.st_size, st.st_mtime_ns):
             return None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return f"{what} {path} does not exist any more"
+    except OSError as exc:
+        return f"{what} {path} cannot be read ({exc.strerror or exc})"
+    return None if content_hash(data) == digest else f"{what} {path} changed since it was cached"
+
+
+def _image_staleness(cache: LatentCache, image: Path, bucket: Reso, vae_print: str) -> str | None:
+    if cache.image_hash is not None:
+        return _file_staleness(image, cache.image_hash, cache.image_bytes, cache.image_mtime_ns, "its image")
+    try:  # a file from before the image fields: its cache_key, recomputed for each precision prepare takes
         digest = content_hash(image.read_bytes())
     except OSError as exc:
         return f"its image {image} cannot be read ({exc.strerror or exc})"
-    if cache.image_hash is not None:
-        return None if digest == cache.image_hash else f"{image} changed since it was cached"
     placement = Placement(tuple(bucket), cache.resized_size, cache.crop_ltrb, 0.0)
     flip = cache.latents_flipped is not None
     if any(cache_key(digest, placement, flip, vae_print, p) == cache.cache_key for p in MIXED_PRECISIONS):
@@ -273,7 +350,7 @@ def cache_staleness(cache: LatentCache, image: Path, bucket: Reso, vae_print: st
 
 # ------------------------------------------------------------------------------------------------ pixels
 def resize_and_crop(image: Image.Image, placement: Placement) -> np.ndarray:
-    """The bucket-sized crop of ``image`` as uint8 [H, W, 3]."""
+    """The bucket-sized crop of ``image`` as uint8 [H, W, 3] ([H, W] for an ``L`` image: a mask)."""
     if image.size != placement.resized:
         image = image.resize(placement.resized, Image.Resampling.LANCZOS)
     return np.asarray(image.crop(placement.crop_ltrb), dtype=np.uint8)
@@ -298,6 +375,7 @@ def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "LATENT_FORMAT_VERSION", "MIXED_PRECISIONS", "LatentCache", "LatentFileError", "cache_key", "cache_staleness",
-    "check_latents", "content_hash", "encode_pixels", "foreign_latent_file", "latent_files", "latent_path",
-    "load_latent_file", "resize_and_crop", "stored_cache_key", "to_pixels", "vae_fingerprint", "write_latent_file",
+    "check_latents", "check_mask", "content_hash", "encode_pixels", "foreign_latent_file", "has_mask", "latent_files",
+    "latent_path", "load_latent_file", "mask_file_of", "resize_and_crop", "stored_cache_key", "to_pixels",
+    "vae_fingerprint", "write_latent_file",
 ]

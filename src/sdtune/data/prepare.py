@@ -16,6 +16,8 @@ fail before any model loads.
 Decoding and resizing run in ``--max_data_loader_n_workers`` worker processes (a torch ``DataLoader``) while the
 VAE encodes the previous batch; 0 workers decodes in the main process.
 
+With ``--alpha_mask`` or ``--mask_dir`` each image's loss mask is cached with its latents (``sdtune.data.masks``).
+
 Images smaller than their bucket are enlarged to cover it. With ``--bucket_no_upscale`` they are never enlarged
 and get a bucket of their own size, as in sd-scripts (``--min_bucket_reso``/``--max_bucket_reso`` do not apply);
 only an image with a side under ``--bucket_reso_steps`` is skipped and reported.
@@ -28,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -36,29 +38,18 @@ from tqdm import tqdm
 
 from sdtune.atomic import check_writable, clean_stale_temporaries
 from sdtune.data.buckets import AspectBuckets, Placement, Reso, TooSmall, bucket_table
-from sdtune.data.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageError,
-    image_size,
-    list_image_files,
-    open_image,
-    other_images_message,
-)
+from sdtune.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size, list_image_files, other_images_message
 from sdtune.data.latent_cache import (
     LATENT_FORMAT_VERSION,
     MIXED_PRECISIONS,
     LatentCache,
-    cache_key,
-    content_hash,
     encode_pixels,
-    foreign_latent_file,
     latent_path,
-    resize_and_crop,
-    stored_cache_key,
     to_pixels,
     vae_fingerprint,
     write_latent_file,
 )
+from sdtune.data.masks import MaskError, check_mask_options, find_mask_files
 from sdtune.data.metadata import (
     Coverage,
     Images,
@@ -68,6 +59,7 @@ from sdtune.data.metadata import (
     load_metadata,
     save_metadata,
 )
+from sdtune.data.prepare_workers import ImageJobs, Job, Loaded, as_list
 from sdtune.devices import half_precision_on_cpu_warning, resolve_device
 from sdtune.errors import SdtuneError
 from sdtune.models.choices import HALF_ON_CPU_HELP
@@ -100,6 +92,10 @@ class PrepareOptions(ImageFolder, ImageKeys, LoaderWorkers):
                                          "step; --min/max_bucket_reso do not apply, as in sd-scripts)")
     mixed_precision: str = opt("no", f"precision the VAE runs in; {HALF_ON_CPU_HELP}", choices=MIXED_PRECISIONS)
     flip_aug: bool = opt(False, "also cache the latents of the horizontally mirrored image")
+    alpha_mask: bool = opt(False, "cache each image's alpha channel as its loss mask for train --masked_loss "
+                                  "(transparent = not trained)")
+    mask_dir: Optional[Path] = opt(None, "folder of mask images with the training images' stems, cached as their "
+                                         "loss masks for train --masked_loss: white = train, black = ignore")
     skip_existing: bool = opt(False, "reuse latent files still valid for this image, bucket and VAE")
     v2: bool = opt(False, "sd-scripts' option, accepted and not needed: SD 1.x and 2.x share the VAE layout, which "
                           "prepare reads from the file itself")
@@ -139,6 +135,7 @@ def validate(options: PrepareOptions) -> AspectBuckets:
     if options.mixed_precision not in MIXED_PRECISIONS:
         raise SdtuneError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}")
     resolve_device(options.device)
+    check_mask_options(options.alpha_mask, options.mask_dir, Path(options.train_data_dir), options.recursive)
     if not Path(options.in_json).is_file():
         raise SdtuneError(f"{options.in_json}: metadata file does not exist; create it with sdtune merge-captions "
                           "or merge-tags")
@@ -153,6 +150,8 @@ class PrepareSummary:
     encoded: int = 0
     reused: int = 0
     enlarged: int = 0
+    masks: str = ""  # the mask option ("--alpha_mask", "--mask_dir DIR"), or "" without one
+    masked: int = 0  # prepared images with a cached mask
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     other_images: list[Path] = field(default_factory=list)  # image files of extensions sdtune does not read
     folder: Path | None = None
@@ -171,6 +170,9 @@ class PrepareSummary:
         log.info("buckets:\n%s", bucket_table(self.bucket_counts, self.mean_aspect_error))
         log.info("%d images found: %d encoded, %d reused from valid caches, %d skipped (%.1f s, VAE busy %.1f s)",
                  self.found, self.encoded, self.reused, len(self.skipped), self.seconds, self.encode_seconds)
+        if self.masks:
+            log.info("%d of %d prepared images have a loss mask (%s); %d have none and train whole with "
+                     "--masked_loss", self.masked, self.prepared, self.masks, self.prepared - self.masked)
         if self.enlarged:
             log.info("%d images were smaller than their bucket and were enlarged (--bucket_no_upscale prevents it)",
                      self.enlarged)
@@ -220,15 +222,21 @@ def place_images(options: PrepareOptions) -> PreparePlan:
     coverage = _check_coverage(options, images, index, paths)
     _check_folders(options, paths)
     plan = PreparePlan(options, images, coverage, summary, start=start)
+    masks, mask_problems = find_mask_files(options.mask_dir, Path(options.train_data_dir), paths, options.recursive) \
+        if options.mask_dir is not None else ({}, {})
+    summary.masks = "--alpha_mask" if options.alpha_mask else \
+        f"--mask_dir {options.mask_dir}" if options.mask_dir is not None else ""
     for path in tqdm(paths, desc="reading sizes", unit="img", leave=False, disable=None):
         key = index.key_for(path)
         try:
+            if path in mask_problems:
+                raise MaskError(mask_problems[path])
             size = image_size(path, options.max_image_pixels)
             placement = buckets.place(*size)
-        except (ImageError, TooSmall) as exc:
-            plan.fail(path, key, str(exc) if isinstance(exc, ImageError) else f"{path}: {exc}")
+        except (ImageError, MaskError, TooSmall) as exc:
+            plan.fail(path, key, f"{path}: {exc}" if isinstance(exc, TooSmall) else str(exc))
             continue
-        plan.jobs.append(Job(len(plan.jobs), path, key, size, placement))
+        plan.jobs.append(Job(len(plan.jobs), path, key, size, placement, masks.get(path)))
     return plan
 
 
@@ -269,79 +277,6 @@ def _check_folders(options: PrepareOptions, paths: list[Path]) -> None:
         clean_stale_temporaries(folder)
 
 
-# ------------------------------------------------------------------------------------------------ workers
-@dataclass(frozen=True)
-class Job:
-    """One image for the encode step: its number in the run, path, metadata key, original size and placement."""
-
-    index: int
-    path: Path
-    key: str
-    original_size: Reso
-    placement: Placement
-
-
-@dataclass
-class Loaded:
-    """What a worker hands back for one image: pixels to encode, a valid cache to reuse, or an error."""
-
-    index: int
-    cache_key: str = ""
-    image_hash: str = ""
-    image_stat: tuple[int, int] = (0, 0)  # size in bytes, mtime in ns, taken before the bytes were read
-    pixels: np.ndarray | None = None
-    reused: bool = False
-    error: str = ""
-
-
-class ImageJobs(torch.utils.data.Dataset):
-    """Reads, hashes, decodes, resizes and crops one image per item (in DataLoader workers).
-
-    Never raises for a bad image: an exception in a worker would end the whole run, so failures come back as
-    ``Loaded.error`` and are reported at the end.
-    """
-
-    def __init__(self, jobs: list[Job], flip_aug: bool, vae_print: str, precision: str, skip_existing: bool,
-                 max_pixels: int) -> None:
-        self.jobs = jobs
-        self.flip_aug = flip_aug
-        self.vae_print = vae_print
-        self.precision = precision
-        self.skip_existing = skip_existing
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def __getitem__(self, i: int) -> Loaded:
-        job = self.jobs[i]
-        foreign = foreign_latent_file(latent_path(job.path))
-        if foreign is not None:  # never overwritten: it may be the user's only copy of another tool's cache
-            return Loaded(i, error=foreign)
-        try:
-            st = job.path.stat()  # before reading: a change after this shows as a changed stat next time
-            data = job.path.read_bytes()
-        except OSError as exc:
-            return Loaded(i, error=f"{job.path}: cannot be read ({exc.strerror or exc})")
-        digest = content_hash(data)
-        key = cache_key(digest, job.placement, self.flip_aug, self.vae_print, self.precision)
-        if self.skip_existing and stored_cache_key(latent_path(job.path)) == key:
-            return Loaded(i, key, reused=True)
-        try:
-            image = open_image(job.path, self.max_pixels, data=data)
-        except ImageError as exc:
-            return Loaded(i, error=str(exc))
-        if image.size != job.original_size:
-            return Loaded(i, error=f"{job.path}: changed while preparing ({job.original_size} -> {image.size}); run "
-                                   "prepare again")
-        return Loaded(i, key, digest, (st.st_size, st.st_mtime_ns), pixels=resize_and_crop(image, job.placement))
-
-
-def _as_list(batch: list[Loaded]) -> list[Loaded]:
-    """DataLoader collate: keep the items as they are (a batch may mix encodable and failed images)."""
-    return batch
-
-
 # ------------------------------------------------------------------------------------------------ encode
 def encode_images(plan: PreparePlan, vae: AutoencoderKL) -> None:
     """The encode step: decode and crop in worker processes while ``vae`` encodes, and write each image's latent
@@ -356,12 +291,11 @@ def encode_images(plan: PreparePlan, vae: AutoencoderKL) -> None:
 
     # Batches hold one bucket each (the VAE needs equal sizes); buckets in turn, images in folder order.
     order = sorted(plan.jobs, key=lambda j: (j.placement.bucket, j.index))
-    dataset = ImageJobs(plan.jobs, options.flip_aug, fingerprint, options.mixed_precision, options.skip_existing,
-                        options.max_image_pixels)
+    dataset = ImageJobs(plan.jobs, options, fingerprint)
     workers = options.max_data_loader_n_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=_split_by_bucket(order, options.batch_size), num_workers=workers,
-        collate_fn=_as_list, prefetch_factor=2 if workers > 0 else None,
+        collate_fn=as_list, prefetch_factor=2 if workers > 0 else None,
     )
     with tqdm(total=len(plan.jobs), desc="encoding latents", unit="img", disable=None) as bar:
         for batch in loader:
@@ -380,6 +314,7 @@ def _to_encode(plan: PreparePlan, batch: list[Loaded]) -> list[Loaded]:
             plan.fail(job.path, job.key, item.error)
         elif item.reused:
             plan.summary.reused += 1
+            plan.summary.masked += item.has_mask
             plan.succeeded[job.key] = job.placement
         else:
             todo.append(item)
@@ -410,9 +345,11 @@ def _encode_batch(plan: PreparePlan, vae: AutoencoderKL, todo: list[Loaded], fin
             crop_ltrb=job.placement.crop_ltrb, train_resolution=job.placement.bucket,
             vae_fingerprint=fingerprint, cache_key=item.cache_key, format_version=LATENT_FORMAT_VERSION,
             image_hash=item.image_hash, image_bytes=item.image_stat[0], image_mtime_ns=item.image_stat[1],
+            **item.mask_input.cache_fields(job.path, item.mask),
         ))
         plan.succeeded[job.key] = job.placement
         plan.summary.encoded += 1
+        plan.summary.masked += item.has_mask
         plan.summary.enlarged += job.placement.resized[0] > job.original_size[0]
 
 

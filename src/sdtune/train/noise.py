@@ -15,6 +15,12 @@ Two optional refinements, as in sd-scripts:
   Weighting Strategy"): with SNR_t = abar_t / (1 - abar_t), each sample's loss is weighted by
   ``min(SNR_t, gamma) / SNR_t`` for epsilon and ``min(SNR_t, gamma) / (SNR_t + 1)`` for velocity, so the easy
   low-noise timesteps stop dominating the gradient. gamma = 5 is the paper's choice.
+
+**Masked loss** (``--masked_loss``; sd-scripts' ``apply_masked_loss`` in library/custom_train_functions.py): the
+elementwise squared error is multiplied by the image's mask at latent resolution (broadcast over the channels; a mask
+of another size is area-interpolated to the latents' first) before the usual mean over every latent pixel, and
+min-SNR weighting still applies per sample after it. The mean is not renormalised by the mask's area, as in
+sd-scripts: a mask that is white on half the image roughly halves the loss, and an all-white mask changes nothing.
 """
 
 from __future__ import annotations
@@ -87,10 +93,25 @@ def min_snr_weights(prediction_type: str, scheduler: DDPMScheduler, timesteps: t
 
 
 def prediction_loss(prediction_type: str, scheduler: DDPMScheduler, pred: torch.Tensor, target: torch.Tensor,
-                    timesteps: torch.Tensor, min_snr_gamma: float | None = None) -> torch.Tensor:
-    """The batch's mean squared error in float32; with ``min_snr_gamma`` each sample's error is weighted first."""
-    if min_snr_gamma is None:
+                    timesteps: torch.Tensor, min_snr_gamma: float | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's mean squared error in float32; with ``mask`` ([B, 1, h, w] in [0, 1]) the elementwise error is
+    weighted by it first, and with ``min_snr_gamma`` each sample's error is weighted (see the module docstring)."""
+    if min_snr_gamma is None and mask is None:
         return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
-    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(
-        dim=tuple(range(1, pred.dim())))
+    error = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        error = error * latent_mask(mask, error.shape[2:])
+    if min_snr_gamma is None:
+        return error.mean()
+    per_sample = error.mean(dim=tuple(range(1, pred.dim())))
     return (per_sample * min_snr_weights(prediction_type, scheduler, timesteps, min_snr_gamma)).mean()
+
+
+def latent_mask(mask: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """``mask`` [B, 1, h, w] as float32 of spatial ``size``: as it is when it has that size already (the cached
+    masks do), else area-interpolated as sd-scripts does with its pixel masks."""
+    mask = mask.float()
+    if tuple(mask.shape[2:]) != tuple(size):
+        mask = torch.nn.functional.interpolate(mask, size=tuple(size), mode="area")
+    return mask
