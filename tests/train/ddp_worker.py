@@ -4,7 +4,8 @@ Usage: torchrun --nproc_per_node 2 tests/train/ddp_worker.py MODEL TRAIN_DIR MET
 Writes OUT_DIR/rank<r>.json: the (epoch, image keys, weight) of every batch and a digest of the final trained
 weights, and OUT_DIR/rank<r>.safetensors: the final U-Net and text encoder weights (``unet.*``, ``te.*``; for a LoRA
 run, with ``network_module``, the LoRA's own state dict, the file's keys), and OUT_DIR/rank<r>-step1.safetensors: the
-same after the first optimizer step. OPTIONS_JSON overrides TrainOptions fields.
+same after the first optimizer step; with a validation set, rank<r>.json also has the (step, loss) of each
+validation. OPTIONS_JSON overrides TrainOptions fields.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def main() -> None:
     seen: list[dict] = []
     original = FineTuneData.load_batch
 
-    def recording(self, keys, epoch, seed, caption_rules):
-        seen.append({"epoch": epoch, "keys": list(keys)})
-        return original(self, keys, epoch, seed, caption_rules)
+    def recording(self, keys, epoch, seed, *rules):
+        seen.append({"epoch": epoch, "keys": list(keys), "data": id(self)})
+        return original(self, keys, epoch, seed, *rules)
 
     FineTuneData.load_batch = recording
     settings = {"train_batch_size": 2, "max_train_steps": 5, "learning_rate": 1e-3, "seed": 7,
@@ -60,6 +61,7 @@ def main() -> None:
 
     trainer.after_step = snapshot
     result = trainer.run()
+    seen = [s for s in seen if s.pop("data") == id(trainer.data)]  # the training batches, not the validation's
     save_weights(trainer, Path(out, f"rank{trainer.rank}.safetensors"))
     weights = trained_weights(trainer) if trainer.opts.network_module else \
         trainer.accelerator.unwrap_model(trainer.unet).state_dict()
@@ -68,6 +70,7 @@ def main() -> None:
     Path(out, f"rank{trainer.rank}.json").write_text(json.dumps({
         "rank": trainer.rank, "world": trainer.world, "digest": digest, "seen": seen,
         "weights": {e: [w for _, w in batches] for e, batches in plan.items()}, "steps": result["global_step"],
+        "validation": result["validation"],
     }))
 
 

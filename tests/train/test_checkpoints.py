@@ -24,8 +24,9 @@ def test_names_follow_sd_scripts():
         "cat", "cat-000003", "cat-step00000500")
     assert (plain.name("last"), plain.name("epoch", 3), plain.name("step", 500)) == (
         "last", "epoch-000003", "step-00000500")
+    assert (named.name("best"), plain.name("best")) == ("cat-best", "best")  # --save_best
     with pytest.raises(ValueError):
-        plain.name("best")
+        plain.name("bestest")
 
 
 def test_no_step_or_epoch_save_at_the_end_of_the_run():
@@ -85,6 +86,26 @@ def test_a_state_folder_goes_with_its_save_and_with_its_rotation(tmp_path):
         checkpoints.after_step(step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004-state", "step-00000004.ckpt",
                                                           "step-00000006-state", "step-00000006.ckpt"]
+
+
+def test_an_ema_copy_is_written_beside_each_save_listed_after_it_and_rotated_with_it(tmp_path):
+    """--save_ema_separately: ``<name>-ema`` in the model's format (here a folder, as the diffusers formats)."""
+    def write(path: Path, what: bytes) -> None:
+        path.mkdir()
+        (path / "weights").write_bytes(what)
+
+    checkpoints = Checkpoints(tmp_path, SavePolicy(total_steps=10, every_n_steps=2, last_n_steps=2),
+                              model_path=lambda name: tmp_path / name, write_model=lambda path: write(path, b"w"),
+                              write_ema=lambda path: write(path, b"ema"))
+    for step in range(1, 7):
+        checkpoints.after_step(step)
+    assert checkpoints.save("last") == tmp_path / "last"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "last-ema", "step-00000004", "step-00000004-ema",
+                                                          "step-00000006", "step-00000006-ema"]
+    assert (tmp_path / "last-ema" / "weights").read_bytes() == b"ema"
+    assert (tmp_path / "last" / "weights").read_bytes() == b"w"
+    assert [p.name for p in checkpoints.saved] == [f"{n}{e}" for n in ("step-00000002", "step-00000004",
+                                                                       "step-00000006", "last") for e in ("", "-ema")]
 
 
 def test_only_the_main_process_writes_and_every_process_waits_twice(tmp_path):

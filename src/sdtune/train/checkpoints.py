@@ -5,6 +5,11 @@ model. :class:`Checkpoints` writes and removes saves through the callables the t
 checkpoint writer, the training-state writer), remembers what it saved, and turns a full disk into a message that
 says what is safe. Names follow sd-scripts: ``last``, ``epoch-000003`` / ``<name>-000003``, ``step-00000500`` /
 ``<name>-step00000500``; a state folder is ``<save name>-state``; ``--save_best`` keeps ``best`` / ``<name>-best``.
+With ``--save_ema_separately`` every save is two models: ``<save name>`` (the training weights) and
+``<save name>-ema`` beside it in the same format (the EMA weights: ``last.safetensors`` + ``last-ema.safetensors``,
+``step-00000004/`` + ``step-00000004-ema/``); both are listed in :attr:`Checkpoints.saved` (the run's
+``result["saved"]``), the ``-ema`` one after its model, and rotation removes both (the state folder is one, of the
+save name).
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ from typing import Callable, Iterator, Optional
 from sdtune.errors import SdtuneError
 
 logger = logging.getLogger(__name__)
+
+EMA_SUFFIX = "-ema"
+
+
+def ema_name(name: str) -> str:
+    """The name of the EMA copy of the save ``name`` (``--save_ema_separately``)."""
+    return f"{name}{EMA_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,8 @@ class Checkpoints:
     """Writes a run's saves into ``output_dir`` and removes the expired ones.
 
     ``model_path(name)`` is where the save ``name`` goes (a file or folder, by the target's format); ``write_model``
-    writes it; ``write_state`` (with ``--save_state``) writes the training state folder beside it. Every process
+    writes it; ``write_ema`` (with ``--save_ema_separately``) writes the EMA copy to ``model_path(ema_name(name))``;
+    ``write_state`` (with ``--save_state``) writes the training state folder beside it. Every process
     calls :meth:`save`; only the main one writes or removes files, and ``barrier`` (accelerate's
     ``wait_for_everyone``) keeps the others from running ahead of a save or reading a half-written one.
     """
@@ -104,6 +117,7 @@ class Checkpoints:
     write_state: Optional[Callable[[Path], None]] = None
     is_main: bool = True
     barrier: Callable[[], None] = _no_barrier
+    write_ema: Optional[Callable[[Path], None]] = None
     saved: list[Path] = field(default_factory=list)
 
     def state_folder(self, name: str) -> Path:
@@ -118,9 +132,21 @@ class Checkpoints:
             with self.disk_full_reported(path):
                 self.write_model(path)
             self.saved.append(path)
+            if self.write_ema is not None:
+                self.save_ema_copy(name)
             if self.write_state is not None and with_state:
                 self.save_state(self.state_folder(name))
         self.barrier()
+        return path
+
+    def save_ema_copy(self, name: str) -> Path:
+        """Write the EMA weights of the save ``name`` beside it, as ``<name>-ema`` (``--save_ema_separately``)."""
+        assert self.write_ema is not None
+        path = self.model_path(ema_name(name))
+        with self.disk_full_reported(path):
+            self.write_ema(path)
+        self.saved.append(path)
+        logger.info("saved the EMA weights to %s", path)
         return path
 
     def save_state(self, folder: Path) -> None:
@@ -131,10 +157,13 @@ class Checkpoints:
         logger.info("saved training state to %s", folder)
 
     def remove(self, name: Optional[str]) -> None:
-        """Remove the save ``name`` and its state folder, where they exist."""
+        """Remove the save ``name``, its EMA copy and its state folder, where they exist."""
         if name is None or not self.is_main:
             return
-        for path in (self.model_path(name), self.state_folder(name)):
+        paths = [self.model_path(name), self.state_folder(name)]
+        if self.write_ema is not None:
+            paths.append(self.model_path(ema_name(name)))
+        for path in paths:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():

@@ -69,6 +69,16 @@ from sdtune.train.state import (
 from sdtune.train.summary import closing_lines, startup_lines
 from sdtune.train.targets import TrainTarget, make_target
 from sdtune.train.text_cache import text_encoder_cache
+from sdtune.train.validation import (
+    Validation,
+    ValidationRuns,
+    ValidationSchedule,
+    eval_mode,
+    read_validation_state,
+    squared_errors,
+    validation_set,
+    write_validation_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +129,16 @@ class Trainer:
         --in_json must not cost a full model load)."""
         opts = self.opts
         self.data = FineTuneData.from_metadata(load_metadata(opts.in_json), opts.train_data_dir,
-                                               opts.dataset_repeats, opts.full_path, opts.recursive)
+                                               opts.dataset_repeats, opts.full_path, opts.recursive, opts.masked_loss)
+        self.data, held_out = validation_set(opts, self.data)
         self.model, self.base_fingerprint = load_base_model(opts, self.accelerator, self.provenance)
         self.clip_skip = resolve_clip_skip(opts, self.model.family, self.provenance, self.is_main)
-        self.encodes_on_the_fly, self.scaling_factor = self._encode_missing_latents()
+        self.encodes_on_the_fly, self.scaling_factor = self._encode_missing_latents(held_out)
+        self.mask_counts = self.data.check_masks() if opts.masked_loss else None
         self.noise_scheduler = self.model.noise_scheduler()
         # on the device once: the noise coefficients are looked up every step without a copy
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.validation = self._make_validation(held_out) if held_out is not None else None
         self.quartiles = TimestepQuartiles(self.noise_scheduler.config.num_train_timesteps, self.device) \
             if opts.logging_dir else None  # on every rank: its sums join the step's one reduce
         batches = len(self.data.epoch_batches(0, self.seed, opts.train_batch_size, self.world, self.rank))
@@ -146,10 +159,13 @@ class Trainer:
             scaler_state = load_optimizer_and_scheduler(Path(opts.resume), self.optimizer, self.lr_scheduler)
             if self.ema is not None:
                 self.ema.load(load_pickled_state(Path(opts.resume), EMA_FILE))
+            if self.validation is not None:
+                self.validation.best.load_state_dict(read_validation_state(Path(opts.resume)))
             if self.scaler is not None and scaler_state:
                 self.scaler.load_state_dict(scaler_state)
         self.unet, self.text_encoder = self.target.prepare(self.accelerator)
-        self.text_cache = text_encoder_cache(opts, self.data, self.model, self.target, self.clip_skip, self.is_main,
+        examples = [*self.data.examples.values(), *(held_out.examples.values() if held_out is not None else ())]
+        self.text_cache = text_encoder_cache(opts, examples, self.model, self.target, self.clip_skip, self.is_main,
                                              self.encode_captions) if opts.cache_text_encoder_outputs else None
         if self.text_cache is not None:
             self.model.text_encoder.to("cpu")  # samples bring it back for their call
@@ -160,16 +176,23 @@ class Trainer:
         """The --in_json file's hash, read once a run (every state records it; --resume compares it)."""
         return file_sha256(self.opts.in_json)
 
-    def _encode_missing_latents(self) -> tuple[int, float]:
-        """Encode what the latent cache lacks, then move the VAE off the device; (images encoded, scaling factor)."""
+    def _encode_missing_latents(self, held_out: Optional[FineTuneData]) -> tuple[int, float]:
+        """Encode what the latent caches (training and validation images) lack, then move the VAE off the device;
+        (images encoded, scaling factor)."""
         vae = self.model.vae
         vae.to(self.device)
-        encoded = self.data.encode_missing(vae)
+        encoded = sum(data.encode_missing(vae) for data in (self.data, held_out) if data is not None)
         if encoded:
             logger.info("encoded %d image(s) whose latent cache was missing or stale (run sdtune prepare to cache "
                         "them)", encoded)
         vae.to("cpu")  # not needed any more: free the GPU memory
         return encoded, float(vae.config.scaling_factor)
+
+    def _make_validation(self, held_out: FineTuneData) -> ValidationRuns:
+        opts = self.opts
+        images = Validation(held_out, opts.train_batch_size, opts.validation_timesteps, opts.min_timestep,
+                            opts.max_timestep, self.noise_scheduler.config.num_train_timesteps, self.world, self.rank)
+        return ValidationRuns(images, ValidationSchedule.from_options(opts), self.is_main)
 
     def _make_target(self) -> TrainTarget:
         opts = self.opts
@@ -209,6 +232,8 @@ class Trainer:
             self.announce()
             self.logs.open()
             self.redo_cut_short_samples()
+            if self.validation is not None and self.progress.global_step == 0:
+                self.validate()  # where the curve starts
             progress = self.progress
             bar = progress_bar(self.plan.total_steps, progress.global_step, self.is_main)
             losses: list[float] = []
@@ -259,7 +284,9 @@ class Trainer:
                 group = []
 
     def after_step(self) -> None:
-        """The saves and samples due after this step."""
+        """The validation, saves and samples due after this step."""
+        if self.validation is not None and self.validation.schedule.after_step(self.progress.global_step):
+            self.validate()
         self.checkpoints.after_step(self.progress.global_step)
         if self.samples.after_step(self.progress.global_step):
             self.sample()
@@ -271,6 +298,9 @@ class Trainer:
             self.logs.scalars({"loss/epoch": float(np.mean(epoch_losses))}, progress.epoch + 1)
         progress.epoch += 1
         progress.batch_in_epoch = 0
+        if self.validation is not None and self.validation.schedule.after_epoch(progress.epoch) \
+                and self.validation.last_step != progress.global_step:
+            self.validate()
         self.checkpoints.after_epoch(progress.epoch, progress.global_step)
         if self.samples.after_epoch(progress.epoch):
             self.sample()
@@ -278,6 +308,8 @@ class Trainer:
     def finish(self, losses: list[float], elapsed: float) -> dict[str, Any]:
         """The final save and the closing summary; ``elapsed`` is the training itself, not the final save."""
         progress = self.progress
+        if self.validation is not None and self.validation.last_step != progress.global_step:
+            self.validate()  # where the curve ends
         final = self.save(self.checkpoints.policy.name("last"))
         if self.is_main:
             remove_spent_interrupted_state(self.output_dir, self.opts.resume)
@@ -287,6 +319,7 @@ class Trainer:
             "epoch": progress.epoch, "losses": losses,
             "steps_per_second": len(losses) / elapsed if elapsed > 0 else 0.0,
             "encoded_on_the_fly": self.encodes_on_the_fly,
+            "validation": list(self.validation.history) if self.validation is not None else [],
         }
         if self.is_main:
             for line in closing_lines(self, result):
@@ -314,18 +347,19 @@ class Trainer:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def conditioning(self, captions: list[str]) -> torch.Tensor:
+    def conditioning(self, captions: list[str], text_encoder: Optional[torch.nn.Module] = None) -> torch.Tensor:
         """The text encoder's hidden states for a batch's captions (--cache_text_encoder_outputs: from the cache)."""
         if self.text_cache is not None:
             return self.to_device(self.text_cache(captions))
-        return self.encode_captions(captions)
+        return self.encode_captions(captions, text_encoder)
 
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """The text encoder's hidden states for ``captions`` (with gradients when it is trained)."""
+    def encode_captions(self, captions: list[str], text_encoder: Optional[torch.nn.Module] = None) -> torch.Tensor:
+        """The text encoder's hidden states for ``captions`` (with gradients when it is trained, outside
+        ``torch.no_grad``); ``text_encoder``: another call of the same encoder (the module, not its DDP wrapper)."""
         tok = self.model.tokenizer
         ids = self.to_device(tokenize(tok, captions, self.opts.max_token_length))
-        with torch.set_grad_enabled(self.target.trains_text_encoder), self.autocast():
-            return encode(self.text_encoder, ids, self.clip_skip, tok.eos_token_id, tok.pad_token_id)
+        with torch.set_grad_enabled(self.target.trains_text_encoder and torch.is_grad_enabled()), self.autocast():
+            return encode(text_encoder or self.text_encoder, ids, self.clip_skip, tok.eos_token_id, tok.pad_token_id)
 
     def draw(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The noise and timesteps of one batch, from its generator."""
@@ -339,25 +373,32 @@ class Trainer:
         return self.loss_for(batch, noise.to(self.device), timesteps.to(self.device))
 
     def predict(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor,
-                unet: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the U-Net's prediction, what it should predict) for one batch, the given noise and timesteps; ``unet``:
-        another call of the same U-Net (validation runs the module itself, not its DDP wrapper)."""
+                unwrapped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the U-Net's prediction, what it should predict) for one batch, the given noise and timesteps;
+        ``unwrapped``: through the modules themselves, not their DDP wrappers (validation: ranks run different
+        numbers of forward passes, which DDP's wrappers must not see)."""
         latents = self.to_device(batch["latents"]).float() * self.scaling_factor
         noisy = noise_lib.add_noise(self.noise_scheduler, latents, noise, timesteps)
         target = noise_lib.target(self.model.prediction_type, self.noise_scheduler, latents, noise, timesteps)
-        states = self.conditioning(batch["captions"])
+        states = self.conditioning(batch["captions"], self.model.text_encoder if unwrapped else None)
         unet_dtype = next(self.model.unet.parameters()).dtype
         with self.autocast(), recompile_room(self.opts.torch_compile):
-            pred = (unet or self.unet)(noisy.to(unet_dtype), timesteps, states.to(unet_dtype)).sample
+            pred = (self.model.unet if unwrapped else self.unet)(noisy.to(unet_dtype), timesteps,
+                                                                 states.to(unet_dtype)).sample
         return pred, target
 
     def loss_for(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The loss of one batch for the given noise and timesteps (a float32 scalar on the device)."""
         pred, target = self.predict(batch, noise, timesteps)
-        if self.quartiles is not None:
+        mask = batch.get("masks")  # --masked_loss
+        mask = None if mask is None else self.to_device(mask)
+        if self.quartiles is not None and mask is not None:  # sqrt(mask) on both sides: the error weighted by it
+            root = noise_lib.latent_mask(mask, pred.shape[2:]).sqrt()
+            self.quartiles.add(pred * root, target * root, timesteps)
+        elif self.quartiles is not None:
             self.quartiles.add(pred, target, timesteps)
         return noise_lib.prediction_loss(self.model.prediction_type, self.noise_scheduler, pred, target, timesteps,
-                                         self.opts.min_snr_gamma)
+                                         self.opts.min_snr_gamma, mask)
 
     def backward(self, group: list[dict[str, Any]]) -> torch.Tensor:
         """Forward and backward of a step's micro-batches (gradient accumulation); their mean loss, on the device."""
@@ -431,6 +472,28 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.lr_scheduler.step()
 
+    # -------------------------------------------------------------------------------------------- validation
+    def validate(self) -> dict[str, float]:
+        """Score the validation set (:mod:`sdtune.train.validation`) with the weights a checkpoint would hold, in
+        eval mode; log the losses; with --save_best save the model when it is the best yet. Every process calls
+        it at the same steps (its share is added to the others')."""
+        modules = [self.model.unet, self.model.text_encoder, *self.target.modules.values()]
+        with torch.no_grad(), evaluation_weights(self.optimizer), ema_weights(self.ema), eval_mode(modules):
+            totals = self.validation.images.totals(self.score, self.device)
+        if self.world > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        figures = Validation.figures(totals.flatten().tolist())
+        step = self.progress.global_step
+        self.logs.scalars(figures, step)
+        if self.validation.record(step, figures["loss/validation"]) and self.opts.save_best:
+            self.checkpoints.save(self.checkpoints.policy.name("best"), with_state=False)
+        return figures
+
+    def score(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Each validation image's squared error at the given noise and timesteps (see :func:`squared_errors`)."""
+        pred, target = self.predict(batch, noise, timesteps, unwrapped=True)
+        return squared_errors(pred, target, batch.get("masks"))
+
     # -------------------------------------------------------------------------------------------- saving
     @property
     def saved(self) -> list[Path]:
@@ -453,6 +516,8 @@ class Trainer:
                    self.scaler.state_dict() if self.scaler else None)
         if self.ema is not None:
             self.ema.save(folder)
+        if self.validation is not None:
+            write_validation_state(folder, self.validation.best)
         write_provenance(folder, {"base_model": str(self.opts.pretrained_model_name_or_path),
                                   "base_fingerprint": self.base_fingerprint,
                                   "metadata_file": str(self.opts.in_json),

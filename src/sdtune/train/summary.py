@@ -36,6 +36,8 @@ def startup_lines(trainer: Trainer) -> list[str]:
         extras.append(f"timesteps {o.min_timestep}-{o.max_timestep - 1}")
     if extras:
         lines.append("objective: " + "; ".join(extras))
+    if trainer.validation is not None:
+        lines.append(validation_description(trainer))
     if trainer.data.skipped:
         lines.append(f"not trained (no train_resolution in the metadata): {len(trainer.data.skipped)} image(s)")
     if trainer.progress.global_step:
@@ -48,11 +50,28 @@ def closing_lines(trainer: Trainer, result: dict) -> list[str]:
     """The end-of-run summary: steps and speed, the final file, the state folder and the logs."""
     lines = [f"done: {result['global_step']} steps ({result['steps_per_second']:.2f} steps/s); saved to "
              f"{result['model']}"]
+    if trainer.validation is not None and trainer.validation.history:
+        lines.append(trainer.validation.summary())
+        if trainer.opts.save_best:
+            best = trainer.target.checkpoint_path(trainer.output_dir, trainer.checkpoints.policy.name("best"))
+            lines.append(f"best checkpoint: {best} (step {trainer.validation.best.step})")
     if trainer.opts.save_state:
         lines.append(f"training state: {trainer.checkpoints.state_folder(trainer.checkpoints.policy.name('last'))}")
     if trainer.logs.folder is not None:
         lines.append(f"TensorBoard logs: {trainer.logs.folder} (tensorboard --logdir {trainer.opts.logging_dir})")
     return lines
+
+
+def validation_description(trainer: Trainer) -> str:
+    """The validation set and schedule, in words."""
+    o, schedule = trainer.opts, trainer.validation.schedule
+    source = (f"held out of the training images ({o.validation_split:g}), never trained" if o.validation_split
+              else f"from {o.validation_data_dir}")
+    when = [f"every {n} {unit}(s)" for n, unit in ((schedule.every_n_steps, "step"),
+                                                  (schedule.every_n_epochs, "epoch")) if n]
+    return (f"validation: {trainer.validation.images.images} image(s) {source}; {o.validation_timesteps} fixed "
+            f"timestep(s) each; {' and '.join(when)}, at the start and at the end"
+            + ("; the best kept (--save_best)" if o.save_best else ""))
 
 
 def device_description(device: torch.device) -> str:

@@ -30,7 +30,7 @@ import torch
 from sdtune.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from sdtune.data.dataset import FineTuneData
+    from sdtune.data.dataset import Example
     from sdtune.models.sd import StableDiffusion
     from sdtune.train.options import TrainOptions
     from sdtune.train.targets import TrainTarget
@@ -120,10 +120,11 @@ def build_text_cache(items: Iterable[tuple[str, Optional[Path]]], encode: Callab
                                       "written": len(stale) if write else 0}
 
 
-def text_encoder_cache(opts: TrainOptions, data: FineTuneData, model: StableDiffusion, target: TrainTarget,
+def text_encoder_cache(opts: TrainOptions, examples: Iterable[Example], model: StableDiffusion, target: TrainTarget,
                        clip_skip: int, is_main: bool, encode: Callable[[list[str]], torch.Tensor]) -> TextEncoderCache:
-    """The cache of a run: every caption of ``data`` through ``encode`` (the trainer's conditioning, on the device,
-    under its autocast), read from and (main process) written to disk with --cache_text_encoder_outputs_to_disk."""
+    """The cache of a run: every caption of ``examples`` (training and validation images) through ``encode``
+    (the trainer's conditioning, on the device, under its autocast), read from and (main process) written to disk
+    with --cache_text_encoder_outputs_to_disk."""
     from sdtune.train.provenance import model_fingerprint
 
     modules: dict[str, torch.nn.Module] = {"text_encoder": model.text_encoder}
@@ -136,7 +137,7 @@ def text_encoder_cache(opts: TrainOptions, data: FineTuneData, model: StableDiff
         return text_cache_key(caption, encoder_print, clip_skip, opts.max_token_length, dtype)
 
     to_disk = opts.cache_text_encoder_outputs_to_disk
-    items = [(ex.caption, ex.image if to_disk else None) for ex in data.examples.values()]
+    items = [(ex.caption, ex.image if to_disk else None) for ex in examples]
     cache, counts = build_text_cache(items, encode, key_of, max(opts.train_batch_size, 8), write=to_disk and is_main)
     where = (f"; {counts['read']} read from and {counts['written']} written to *{TE_OUTPUTS_SUFFIX}" if to_disk
              else "")
