@@ -154,7 +154,7 @@ def test_batches_carry_masks_only_when_asked_ones_for_images_without(dataset, ma
     prepare_latents(options(train, meta, mask_dir=mask_dir), vae=tiny_vae)
     images = load_metadata(meta.with_name("meta_lat.json"))
     plain = FineTuneData.from_metadata(images, train)
-    assert "masks" not in plain.load_batch(["wide\x000"], 0, 0) and "masks" not in plain.load_batch(["small\x000"], 0, 0)
+    assert all("masks" not in plain.load_batch([f"{name}\x000"], 0, 0) for name in ("wide", "small"))
     masked = FineTuneData.from_metadata(images, train, masks=True)
     torch.testing.assert_close(masked.load_batch(["wide\x000"], 0, 0)["masks"], torch.ones(1, 1, 8, 16))
     assert masked.encode_missing(tiny_vae) == 0
@@ -248,3 +248,26 @@ def test_mask_options_that_cannot_work_are_refused(dataset, mask_dir, kw, messag
     kw = {k: folders.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
     with pytest.raises(SdtuneError, match=message):
         prepare_latents(options(train, meta, **kw), vae=None)
+
+
+def test_the_cli_caches_masks_from_a_mask_dir(dataset, mask_dir, tiny_model_dir, caplog):
+    from sdtune.cli import main
+    from tests.data.prepared import CLI_BUCKET_ARGS
+
+    train, meta = dataset
+    caplog.set_level("INFO")
+    assert main(["prepare", str(train), str(meta), str(meta.with_name("meta_lat.json")), str(tiny_model_dir),
+                 *CLI_BUCKET_ARGS, "--mask_dir", str(mask_dir), "--max_data_loader_n_workers", "0"]) == 0
+    assert load_latent_file(train / "small.npz").mask is not None and load_latent_file(train / "wide.npz").mask is None
+    assert f"2 of 3 prepared images have a loss mask (--mask_dir {mask_dir})" in caplog.text
+
+
+def test_workers_make_the_same_masks_as_the_main_process(dataset, mask_dir, tiny_vae):
+    train, meta = dataset
+    prepare_latents(options(train, meta, mask_dir=mask_dir), vae=tiny_vae)
+    first = {n: load_latent_file(train / f"{n}.npz") for n in ("small", "tall")}
+    assert prepare_latents(options(train, meta, mask_dir=mask_dir, max_data_loader_n_workers=1), vae=tiny_vae
+                           ).masked == 2
+    for name, cache in first.items():
+        again = load_latent_file(train / f"{name}.npz")
+        assert np.array_equal(again.mask, cache.mask) and again.mask_hash == cache.mask_hash
