@@ -19,7 +19,7 @@ from sdtune.errors import SdtuneError
 from sdtune.models.hypernetwork import Hypernetwork
 from sdtune.models.io import load_model
 from sdtune.train import base_model
-from sdtune.train.ema import Ema
+from sdtune.train.ema import Ema, copies_to
 from sdtune.train.loop import Trainer
 from tests.train.test_train import options
 
@@ -140,6 +140,33 @@ def test_the_cpu_update_is_ema_models_bit_for_bit_frozen_tensors_copied_and_weig
             torch.testing.assert_close(p.detach(), s, rtol=0, atol=0)
     for p, b in zip(params, before):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_an_ema_file_of_other_weights_is_refused_and_a_good_one_lands_on_the_ema_device(tmp_path, device):
+    params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.zeros(4))]
+    saved = Ema(params, decay=0.5, device=device)
+    saved.step()
+    saved.save(tmp_path)
+    state = torch.load(tmp_path / "ema.pt", weights_only=True, map_location="cpu")
+    other = Ema([torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.zeros(5))], decay=0.5, device=device)
+    with pytest.raises(SdtuneError, match="does not hold an average of this run's trained weights"):
+        other.load(state)
+    with pytest.raises(SdtuneError, match="does not hold an average"):
+        other.load({"shadow_params": "not tensors"})
+    fresh = Ema(params, decay=0.5, device=device)
+    fresh.load(state)
+    assert fresh.average.optimization_step == 1 and fresh.storage_devices == {CPU}
+    for a, b in zip(fresh.average.shadow_params, saved.average.shadow_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_copies_to_hands_out_each_parameter_with_its_values_in_order():
+    params = [torch.nn.Parameter(torch.full((2,), float(i))) for i in range(3)]
+    pairs = list(copies_to(params, CPU))
+    assert [p for p, _ in pairs] == params
+    for p, value in pairs:
+        torch.testing.assert_close(value, p.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])

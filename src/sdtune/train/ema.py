@@ -102,16 +102,18 @@ class Ema:
             torch.save(self.average.state_dict(), str(tmp))
 
     def load(self, state: dict) -> None:
-        """Restore what :meth:`save` wrote (read with ``weights_only=True`` to the CPU by the caller), then move it
-        where the average lives."""
+        """Restore what :meth:`save` wrote (read with ``weights_only=True`` to the CPU by the caller), each tensor
+        moved where the average lives. The fresh average made by the constructor is dropped first, so the device
+        never holds two; EMAModel's ``load_state_dict`` reads the counters and decay settings (and checks them)."""
         shadow = state.get("shadow_params") if isinstance(state, dict) else None
-        shapes = [tuple(p.shape) for p in self.parameters]
-        if not isinstance(shadow, list) or [tuple(getattr(t, "shape", ())) for t in shadow] != shapes:
+        if not isinstance(shadow, list) or not all(isinstance(t, torch.Tensor) for t in shadow) \
+                or [tuple(t.shape) for t in shadow] != [tuple(p.shape) for p in self.parameters]:
             raise SdtuneError(f"the --resume state folder's {EMA_FILE} does not hold an average of this run's trained "
                               "weights (other tensors or shapes); resume with the options of the run that saved it")
-        self.average.load_state_dict(state)
-        self.average.to(self.device if self.device is not None else
-                        self.parameters[0].device if self.parameters else None)
+        self.average.shadow_params = []
+        self.average.load_state_dict({k: v for k, v in state.items() if k != "shadow_params"})
+        self.average.shadow_params = [t.to(self.device if self.device is not None else p.device)
+                                      for t, p in zip(shadow, self.parameters)]
 
     @property
     def storage_devices(self) -> set[torch.device]:
