@@ -301,9 +301,9 @@ def test_caption_dropout_reaches_the_text_encoder(prepared, tmp_path):
         seen: list[str] = []
         encode_captions = trainer.conditioning
 
-        def recording(captions):
+        def recording(captions, *encoder):
             seen.extend(captions)
-            return encode_captions(captions)
+            return encode_captions(captions, *encoder)
 
         trainer.conditioning = recording
         trainer.run()

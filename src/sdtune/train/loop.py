@@ -148,7 +148,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.fused_backward = FusedBackward(self.optimizer, self.trainable, opts.max_grad_norm) \
             if opts.fused_backward_pass else None
-        self.ema = Ema(self.trainable, opts.ema_decay, opts.ema_inv_gamma, opts.ema_power) if opts.use_ema else None
+        self.ema = Ema(self.trainable, opts.ema_decay, opts.ema_inv_gamma, opts.ema_power,
+                       opts.ema_device) if opts.use_ema else None
         self.checkpoints = self._make_checkpoints()
         self.lr_scheduler = build_lr_scheduler(opts.lr_scheduler, self.optimizer, opts.lr_warmup_steps,
                                                self.plan.total_steps, opts.lr_scheduler_num_cycles,
@@ -223,7 +224,8 @@ class Trainer:
             model_path=lambda name: target.checkpoint_path(self.output_dir, name),
             write_model=self.save_model,
             write_state=self.write_training_state if self.opts.save_state else None,
-            is_main=self.is_main, barrier=self.accelerator.wait_for_everyone)
+            is_main=self.is_main, barrier=self.accelerator.wait_for_everyone,
+            write_ema=functools.partial(self.save_model, average=True) if self.opts.save_ema_separately else None)
 
     # -------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -504,10 +506,13 @@ class Trainer:
         """Save the checkpoint (and the state with --save_state) as ``name``; rank 0 writes, the others wait."""
         return self.checkpoints.save(name)
 
-    def save_model(self, path: Path) -> None:
+    def save_model(self, path: Path, average: Optional[bool] = None) -> None:
         """Write the target's checkpoint file; with a schedule-free optimizer its evaluation weights (the state
-        keeps the training ones, for an exact --resume)."""
-        with evaluation_weights(self.optimizer), ema_weights(self.ema):
+        keeps the training ones, for an exact --resume). With --use_ema the average, unless ``average`` is false
+        (by default: with --save_ema_separately the model holds the training weights, its ``-ema`` copy the average)."""
+        if average is None:
+            average = not self.opts.save_ema_separately
+        with evaluation_weights(self.optimizer), ema_weights(self.ema if average else None):
             self.target.save_checkpoint(path, self.progress)
 
     def write_training_state(self, folder: Path) -> None:
