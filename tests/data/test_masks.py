@@ -271,3 +271,18 @@ def test_workers_make_the_same_masks_as_the_main_process(dataset, mask_dir, tiny
     for name, cache in first.items():
         again = load_latent_file(train / f"{name}.npz")
         assert np.array_equal(again.mask, cache.mask) and again.mask_hash == cache.mask_hash
+
+
+def test_the_mask_fields_are_the_documented_ones(dataset, mask_dir, tiny_vae):
+    import sdtune.data.latent_cache as latent_cache
+
+    train, meta = dataset
+    prepare_latents(options(train, meta, mask_dir=mask_dir), vae=tiny_vae)
+    with np.load(train / "small.npz", allow_pickle=False) as z:
+        added = set(z.files) - {"latents", "original_size", "resized_size", "crop_ltrb", "train_resolution",
+                                "vae_fingerprint", "cache_key", "format_version", "image_hash", "image_bytes",
+                                "image_mtime_ns"}
+    assert added == {"mask", "mask_file", "mask_hash", "mask_bytes", "mask_mtime_ns"}
+    docs = (Path(__file__).parents[2] / "docs" / "metadata.md").read_text(encoding="utf-8")
+    for name in added:
+        assert f"\n    {name} " in latent_cache.__doc__ and f"| `{name}`" in docs
