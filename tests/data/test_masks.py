@@ -218,6 +218,10 @@ def test_masks_asked_for_where_none_is_cached_fail_before_any_model(dataset, tin
     with pytest.raises(NoMasks, match=r"none of the 3 prepared images has a cached mask.*prepare --alpha_mask.*"
                                       r"--mask_dir"):
         FineTuneData.from_metadata(load_metadata(meta.with_name("meta_lat.json")), train, masks=True)
+    # a validation folder without masks is scored whole
+    held = FineTuneData.from_metadata(load_metadata(meta.with_name("meta_lat.json")), train, masks=True,
+                                      require_masks=False)
+    torch.testing.assert_close(held.load_batch(["wide\x000"], 0, 0)["masks"], torch.ones(1, 1, 8, 16))
 
 
 def test_bad_masks_skip_their_image_naming_the_file(dataset, mask_dir, tiny_vae):

@@ -137,10 +137,10 @@ class FineTuneData:
 
     @classmethod
     def from_metadata(cls, images: Images, train_data_dir: str | Path, repeats: int = 1, full_path: bool = False,
-                      recursive: bool = False, masks: bool = False) -> "FineTuneData":
+                      recursive: bool = False, masks: bool = False, require_masks: bool = True) -> "FineTuneData":
         """The prepared images of ``train_data_dir`` (those with a ``train_resolution``), each ``repeats`` times.
-        With ``masks`` (--masked_loss) batches carry the cached masks, and ``NoMasks`` is raised now, before any
-        model loads, when no latent file holds one."""
+        With ``masks`` (--masked_loss) batches carry the cached masks, and, unless ``require_masks`` is false (a
+        validation folder), ``NoMasks`` is raised now, before any model loads, when no latent file holds one."""
         if repeats < 1:
             raise SdtuneError(f"--dataset_repeats must be at least 1 (got {repeats})")
         index = KeyIndex(images, full_path)
@@ -162,7 +162,7 @@ class FineTuneData:
                 f"no trainable images: none of the images in {train_data_dir} has an entry with train_resolution "
                 "in the metadata. Run sdtune prepare first (and check --train_data_dir / --in_json / --full_path)."
             )
-        if masks and not any(has_mask(ex.latents) for ex in examples.values()):
+        if masks and require_masks and not any(has_mask(ex.latents) for ex in examples.values()):
             raise _no_masks(train_data_dir, f"none of the {len(examples)} prepared images has a cached mask")
         return cls(examples, _repeated_buckets(examples, repeats), repeats, skipped=skipped, masks=masks)
 
