@@ -290,3 +290,16 @@ def test_the_mask_fields_are_the_documented_ones(dataset, mask_dir, tiny_vae):
     docs = (Path(__file__).parents[2] / "docs" / "metadata.md").read_text(encoding="utf-8")
     for name in added:
         assert f"\n    {name} " in latent_cache.__doc__ and f"| `{name}`" in docs
+
+
+def test_recursive_folders_find_masks_in_the_same_sub_folder(dataset, mask_dir, tiny_vae):
+    train, meta = dataset
+    (train / "sub").mkdir()
+    (train / "tall.png").rename(train / "sub" / "tall.png")
+    (mask_dir / "sub").mkdir()
+    (mask_dir / "tall.png").rename(mask_dir / "sub" / "tall.png")
+    summary = prepare_latents(options(train, meta, mask_dir=mask_dir, recursive=True), vae=tiny_vae)
+    assert (summary.encoded, summary.masked, summary.skipped) == (3, 2, [])
+    cache = load_latent_file(train / "sub" / "tall.npz")
+    assert Path(cache.mask_file) == Path(os.path.relpath(mask_dir / "sub" / "tall.png", train / "sub"))
+    assert cache_staleness(cache, train / "sub" / "tall.png", (64, 128), vae_fingerprint(tiny_vae)) is None
