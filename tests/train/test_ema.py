@@ -8,6 +8,7 @@ for every kind of target and save format; rotation removes both."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -236,10 +237,12 @@ def test_save_ema_separately_writes_the_training_weights_and_the_average_beside_
     _assert_equal_all(_trained_weights(trainer), history[-1], "the weights after the saves")
 
 
-def test_rotation_removes_the_ema_copy_and_the_state_with_their_save(prepared, tmp_path):
+def test_rotation_removes_the_ema_copy_and_the_state_with_their_save(prepared, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     trainer = Trainer(options(prepared, tmp_path, max_train_steps=5, use_ema=True, save_ema_separately=True,
                               save_state=True, save_every_n_steps=2, save_last_n_steps=1))
     result = trainer.run()
+    assert f"EMA weights: {tmp_path / 'out' / 'last-ema.safetensors'}" in caplog.text  # the closing summary
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if re.match(r"(step-|last)", p.name)) == [
         "last-ema.safetensors", "last-state", "last.safetensors",

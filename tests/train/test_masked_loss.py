@@ -226,3 +226,4 @@ def test_images_without_masks_are_counted_and_masks_are_off_by_default(masked, t
     assert "--masked_loss: 3 of 6 images have a mask; 3 train whole" in caplog.text
     trainer.run()
     assert seen == [True, True]
+    assert "masked loss: 3 image(s) with a mask, 3 without (trained whole)" in caplog.text  # the start-up summary

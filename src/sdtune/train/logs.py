@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from sdtune.train.interrupt import TolerantStream
+from sdtune.train.noise import per_sample_errors
 
 
 class RunLogs:
@@ -62,10 +63,12 @@ class TimestepQuartiles:
         """A new step."""
         self.totals.zero_()
 
-    def add(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """Add a micro-batch's per-sample mean squared errors to their timesteps' quarters."""
+    def add(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+            mask: Optional[torch.Tensor] = None) -> None:
+        """Add a micro-batch's per-sample mean squared errors (weighted by ``mask``, --masked_loss) to their
+        timesteps' quarters."""
         with torch.no_grad():
-            per_sample = (pred.detach().float() - target.float()).square().mean(dim=tuple(range(1, pred.dim())))
+            per_sample = per_sample_errors(pred.detach(), target, mask)
             quarter = (timesteps.long() * 4 // self.num_train_timesteps).clamp(0, 3)
             self.totals[0].index_add_(0, quarter, per_sample)
             self.totals[1].index_add_(0, quarter, torch.ones_like(per_sample))

@@ -75,7 +75,6 @@ from sdtune.train.validation import (
     ValidationSchedule,
     eval_mode,
     read_validation_state,
-    squared_errors,
     validation_set,
     write_validation_state,
 )
@@ -394,11 +393,8 @@ class Trainer:
         pred, target = self.predict(batch, noise, timesteps)
         mask = batch.get("masks")  # --masked_loss
         mask = None if mask is None else self.to_device(mask)
-        if self.quartiles is not None and mask is not None:  # sqrt(mask) on both sides: the error weighted by it
-            root = noise_lib.latent_mask(mask, pred.shape[2:]).sqrt()
-            self.quartiles.add(pred * root, target * root, timesteps)
-        elif self.quartiles is not None:
-            self.quartiles.add(pred, target, timesteps)
+        if self.quartiles is not None:
+            self.quartiles.add(pred, target, timesteps, mask)
         return noise_lib.prediction_loss(self.model.prediction_type, self.noise_scheduler, pred, target, timesteps,
                                          self.opts.min_snr_gamma, mask)
 
@@ -492,9 +488,9 @@ class Trainer:
         return figures
 
     def score(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Each validation image's squared error at the given noise and timesteps (see :func:`squared_errors`)."""
+        """Each validation image's mean squared error at the given noise and timesteps (weighted by its mask)."""
         pred, target = self.predict(batch, noise, timesteps, unwrapped=True)
-        return squared_errors(pred, target, batch.get("masks"))
+        return noise_lib.per_sample_errors(pred, target, batch.get("masks"))
 
     # -------------------------------------------------------------------------------------------- saving
     @property

@@ -108,6 +108,15 @@ def prediction_loss(prediction_type: str, scheduler: DDPMScheduler, pred: torch.
     return (per_sample * min_snr_weights(prediction_type, scheduler, timesteps, min_snr_gamma)).mean()
 
 
+def per_sample_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean squared error, float32, shaped (B,); with ``mask`` ([B, 1, h, w], see :func:`latent_mask`)
+    each element's error weighted by it first (the validation score and the loss by timestep quarter)."""
+    errors = (pred.float() - target.float()).square()
+    if mask is not None:
+        errors = errors * latent_mask(mask.to(errors.device), errors.shape[2:])
+    return errors.mean(dim=tuple(range(1, errors.dim())))
+
+
 def latent_mask(mask: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """``mask`` [B, 1, h, w] as float32 of spatial ``size``: as it is when it has that size already (the cached
     masks do), else area-interpolated as sd-scripts does with its pixel masks."""

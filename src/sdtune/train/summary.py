@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sdtune.train.checkpoints import ema_name
 from sdtune.train.optim import HalfWeightAdamW
 from sdtune.train.options import TrainOptions, attention_kind, optimizer_name
 
@@ -38,6 +39,11 @@ def startup_lines(trainer: Trainer) -> list[str]:
         lines.append("objective: " + "; ".join(extras))
     if trainer.validation is not None:
         lines.append(validation_description(trainer))
+    if trainer.mask_counts is not None:
+        counts = trainer.mask_counts
+        lines.append(f"masked loss: {counts.with_mask} image(s) with a mask, {counts.without_mask} without (trained "
+                     "whole" + (f"; {counts.encoded_on_the_fly} of them encoded at start-up, without their mask"
+                                if counts.encoded_on_the_fly else "") + ")")
     if trainer.data.skipped:
         lines.append(f"not trained (no train_resolution in the metadata): {len(trainer.data.skipped)} image(s)")
     if trainer.progress.global_step:
@@ -48,6 +54,7 @@ def startup_lines(trainer: Trainer) -> list[str]:
 
 def closing_lines(trainer: Trainer, result: dict) -> list[str]:
     """The end-of-run summary: steps and speed, the final file, the state folder and the logs."""
+    last = trainer.checkpoints.policy.name("last")
     lines = [f"done: {result['global_step']} steps ({result['steps_per_second']:.2f} steps/s); saved to "
              f"{result['model']}"]
     if trainer.validation is not None and trainer.validation.history:
@@ -55,8 +62,11 @@ def closing_lines(trainer: Trainer, result: dict) -> list[str]:
         if trainer.opts.save_best:
             best = trainer.target.checkpoint_path(trainer.output_dir, trainer.checkpoints.policy.name("best"))
             lines.append(f"best checkpoint: {best} (step {trainer.validation.best.step})")
+    if trainer.opts.save_ema_separately:
+        lines.append(f"EMA weights: {trainer.target.checkpoint_path(trainer.output_dir, ema_name(last))} (the "
+                     "model file holds the training weights)")
     if trainer.opts.save_state:
-        lines.append(f"training state: {trainer.checkpoints.state_folder(trainer.checkpoints.policy.name('last'))}")
+        lines.append(f"training state: {trainer.checkpoints.state_folder(last)}")
     if trainer.logs.folder is not None:
         lines.append(f"TensorBoard logs: {trainer.logs.folder} (tensorboard --logdir {trainer.opts.logging_dir})")
     return lines

@@ -67,7 +67,7 @@ def validation_set(opts: TrainOptions, data: FineTuneData) -> tuple[FineTuneData
     if opts.validation_data_dir:
         held = FineTuneData.from_metadata(load_metadata(opts.validation_in_json), opts.validation_data_dir,
                                           full_path=opts.full_path, recursive=opts.recursive,
-                                          masks=opts.masked_loss)
+                                          masks=opts.masked_loss, require_masks=False)
         both = sorted(set(held.examples) & set(data.examples))
         images = {ex.image.resolve() for ex in data.examples.values()}
         same = [key for key, ex in held.examples.items() if ex.image.resolve() in images]
@@ -176,14 +176,6 @@ class Validation:
         return {name: s / c for name, s, c in zip(names, sums, counts) if c > 0}
 
 
-def squared_errors(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Each sample's mean squared error (float32, shaped (B,)); weighted by ``mask`` ([B, 1, h, w]) when given."""
-    errors = (pred.float() - target.float()).square()
-    if mask is not None:
-        errors = errors * mask.to(errors.device, errors.dtype)
-    return errors.mean(dim=tuple(range(1, errors.dim())))
-
-
 @dataclass
 class BestCheckpoint:
     """``--save_best``: the lowest validation loss so far and the step it was reached at."""
@@ -263,4 +255,4 @@ def read_validation_state(folder: Path) -> dict[str, Any]:
 
 __all__ = ["BestCheckpoint", "SALT", "Validation", "ValidationRuns", "ValidationSchedule", "draw_noise",
            "VALIDATION_FILE", "draw_timesteps", "eval_mode", "held_out_keys", "read_validation_state",
-           "squared_errors", "validation_set", "write_validation_state"]
+           "validation_set", "write_validation_state"]
