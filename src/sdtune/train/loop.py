@@ -46,14 +46,8 @@ from sdtune.train.fused_backward import FusedBackward
 from sdtune.train.interrupt import StopRequest, TrainingStopped, report_stop
 from sdtune.train.logs import RunLogs, TimestepQuartiles, progress_bar
 from sdtune.train.lora_metadata import training_metadata
-from sdtune.train.optim import (
-    build_lr_scheduler,
-    build_optimizer,
-    evaluation_weights,
-    parse_optimizer_args,
-    step_with_factor,
-)
-from sdtune.train.options import TrainOptions, optimizer_name, plan_run, validate
+from sdtune.train.optim import build_lr_scheduler, evaluation_weights, run_optimizer, step_with_factor
+from sdtune.train.options import TrainOptions, plan_run, validate
 from sdtune.train.precision import LossScaler, unscale_and_clip
 from sdtune.train.provenance import file_sha256, write_provenance
 from sdtune.train.rng import seeded_global_rng, step_batch_index, step_generator
@@ -72,7 +66,6 @@ from sdtune.train.text_cache import text_encoder_cache
 from sdtune.train.validation import (
     Validation,
     ValidationRuns,
-    ValidationSchedule,
     eval_mode,
     read_validation_state,
     validation_set,
@@ -137,14 +130,15 @@ class Trainer:
         self.noise_scheduler = self.model.noise_scheduler()
         # on the device once: the noise coefficients are looked up every step without a copy
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
-        self.validation = self._make_validation(held_out) if held_out is not None else None
+        self.validation = None if held_out is None else ValidationRuns.from_options(
+            opts, held_out, self.noise_scheduler.config.num_train_timesteps, self.world, self.rank, self.is_main)
         self.quartiles = TimestepQuartiles(self.noise_scheduler.config.num_train_timesteps, self.device) \
             if opts.logging_dir else None  # on every rank: its sums join the step's one reduce
         batches = len(self.data.epoch_batches(0, self.seed, opts.train_batch_size, self.world, self.rank))
         self.plan = plan_run(opts, len(self.data.examples), batches, self.world)
         self.target = self._make_target()
         self.trainable = [p for g in self.target.param_groups for p in g["params"]]
-        self.optimizer = self._make_optimizer()
+        self.optimizer = run_optimizer(opts, self.target.param_groups, self.seed, self.is_main)
         self.fused_backward = FusedBackward(self.optimizer, self.trainable, opts.max_grad_norm) \
             if opts.fused_backward_pass else None
         self.ema = Ema(self.trainable, opts.ema_decay, opts.ema_inv_gamma, opts.ema_power,
@@ -188,12 +182,6 @@ class Trainer:
         vae.to("cpu")  # not needed any more: free the GPU memory
         return encoded, float(vae.config.scaling_factor)
 
-    def _make_validation(self, held_out: FineTuneData) -> ValidationRuns:
-        opts = self.opts
-        images = Validation(held_out, opts.train_batch_size, opts.validation_timesteps, opts.min_timestep,
-                            opts.max_timestep, self.noise_scheduler.config.num_train_timesteps, self.world, self.rank)
-        return ValidationRuns(images, ValidationSchedule.from_options(opts), self.is_main)
-
     def _make_target(self) -> TrainTarget:
         opts = self.opts
         weight_dtype = torch.float16 if opts.full_fp16 else torch.bfloat16 if opts.full_bf16 else torch.float32
@@ -203,18 +191,6 @@ class Trainer:
         if opts.resume:
             target.load_state(Path(opts.resume))
         return target
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        opts, name = self.opts, optimizer_name(self.opts)
-        half_weights = opts.full_fp16 or opts.full_bf16
-        if half_weights and name != "AdamW" and self.is_main:
-            logger.warning("--full_fp16/--full_bf16 with %s: the optimizer writes its updates into the half-precision "
-                           "weights rounded to nearest, and updates below half an ulp are lost; AdamW (the default) "
-                           "keeps them (--half_weight_rounding)", name)
-        return build_optimizer(name, self.target.param_groups, opts.learning_rate,
-                               parse_optimizer_args(opts.optimizer_args), half_weights=half_weights,
-                               seed=derived_seed(self.seed, 0x5352), rounding=opts.half_weight_rounding,
-                               warn=self.is_main)
 
     def _make_checkpoints(self) -> Checkpoints:
         target = self.target

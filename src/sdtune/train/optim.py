@@ -28,6 +28,8 @@ from sdtune.train.options import (
     OPTIMIZER_PACKAGES,
     OPTIMIZERS,
     SCHEDULE_FREE_OPTIMIZERS,
+    TrainOptions,
+    optimizer_name,
 )
 from sdtune.train.precision import stochastic_round
 
@@ -247,6 +249,22 @@ def _fast_adamw(param_groups: list[dict[str, Any]], extra: dict[str, Any]) -> di
         return extra
     on_cuda = all(p.is_cuda for group in param_groups for p in group["params"])
     return {"fused": True, **extra} if on_cuda else extra
+
+
+def run_optimizer(opts: TrainOptions, param_groups: list[dict[str, Any]], seed: int,
+                  is_main: bool) -> torch.optim.Optimizer:
+    """The optimizer of a ``sdtune train`` run (:func:`build_optimizer` with the options' name, rate and
+    arguments); with half-precision weights and another optimizer than AdamW, a warning that small updates are
+    lost."""
+    name = optimizer_name(opts)
+    half_weights = opts.full_fp16 or opts.full_bf16
+    if half_weights and name != "AdamW" and is_main:
+        logger.warning("--full_fp16/--full_bf16 with %s: the optimizer writes its updates into the half-precision "
+                       "weights rounded to nearest, and updates below half an ulp are lost; AdamW (the default) "
+                       "keeps them (--half_weight_rounding)", name)
+    return build_optimizer(name, param_groups, opts.learning_rate, parse_optimizer_args(opts.optimizer_args),
+                           half_weights=half_weights, seed=derived_seed(seed, 0x5352),
+                           rounding=opts.half_weight_rounding, warn=is_main)
 
 
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, extra: dict[str, Any],

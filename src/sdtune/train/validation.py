@@ -209,6 +209,14 @@ class ValidationRuns:
         self.best = BestCheckpoint()
         self.history: list[tuple[int, float]] = []  # (step, loss) of each validation of this session
 
+    @classmethod
+    def from_options(cls, opts: TrainOptions, held_out: FineTuneData, num_train_timesteps: int, world: int,
+                     rank: int, is_main: bool) -> ValidationRuns:
+        """The validations of a run with the validation images ``held_out``."""
+        images = Validation(held_out, opts.train_batch_size, opts.validation_timesteps, opts.min_timestep,
+                            opts.max_timestep, num_train_timesteps, world, rank)
+        return cls(images, ValidationSchedule.from_options(opts), is_main)
+
     @property
     def last_step(self) -> Optional[int]:
         """The step of the latest validation of this session (None before the first)."""
