@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtune.cli import main
-from sdtune.train import loop
+from sdtune.train import optim
 from sdtune.train.interrupt import TrainingStopped
 from sdtune.train.loop import Trainer, train
 from tests.train.test_train import options
@@ -44,7 +44,7 @@ sys.exit(code if code >= 0 else 128 - code)
 def signal_inside_the_update(monkeypatch, signum: int, at_step: int) -> None:
     """Deliver ``signum`` to this process right after the optimizer changed the weights of step ``at_step`` (of a
     run built after this call, not resumed)."""
-    build = loop.build_optimizer
+    build = optim.build_optimizer
 
     def building(*args, **kwargs):
         optimizer = build(*args, **kwargs)
@@ -58,7 +58,7 @@ def signal_inside_the_update(monkeypatch, signum: int, at_step: int) -> None:
         optimizer.register_step_post_hook(after_update)
         return optimizer
 
-    monkeypatch.setattr(loop, "build_optimizer", building)
+    monkeypatch.setattr(optim, "build_optimizer", building)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
