@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import logging
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,16 +41,31 @@ def opt(
     positional: bool = False,
     metavar: str | None = None,
     default_factory: Any = _MISSING,
+    ignore_case: bool = False,
 ) -> Any:
     """A dataclass field carrying its command-line description.
 
     ``positional=True`` makes it a positional argument (required unless a config file supplies it).
-    ``aliases`` are extra option names, e.g. ``("--ckpt",)``.
+    ``aliases`` are extra option names, e.g. ``("--ckpt",)``. ``ignore_case``: a choice in any letter case is
+    taken as its listed spelling (sd-scripts lower-cases ``--optimizer_type``, so ``adamw8bit`` works there).
     """
-    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional, "metavar": metavar}
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional, "metavar": metavar,
+            "ignore_case": ignore_case}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _listed_spelling(meta: Mapping[str, Any], value: Any) -> Any:
+    """``value`` as its choice is listed, with ``ignore_case``; otherwise (or when it is no choice) as it is."""
+    if not (meta.get("ignore_case") and meta.get("choices") and isinstance(value, str)):
+        return value
+    return next((c for c in meta["choices"] if str(c).lower() == value.lower()), value)
+
+
+def _converted_then_listed(convert: Any, meta: Mapping[str, Any], text: str) -> Any:
+    """argparse's ``type`` of an ``ignore_case`` option: converted, then as its choice is listed."""
+    return _listed_spelling(meta, convert(text))
 
 
 def _resolved_types(cls: type) -> dict[str, Any]:
@@ -195,7 +211,10 @@ def build_parser(cls: type, prog: str, description: str = "",
             (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
             kwargs.update(nargs="*", type=_scalar_converter(item), default=default)
         else:
-            kwargs.update(type=_scalar_converter(tp), default=default)
+            convert = _scalar_converter(tp)
+            if meta.get("ignore_case"):
+                convert = functools.partial(_converted_then_listed, convert, meta)
+            kwargs.update(type=convert, default=default)
         parser.add_argument(*names, dest=f.name, **kwargs)
     parser.add_argument(
         "--debug", action="store_true",
@@ -369,7 +388,7 @@ def parse_options(cls: type[T], argv: Sequence[str], prog: str, description: str
         from_file = isinstance(value, _FromConfig) or (value is None and f.name in positional and f.name in values)
         if from_file:
             raw = value.value if isinstance(value, _FromConfig) else values[f.name]
-            value = _coerce(raw, hints[f.name], f.name, f"config file {config_path}")
+            value = _listed_spelling(f.metadata, _coerce(raw, hints[f.name], f.name, f"config file {config_path}"))
             choices = f.metadata.get("choices")
             if choices and value is not None and value not in choices:  # argparse checks only command-line values
                 raise OptionsError(f"config file {config_path}: option {f.name} = {raw!r}: choose one of "

@@ -68,3 +68,20 @@ def test_diffusers_xformers_is_an_alias_of_xformers():
 def test_the_options_layer_refuses_a_missing_required_option(capsys):
     assert main(["generate", "--prompt", "a cat"]) == 2
     assert "--pretrained_model_name_or_path is required" in capsys.readouterr().err
+
+
+def test_optimizer_names_are_taken_in_any_letter_case_as_sd_scripts_does(tmp_path, capsys):
+    """sd-scripts lower-cases --optimizer_type (train_util.get_optimizer), so command lines with `adamw8bit` or
+    `prodigy` work there; here too, on the command line and in a config file, as the listed spelling."""
+    base = ["--pretrained_model_name_or_path", "m", "--in_json", "j", "--train_data_dir", "d", "--output_dir", "o"]
+    assert parse_options(TrainOptions, [*base, "--optimizer_type", "adamw8bit"], "t").optimizer_type == "AdamW8bit"
+    assert parse_options(TrainOptions, [*base, "--optimizer_type", "PRODIGY"], "t").optimizer_type == "Prodigy"
+    config = tmp_path / "c.toml"
+    config.write_text('[train]\noptimizer_type = "dadaptadam"\n', encoding="utf-8")
+    opts = parse_options(TrainOptions, [*base, "--config_file", str(config)], "t")
+    assert opts.optimizer_type == "DAdaptAdam"
+    with pytest.raises(SystemExit):
+        parse_options(TrainOptions, [*base, "--optimizer_type", "adamw9bit"], "t")
+    assert "invalid choice: 'adamw9bit'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # other choices keep their exact spelling
+        parse_options(TrainOptions, [*base, "--lr_scheduler", "COSINE"], "t")

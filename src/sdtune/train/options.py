@@ -99,7 +99,8 @@ class TrainOptions(ModelSource, ImageKeys, Recursive, LoaderWorkers):
     optimizer_type: Optional[str] = opt(None, "optimizer (default AdamW); Prodigy (pip install prodigyopt) and "
                                         "DAdapt* (pip install dadaptation) find their own step size: use "
                                         "--learning_rate 1.0; *ScheduleFree (pip install schedulefree) need no "
-                                        "--lr_scheduler", choices=OPTIMIZERS)
+                                        "--lr_scheduler (any letter case, as sd-scripts)", choices=OPTIMIZERS,
+                                        ignore_case=True)
     use_8bit_adam: bool = opt(False, "same as --optimizer_type AdamW8bit (bitsandbytes): optimizer state in "
                               "8 bits, saving about 75 % of its memory (5 GB for SD's U-Net)")
     optimizer_args: list[str] = opt(help="extra optimizer arguments, e.g. weight_decay=0.01 betas=0.9,0.99",
