@@ -75,7 +75,8 @@ def test_a_signal_at_a_random_moment_resumes_to_the_uninterrupted_weights(prepar
     assert code == 128 + signum, text[-2000:]
     state = out / "interrupted-state"
     stopped_at = json.loads((state / "progress.json").read_text(encoding="utf-8"))["global_step"]
-    assert 1 <= stopped_at < STEPS
+    # a signal during the final save stops after the last step: the resumed run then only makes the final save
+    assert 1 <= stopped_at <= STEPS
     assert f"stopped by {signal.Signals(signum).name} after step {stopped_at}" in text
     resumed = subprocess.run(command(prepared, out, "--resume", str(state)), env=ENV, capture_output=True,
                              text=True, timeout=600)
