@@ -129,3 +129,22 @@ def test_ctrl_c_with_output_piped_through_tee_still_saves_the_state(prepared, tm
     assert code == 130
     state = out / "interrupted-state"
     assert (state / "progress.json").is_file() and (state / "unet.safetensors").is_file()
+
+
+def test_a_signal_during_the_final_save_waits_for_it_and_the_run_completes(prepared, tmp_path, caplog):
+    """The stop handler stays installed through the final save: a SIGTERM there (a scheduler's, as the job ends)
+    no longer kills the process half-way through writing the last checkpoint and state."""
+    caplog.set_level("INFO", logger="sdtune")
+    trainer = Trainer(options(prepared, tmp_path, max_train_steps=2, save_state=True))
+    save_model = trainer.save_model
+
+    def signalled(path, *args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # default handler: the process would die here
+        return save_model(path, *args, **kwargs)
+
+    trainer.save_model = signalled
+    trainer.checkpoints.write_model = signalled
+    result = trainer.run()
+    assert result["global_step"] == 2 and result["model"].exists()
+    assert (tmp_path / "out" / "last-state" / "progress.json").is_file()
+    assert "SIGTERM arrived during the final save, after the last step: the run is complete" in caplog.text

@@ -234,8 +234,12 @@ class Trainer:
                 except KeyboardInterrupt as exc:
                     self.interrupted(exc, bar)
                     raise
-            bar.close()
-            return self.finish(losses, time.perf_counter() - started)
+                bar.close()
+                result = self.finish(losses, time.perf_counter() - started)  # a signal now waits for the save
+            if self.stop.requested and self.is_main:
+                logger.info("%s arrived during the final save, after the last step: the run is complete",
+                            self.stop.signal_name)
+            return result
         finally:
             self.run_lock.release()
 
