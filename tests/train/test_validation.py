@@ -161,6 +161,11 @@ def test_a_separate_validation_folder(prepared, tmp_path):
     assert trainer.validation.images.images == 8 and len(trainer.data.examples) == 6
     with pytest.raises(SdtuneError, match="training images too"):
         Trainer(options(prepared, tmp_path / "2", validation_data_dir=str(train_dir), validation_in_json=str(meta)))
+    unprepared = tmp_path / "unprepared.json"
+    unprepared.write_text('{"img00": {"caption": "a red square"}}', encoding="utf-8")  # no train_resolution
+    with pytest.raises(SdtuneError, match=r"the validation set \(--validation_data_dir .*no trainable images"):
+        Trainer(options(prepared, tmp_path / "3", validation_data_dir=str(other_dir),
+                        validation_in_json=str(unprepared)))
 
 
 def test_with_ema_the_score_is_the_saved_models(prepared, tmp_path):

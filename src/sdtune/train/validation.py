@@ -65,9 +65,13 @@ def validation_set(opts: TrainOptions, data: FineTuneData) -> tuple[FineTuneData
     if opts.validation_split > 0:
         return data.split(held_out_keys(sorted(data.examples), opts.validation_split))
     if opts.validation_data_dir:
-        held = FineTuneData.from_metadata(load_metadata(opts.validation_in_json), opts.validation_data_dir,
-                                          full_path=opts.full_path, recursive=opts.recursive,
-                                          masks=opts.masked_loss, require_masks=False)
+        try:
+            held = FineTuneData.from_metadata(load_metadata(opts.validation_in_json), opts.validation_data_dir,
+                                              full_path=opts.full_path, recursive=opts.recursive,
+                                              masks=opts.masked_loss, require_masks=False)
+        except SdtuneError as exc:  # its messages speak of the training options
+            raise SdtuneError(f"the validation set (--validation_data_dir {opts.validation_data_dir}, "
+                              f"--validation_in_json {opts.validation_in_json}): {exc}") from exc
         both = sorted(set(held.examples) & set(data.examples))
         images = {ex.image.resolve() for ex in data.examples.values()}
         same = [key for key, ex in held.examples.items() if ex.image.resolve() in images]
