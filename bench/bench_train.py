@@ -4,9 +4,12 @@ Both run the same model (a small SD1-topology U-Net), the same cached latents an
 the same forward, backward and optimizer step; the bare loop has the batches in memory and nothing else. The
 ratio is the trainer's overhead (data loading, RNG derivation, NaN guard, progress bar, bookkeeping).
 
-    .venv/bin/python bench/bench_train.py [--steps 40] [--width 64] [--batch 4] [--threads 2]
+    .venv/bin/python bench/bench_train.py [--steps 40] [--warmup 3] [--width 64] [--batch 4] [--threads 2]
 
-Prints steps/s of each and the ratio. Not a test: nothing here asserts a time.
+Each loop's steps are timed by a global optimizer-step hook; the median interval between steps after ``--warmup``
+is its step time (first-call allocations, model loading and the final save do not count; other jobs on a shared
+machine add spikes, which the median ignores). Prints steps/s of each and the ratio. Not a test: nothing here
+asserts a time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sdtune.data.dataset import FineTuneData
 from sdtune.data.metadata import load_metadata, save_metadata
@@ -91,9 +95,24 @@ def bare_loop(model_path: Path, data: FineTuneData, steps: int, batch: int, seed
     return steps / (time.perf_counter() - start)
 
 
+def steps_per_second(run, warmup: int) -> float:
+    """Run ``run()`` and return 1 / the median interval between its optimizer steps after the first ``warmup``."""
+    times: list[float] = []
+    handle = register_optimizer_step_post_hook(lambda *_: times.append(time.perf_counter()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    intervals = np.diff(np.asarray(times[warmup:]))
+    if len(intervals) == 0:
+        raise RuntimeError(f"{len(times)} optimizer steps timed; need more than --warmup {warmup}")
+    return 1.0 / float(np.median(intervals))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3, help="steps of each loop not timed")
     parser.add_argument("--width", type=int, default=64, help="U-Net base width (SD: 320; tiny: 32)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (latents are size/8)")
@@ -109,16 +128,14 @@ def main() -> None:
         make_dataset(root, count=4 * args.batch, size=args.size)
         cache_latents(root, model_path, args.size)
         data = FineTuneData.from_metadata(load_metadata(root / "lat.json"), root / "train")
-        # warm-up of both paths (first-call allocations, lazy imports)
-        bare_loop(model_path, data, 3, args.batch, 0)
-        bare = bare_loop(model_path, data, args.steps, args.batch, 0)
+        bare = steps_per_second(lambda: bare_loop(model_path, data, args.steps, args.batch, 0), args.warmup)
         opts = TrainOptions(pretrained_model_name_or_path=str(model_path), in_json=str(root / "lat.json"),
                             train_data_dir=str(root / "train"), output_dir=str(root / "out"),
                             train_batch_size=args.batch, learning_rate=1e-4, max_train_steps=args.steps, seed=0,
                             max_data_loader_n_workers=0)
-        trainer_rate = Trainer(opts).run()["steps_per_second"]
+        trainer_rate = steps_per_second(Trainer(opts).run, args.warmup)
     print(f"U-Net parameters: {params / 1e6:.2f}M, batch {args.batch}, latents {args.size // 8}x{args.size // 8}, "
-          f"{args.steps} steps, {args.threads} thread(s)")
+          f"{args.steps} steps ({args.warmup} not timed), {args.threads} thread(s)")
     print(f"bare PyTorch loop : {bare:7.2f} steps/s")
     print(f"sdtune train      : {trainer_rate:7.2f} steps/s")
     print(f"ratio (train/bare): {trainer_rate / bare:7.3f}  (1.0 = no overhead)")
