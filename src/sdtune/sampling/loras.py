@@ -8,7 +8,9 @@ float rounding.
 
 Order of the checks: :func:`read_lora_files` reads every file before the model loads (missing, unreadable, not a
 LoRA); :func:`build_networks` checks each against the loaded model (a LoRA of another family, another layer
-layout, LoHa/LoKr keys) before any image is made. Errors name the file.
+layout) before any image is made. Errors name the file. A LyCORIS file (LoHa, LoKr, ...: ``sdtune train
+--network_module lycoris.kohya`` writes them) is applied by LyCORIS' own loader (:mod:`sdtune.models.lycoris`,
+the ``lycoris`` extra).
 
 **What an image records** (:class:`LoraUse`): the name (file stem), the weight and AUTOMATIC1111's hash of the
 file, which its ``Lora hashes`` infotext field carries (see :func:`a1111_lora_hash`).
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from sdtune.models.lora import LoraNetwork
+    from sdtune.models.lycoris import LycorisFileNetwork
     from sdtune.models.sd import StableDiffusion
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class LoraFile:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str]
     use: LoraUse
+    lycoris: bool = False  # LoHa/LoKr/... keys: applied by LyCORIS itself (sdtune.models.lycoris)
 
 
 def parse_lora_options(items: Sequence[str]) -> list[tuple[Path, float]]:
@@ -98,13 +102,18 @@ def a1111_lora_hash(path: str | Path, metadata: Mapping[str, str] | None = None)
 
 def read_lora_files(pairs: Sequence[tuple[Path, float]]) -> list[LoraFile]:
     """Every ``--lora`` file read and hashed (small: a bad file fails before the model loads)."""
+    from sdtune.models.files import read_state_dict
     from sdtune.models.lora import read_lora
+    from sdtune.models.lycoris import is_lycoris_state_dict
 
     files = []
     for path, weight in pairs:
-        sd, metadata = read_lora(path)  # a missing, unreadable or non-LoRA file raises, naming it
+        sd, metadata = read_state_dict(path)  # a missing or unreadable file raises, naming it
+        lycoris = is_lycoris_state_dict(sd, metadata)
+        if not lycoris:
+            sd, metadata = read_lora(path)  # not a LoRA file: raises, naming it
         use = LoraUse(path.stem, weight, a1111_lora_hash(path, metadata))
-        files.append(LoraFile(path, weight, sd, metadata, use))
+        files.append(LoraFile(path, weight, sd, metadata, use, lycoris))
     return files
 
 
@@ -160,16 +169,21 @@ def fit_lora(model: StableDiffusion, lora: LoraFile) -> dict[str, torch.Tensor]:
     return fitted
 
 
-def build_networks(model: StableDiffusion, files: Sequence[LoraFile]) -> list[LoraNetwork]:
+def build_networks(model: StableDiffusion, files: Sequence[LoraFile]) -> list[LoraNetwork | LycorisFileNetwork]:
     """One network per file, on its layers' devices, in eval mode and without gradients; not applied yet. Every
-    file is checked against ``model`` before the first network is built."""
+    LoRA file is checked against ``model`` before the first network is built; a LyCORIS file is built by LyCORIS
+    (:class:`sdtune.models.lycoris.LycorisFileNetwork`), which checks it against the model as it is built."""
     from sdtune.models.lora import LoraNetwork
+    from sdtune.models.lycoris import LycorisFileNetwork
 
-    fitted = [fit_lora(model, lora) for lora in files]
+    fitted = [None if lora.lycoris else fit_lora(model, lora) for lora in files]
     networks = []
     for lora, sd in zip(files, fitted):
-        network = LoraNetwork.from_weights(model, sd, multiplier=lora.weight)
-        network.eval().requires_grad_(False)
+        if sd is None:
+            network = LycorisFileNetwork(model, lora.state_dict, lora.weight, lora.path)
+        else:
+            network = LoraNetwork.from_weights(model, sd, multiplier=lora.weight)
+            network.eval().requires_grad_(False)
         logger.info("LoRA %s at weight %g: %d modules (hash %s)", lora.path, lora.weight, len(network.loras()),
                     lora.use.shorthash)
         networks.append(network)
@@ -177,7 +191,7 @@ def build_networks(model: StableDiffusion, files: Sequence[LoraFile]) -> list[Lo
 
 
 @contextlib.contextmanager
-def loras_applied(networks: Sequence[LoraNetwork]) -> Iterator[None]:
+def loras_applied(networks: Sequence[LoraNetwork | LycorisFileNetwork]) -> Iterator[None]:
     """A context in which every network hooks its layers. Several networks on one layer chain their hooks, so they
     are removed in the reverse order (each puts back the forward it found)."""
     applied: list[LoraNetwork] = []

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from sdtune.errors import ModelLoadError, SdtuneError
+from sdtune.models.lycoris import text_encoder_root
 from sdtune.precision_names import dtype_of
 from sdtune.seeds import derived_seed
 from sdtune.train.network_options import parse_network_args
@@ -56,17 +57,6 @@ SD_FULL_PRESET = {
     "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"],
     "text_encoder_target_name": [],
 }
-
-
-def text_encoder_root(text_encoder: nn.Module) -> nn.Module:
-    """What LyCORIS is given as the text encoder: the model itself under transformers 4, under transformers 5 (no
-    ``text_model`` level) a holder with the model as ``text_model``, so that the modules get the names every loader
-    expects (``lora_te_text_model_encoder_layers_N_...``, as :func:`sdtune.models.lora.text_encoder_targets`)."""
-    if any(name == "text_model" for name, _ in text_encoder.named_children()):
-        return text_encoder
-    holder = nn.Module()
-    holder.text_model = text_encoder
-    return holder
 
 
 def create_network(opts: TrainOptions, model: StableDiffusion, args: dict[str, str]) -> nn.Module:
