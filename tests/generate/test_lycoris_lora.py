@@ -96,3 +96,16 @@ def test_without_the_lycoris_package_a_loha_fails_with_the_install_command(tmp_p
                  str(loha["file"])])
     assert code == 2
     assert "pip install lycoris-lora" in capsys.readouterr().err
+
+
+def test_merge_lora_merges_a_loha_as_lycoris_does(tmp_path, loha):
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge-lora", "--sd_model", str(loha["base"]), "--models", f"{loha['file']}:0.7",
+                 "--save_to", str(out)]) == 0
+    got, want, base = load_model(out), load_model(lycoris_merged(loha, 0.7)), load_model(loha["base"])
+    for name in ("unet", "text_encoder"):
+        ours, theirs = getattr(got, name).state_dict(), getattr(want, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], msg=lambda m, k=key: f"{name} {k}: {m}")
+        assert any(not torch.equal(ours[k], v) for k, v in getattr(base, name).state_dict().items())

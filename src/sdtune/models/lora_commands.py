@@ -24,7 +24,8 @@ class MergeLoraOptions(ModelSource):
     """``merge-lora``: LoRA files, each with its weight, folded into --sd_model and written to --save_to."""
 
     sd_model: str = opt(None, "the model to merge into: diffusers folder, .safetensors/.ckpt file or hub repo id")
-    models: list[str] = opt(help="LoRA files to merge; FILE:WEIGHT gives one its weight (instead of --ratios)",
+    models: list[str] = opt(help="LoRA files to merge (sd-scripts' LoRA/LoCon; LyCORIS LoHa/LoKr/... with pip "
+                            "install lycoris-lora); FILE:WEIGHT gives one its weight (instead of --ratios)",
                             default_factory=list)
     ratios: list[float] = opt(help="one weight per LoRA of --models (default 1.0 each)", default_factory=list)
     save_to: Path = opt(None, "where to write the merged model (a file for ckpt/safetensors, a folder for diffusers)")
@@ -76,11 +77,24 @@ def parse_lora_list(models: list[str], ratios: list[float]) -> list[tuple[str, f
     return [(p, ratios[i] if ratios else (1.0 if w is None else w)) for i, (p, w) in enumerate(pairs)]
 
 
+def _read_merge_file(path: str) -> tuple[dict, bool]:
+    """A ``--models`` file's tensors, and whether it is a LyCORIS file (else it must be a LoRA file)."""
+    from sdtune.models.files import read_state_dict
+    from sdtune.models.lora import read_lora
+    from sdtune.models.lycoris import is_lycoris_state_dict
+
+    sd, metadata = read_state_dict(path)
+    if is_lycoris_state_dict(sd, metadata):
+        return sd, True
+    return read_lora(path)[0], False
+
+
 def merge_lora_command(opts: MergeLoraOptions) -> int:
     """``sdtune merge-lora``: check every LoRA file, load the model, merge the files in order and save; returns 0."""
     from sdtune.models.convert import infer_format
     from sdtune.models.io import load_model
-    from sdtune.models.lora import merge_lora_into, read_lora
+    from sdtune.models.lora import merge_lora_into
+    from sdtune.models.lycoris import LycorisFileNetwork
     from sdtune.models.save import PRECISIONS, save_model
 
     loras = parse_lora_list(list(opts.models), list(opts.ratios))
@@ -89,12 +103,15 @@ def merge_lora_command(opts: MergeLoraOptions) -> int:
     save_to = Path(opts.save_to)
     if Path(opts.sd_model).exists() and save_to.resolve() == Path(opts.sd_model).resolve():
         raise SdtuneError(f"{save_to}: --save_to is --sd_model; choose another path")
-    files = [(read_lora(path), path, weight) for path, weight in loras]  # every file checked before the model loads
+    files = [(_read_merge_file(path), path, weight) for path, weight in loras]  # all read before the model loads
     model = load_model(opts.sd_model, v2=opts.v2, v_parameterization=opts.v_parameterization, vae=opts.vae,
                        tokenizer=opts.tokenizer, dtype=PRECISIONS[opts.precision])
-    for (sd, _meta), path, weight in files:
-        names = merge_lora_into(model, sd, weight)
-        logger.info("merged %s (weight %g): %d modules", path, weight, len(names))
+    for (sd, lycoris), path, weight in files:
+        if lycoris:  # LoHa/LoKr/...: merged by LyCORIS' own modules
+            count = LycorisFileNetwork(model, sd, weight, Path(path), option="--models").merge()
+        else:
+            count = len(merge_lora_into(model, sd, weight))
+        logger.info("merged %s (weight %g): %d modules", path, weight, count)
     fmt = opts.save_model_as or infer_format(save_to)
     save_model(model, save_to, fmt, opts.save_precision or opts.precision, title=opts.title)
     logger.info("wrote %s (%s)", save_to, fmt)

@@ -53,20 +53,21 @@ class LycorisFileNetwork:
     :meth:`apply_to` hooks the layers (LyCORIS replaces their ``forward``), :meth:`remove` puts them back."""
 
     def __init__(self, model: StableDiffusion, state_dict: Mapping[str, torch.Tensor], weight: float,
-                 path: Path) -> None:
+                 path: Path, option: str = "--lora") -> None:
+        where = f"{option} {path}"
         if importlib.util.find_spec("lycoris") is None:
-            raise SdtuneError(f"--lora {path}: a LyCORIS file (LoHa/LoKr/...); applying it needs the LyCORIS "
-                              "package: pip install lycoris-lora")
+            raise SdtuneError(f"{where}: a LyCORIS file (LoHa/LoKr/...); applying it needs the LyCORIS package: "
+                              "pip install lycoris-lora")
         from lycoris import kohya
 
-        self.model, self.path = model, path
+        self.model, self.path, self.weight, self.where = model, path, weight, where
         self.te_root = text_encoder_root(model.text_encoder)
         weights = dict(state_dict)
         try:  # LyCORIS sizes each module from the model's layer and copies the file's tensors in
             self.network, _ = kohya.create_network_from_weights(weight, None, model.vae, self.te_root, model.unet,
                                                                 weights_sd=weights, for_inference=True)
         except RuntimeError as exc:  # a tensor of another shape than its layer's module
-            raise SdtuneError(f"--lora {path}: does not fit this {model.family.description} model: LyCORIS could "
+            raise SdtuneError(f"{where}: does not fit this {model.family.description} model: LyCORIS could "
                               f"not load it ({str(exc)[:200]}); is it for another model family?") from exc
         self.weights = weights
         self.has_te = any(k.startswith(kohya.LycorisNetworkKohya.LORA_PREFIX_TEXT_ENCODER) for k in weights)
@@ -75,7 +76,7 @@ class LycorisFileNetwork:
         found = {m.lora_name for m in self.network.unet_loras + self.network.text_encoder_loras}
         missing = sorted(names - found)
         if missing:
-            raise SdtuneError(f"--lora {path}: {len(missing)} LyCORIS module(s) match no layer of this "
+            raise SdtuneError(f"{where}: {len(missing)} LyCORIS module(s) match no layer of this "
                               f"{model.family.description} model, e.g. {missing[0]}; is it for another model "
                               "family?")
         unet_param = next(model.unet.parameters())
@@ -92,9 +93,17 @@ class LycorisFileNetwork:
         missing, unexpected = self.network.load_state_dict(self.weights, strict=False)
         if missing or unexpected:
             self.remove()
-            raise SdtuneError(f"--lora {self.path}: the LyCORIS network built from it does not take every tensor "
+            raise SdtuneError(f"{self.where}: the LyCORIS network built from it does not take every tensor "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the file is damaged or of "
                               "another model")
+
+    @torch.no_grad()
+    def merge(self) -> int:
+        """Add each module's change at the file's weight to the model's weights, in place, with LyCORIS' own
+        ``merge_to`` (``sdtune merge-lora``); returns how many layers changed."""
+        for module in self.loras():
+            module.merge_to(self.weight)
+        return len(self.loras())
 
     def remove(self) -> None:
         """Put back the forward each hooked layer had (in reverse order, as hooks chain)."""
