@@ -222,3 +222,9 @@ def test_a_resumed_run_replaces_the_best_only_with_a_better_one(prepared, tmp_pa
     resumed.run()
     assert (tmp_path / "out" / "best.safetensors").read_bytes() == best_before
 
+
+
+def test_a_resume_with_another_validation_split_is_refused(prepared, tmp_path):
+    train(options(prepared, tmp_path, validation_split=0.34, max_train_steps=1, save_state=True))
+    with pytest.raises(SdtuneError, match="held out --validation_split 0.34"):
+        Trainer(options(prepared, tmp_path, max_train_steps=2, resume=str(tmp_path / "out" / "last-state")))

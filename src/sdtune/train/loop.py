@@ -503,7 +503,8 @@ class Trainer:
                                   "base_fingerprint": self.base_fingerprint,
                                   "metadata_file": str(self.opts.in_json),
                                   "metadata_sha256": self.metadata_sha256,
-                                  "clip_skip": self.clip_skip, "max_token_length": self.opts.max_token_length})
+                                  "clip_skip": self.clip_skip, "max_token_length": self.opts.max_token_length,
+                                  "validation_split": self.opts.validation_split})
 
     # -------------------------------------------------------------------------------------------- reports
     def announce(self) -> None:

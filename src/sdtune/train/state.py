@@ -227,4 +227,9 @@ def start_progress(opts: Any, world_size: int, is_main: bool,
     changed = metadata_changed(provenance, opts.in_json, metadata_sha256())
     if changed and is_main:
         logger.warning("%s", changed)
+    held = (provenance or {}).get("validation_split")
+    if held is not None and held != getattr(opts, "validation_split", 0.0):
+        raise SdtuneError(f"--resume {opts.resume}: that run held out --validation_split {held:g} of the images; "
+                          "resume with the same share (another one changes which images train, in the middle of "
+                          "the run)")
     return progress, provenance
