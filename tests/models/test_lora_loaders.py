@@ -311,47 +311,16 @@ def test_diffusers_loads_every_module_and_patches_as_merge(lora_file, family, so
 
 # ------------------------------------------------------------------------------ full size
 def latent_dataset(root: Path, model_path: Path, count: int, resolution: int) -> tuple[Path, Path]:
-    """``count`` images with captions, metadata and latent files as ``sdtune prepare`` writes them, written by
-    sdtune's own latent-cache writer (random latents; cache keys and VAE fingerprint valid for the saved model, so
-    training reads them as prepared and never runs the VAE): (train dir, metadata json). As bench/bench_gpu.py."""
-    import numpy as np
-    from PIL import Image
+    """``count`` images with captions, metadata and latent files as ``sdtune prepare`` writes them (random latents;
+    cache keys and VAE fingerprint valid for the saved model, so training never runs the VAE): bench/bench_gpu.py's
+    ``write_dataset``, the one writer of such data."""
+    import importlib.util
 
-    from sdtune.data.buckets import Placement
-    from sdtune.data.latent_cache import (
-        LATENT_FORMAT_VERSION,
-        LatentCache,
-        cache_key,
-        content_hash,
-        latent_path,
-        vae_fingerprint,
-        write_latent_file,
-    )
-    from sdtune.data.metadata import save_metadata
-    from sdtune.models.io import load_vae
-
-    train_dir = root / "train"
-    train_dir.mkdir(parents=True)
-    vae_print = vae_fingerprint(load_vae(model_path))
-    rng = np.random.default_rng(0)
-    meta = {}
-    for i in range(count):
-        image = train_dir / f"im{i}.png"
-        Image.fromarray(np.full((resolution, resolution, 3), 60 + 40 * i, dtype=np.uint8)).save(image)
-        data, stat = image.read_bytes(), image.stat()
-        placement = Placement((resolution, resolution), (resolution, resolution), (0, 0, resolution, resolution), 0.0)
-        image_hash = content_hash(data)
-        side = resolution // 8
-        write_latent_file(latent_path(image), LatentCache(
-            latents=rng.standard_normal((4, side, side), dtype=np.float32) * 5.0, latents_flipped=None,
-            original_size=(resolution, resolution), resized_size=placement.resized, crop_ltrb=placement.crop_ltrb,
-            train_resolution=placement.bucket, vae_fingerprint=vae_print,
-            cache_key=cache_key(image_hash, placement, False, vae_print, "no"), format_version=LATENT_FORMAT_VERSION,
-            image_hash=image_hash, image_bytes=stat.st_size, image_mtime_ns=stat.st_mtime_ns))
-        meta[image.stem] = {"caption": f"a grey square number {i}", "image_size": [resolution, resolution],
-                            "train_resolution": [resolution, resolution]}
-    save_metadata(root / "meta_lat.json", meta)
-    return train_dir, root / "meta_lat.json"
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[2] / "bench" /
+                                                  "bench_gpu.py")
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    return bench_gpu.write_dataset(root, model_path, count, resolution)
 
 
 def train_full_size_lora(model_path: Path, root: Path) -> Path:
