@@ -191,7 +191,7 @@ def test_save_best_keeps_the_checkpoint_of_the_lowest_scripted_loss(prepared, tm
     trainer = Trainer(options(prepared, tmp_path, validation_split=0.34, max_train_steps=5, validate_every_n_steps=1,
                               save_every_n_steps=1, save_best=True, save_model_as="safetensors"))
     monkeypatch.setattr(trainer.validation.images, "totals",
-                        lambda score, device: torch.tensor([[next(script)] * 5, [1.0] * 5]))
+                        lambda score, device: torch.tensor([[next(script)] * 4, [1.0] * 4]))
     result = trainer.run()
     assert [round(loss, 6) for _, loss in result["validation"]] == [0.5, 0.4, 0.45, 0.3, 0.35, 0.6]
     assert trainer.validation.best.step == 3
@@ -209,7 +209,7 @@ def test_a_resumed_run_replaces_the_best_only_with_a_better_one(prepared, tmp_pa
                             save_best=True, save_state=True, save_model_as="safetensors"))
     script = iter([0.5, 0.2, 0.3])
     monkeypatch.setattr(first.validation.images, "totals",
-                        lambda score, device: torch.tensor([[next(script)] * 5, [1.0] * 5]))
+                        lambda score, device: torch.tensor([[next(script)] * 4, [1.0] * 4]))
     first.run()
     best_before = (tmp_path / "out" / "best.safetensors").read_bytes()
     resumed = Trainer(options(prepared, tmp_path, validation_split=0.34, max_train_steps=4, validate_every_n_steps=1,
@@ -218,7 +218,7 @@ def test_a_resumed_run_replaces_the_best_only_with_a_better_one(prepared, tmp_pa
     assert (round(resumed.validation.best.loss, 6), resumed.validation.best.step) == (0.2, 1)
     later = iter([0.25, 0.3])
     monkeypatch.setattr(resumed.validation.images, "totals",
-                        lambda score, device: torch.tensor([[next(later)] * 5, [1.0] * 5]))
+                        lambda score, device: torch.tensor([[next(later)] * 4, [1.0] * 4]))
     resumed.run()
     assert (tmp_path / "out" / "best.safetensors").read_bytes() == best_before
 

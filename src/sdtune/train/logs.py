@@ -68,16 +68,19 @@ class TimestepQuartiles:
         """Add a micro-batch's per-sample mean squared errors (weighted by ``mask``, --masked_loss) to their
         timesteps' quarters."""
         with torch.no_grad():
-            per_sample = per_sample_errors(pred.detach(), target, mask)
-            quarter = (timesteps.long() * 4 // self.num_train_timesteps).clamp(0, 3)
-            self.totals[0].index_add_(0, quarter, per_sample)
-            self.totals[1].index_add_(0, quarter, torch.ones_like(per_sample))
+            self.add_errors(per_sample_errors(pred.detach(), target, mask), timesteps)
+
+    def add_errors(self, per_sample: torch.Tensor, timesteps: torch.Tensor) -> None:
+        """Add per-sample errors (shaped (B,)) to their timesteps' quarters."""
+        quarter = (timesteps.long() * 4 // self.num_train_timesteps).clamp(0, 3)
+        self.totals[0].index_add_(0, quarter, per_sample.float())
+        self.totals[1].index_add_(0, quarter, torch.ones_like(per_sample, dtype=torch.float32))
 
     @staticmethod
-    def figures(values: list[float]) -> dict[str, float]:
-        """``loss/q<i>`` for each quarter that had samples, from the 8 values of :attr:`totals` (read)."""
+    def figures(values: list[float], prefix: str = "loss/q") -> dict[str, float]:
+        """``<prefix><i>`` for each quarter that had samples, from the 8 values of :attr:`totals` (read)."""
         sums, counts = values[:4], values[4:]
-        return {f"loss/q{i}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0}
+        return {f"{prefix}{i}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0}
 
 
 def progress_bar(total: int, done: int, is_main: bool) -> tqdm:

@@ -99,21 +99,25 @@ def prediction_loss(prediction_type: str, scheduler: DDPMScheduler, pred: torch.
     weighted by it first, and with ``min_snr_gamma`` each sample's error is weighted (see the module docstring)."""
     if min_snr_gamma is None and mask is None:
         return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
-    error = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
-    if mask is not None:
-        error = error * latent_mask(mask, error.shape[2:])
+    error = squared_errors(pred, target, mask)
     if min_snr_gamma is None:
         return error.mean()
     per_sample = error.mean(dim=tuple(range(1, pred.dim())))
     return (per_sample * min_snr_weights(prediction_type, scheduler, timesteps, min_snr_gamma)).mean()
 
 
-def per_sample_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Each sample's mean squared error, float32, shaped (B,); with ``mask`` ([B, 1, h, w], see :func:`latent_mask`)
-    each element's error weighted by it first (the validation score and the loss by timestep quarter)."""
-    errors = (pred.float() - target.float()).square()
+def squared_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The elementwise squared error in float32; with ``mask`` ([B, 1, h, w], see :func:`latent_mask`) weighted by
+    it (the loss, the validation score and the loss by timestep quarter all start here)."""
+    errors = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
     if mask is not None:
         errors = errors * latent_mask(mask.to(errors.device), errors.shape[2:])
+    return errors
+
+
+def per_sample_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean (mask-weighted) squared error, float32, shaped (B,)."""
+    errors = squared_errors(pred, target, mask)
     return errors.mean(dim=tuple(range(1, errors.dim())))
 
 

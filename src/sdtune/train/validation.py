@@ -40,6 +40,7 @@ from sdtune.data.dataset import FineTuneData
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
 from sdtune.seeds import derived_rng, derived_seed
+from sdtune.train.logs import TimestepQuartiles
 
 if TYPE_CHECKING:
     from sdtune.train.options import TrainOptions
@@ -156,28 +157,25 @@ class Validation:
                         for i in range(0, len(group), batch_size)]
 
     def totals(self, score: Scorer, device: torch.device) -> torch.Tensor:
-        """This process's sums: row 0 the squared errors, row 1 their counts; column 0 all, 1-4 each quarter."""
-        totals = torch.zeros(2, 5, device=device)
+        """This process's sums per quarter of the schedule (:class:`TimestepQuartiles`' totals: row 0 the squared
+        errors, row 1 their counts)."""
+        quarters = TimestepQuartiles(self.num_train_timesteps, device)
         for keys in self.batches:
             batch = self.data.load_batch(keys, 0, derived_seed(SALT, "flip"))
             shape = tuple(batch["latents"].shape[1:])
             for k in range(len(self.timesteps[keys[0]])):
                 noise = torch.stack([draw_noise(key, k, shape) for key in keys]).to(device)
                 timesteps = torch.tensor([self.timesteps[key][k] for key in keys], device=device)
-                errors = score(batch, noise, timesteps).float()
-                quarter = 1 + (timesteps * 4 // self.num_train_timesteps).clamp(0, 3)
-                totals[0, 0] += errors.sum()
-                totals[1, 0] += len(keys)
-                totals[0].index_add_(0, quarter, errors)
-                totals[1].index_add_(0, quarter, torch.ones_like(errors))
-        return totals
+                quarters.add_errors(score(batch, noise, timesteps), timesteps)
+        return quarters.totals
 
     @staticmethod
     def figures(totals: list[float]) -> dict[str, float]:
-        """``loss/validation`` and ``loss/validation_q<i>`` (quarters with scores) from the summed totals."""
-        sums, counts = totals[:5], totals[5:]
-        names = ["loss/validation"] + [f"loss/validation_q{i}" for i in range(4)]
-        return {name: s / c for name, s, c in zip(names, sums, counts) if c > 0}
+        """``loss/validation`` (every score) and ``loss/validation_q<i>`` (quarters with scores) from the 8 summed
+        totals."""
+        sums, counts = totals[:4], totals[4:]
+        return {"loss/validation": sum(sums) / sum(counts),
+                **TimestepQuartiles.figures(totals, prefix="loss/validation_q")}
 
 
 @dataclass
