@@ -141,7 +141,7 @@ Scorer = Callable[[dict[str, Any], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Validation:
-    """The validation images, their fixed draws, and the evaluation (:meth:`evaluate`)."""
+    """The validation images, their fixed draws, and the evaluation (:meth:`totals`)."""
 
     def __init__(self, data: FineTuneData, batch_size: int, timesteps: int, low: int, high: int,
                  num_train_timesteps: int, world: int = 1, rank: int = 0) -> None:
