@@ -60,10 +60,10 @@ def closing_lines(trainer: Trainer, result: dict) -> list[str]:
     if trainer.validation is not None and trainer.validation.history:
         lines.append(trainer.validation.summary())
         if trainer.opts.save_best:
-            best = trainer.target.checkpoint_path(trainer.output_dir, trainer.checkpoints.policy.name("best"))
+            best = trainer.checkpoints.model_path(trainer.checkpoints.policy.name("best"))
             lines.append(f"best checkpoint: {best} (step {trainer.validation.best.step})")
     if trainer.opts.save_ema_separately:
-        lines.append(f"EMA weights: {trainer.target.checkpoint_path(trainer.output_dir, ema_name(last))} (the "
+        lines.append(f"EMA weights: {trainer.checkpoints.model_path(ema_name(last))} (the "
                      "model file holds the training weights)")
     if trainer.opts.save_state:
         lines.append(f"training state: {trainer.checkpoints.state_folder(last)}")
