@@ -69,16 +69,20 @@ class LycorisFileNetwork:
         except RuntimeError as exc:  # a tensor of another shape than its layer's module
             raise SdtuneError(f"{where}: does not fit this {model.family.description} model: LyCORIS could "
                               f"not load it ({str(exc)[:200]}); is it for another model family?") from exc
-        self.weights = weights
         self.has_te = any(k.startswith(kohya.LycorisNetworkKohya.LORA_PREFIX_TEXT_ENCODER) for k in weights)
         self.has_unet = any(k.startswith(kohya.LycorisNetworkKohya.LORA_PREFIX_UNET) for k in weights)
         names = {key.split(".", 1)[0] for key in weights if "." in key}
-        found = {m.lora_name for m in self.network.unet_loras + self.network.text_encoder_loras}
+        found = {m.lora_name for m in self.loras()}
         missing = sorted(names - found)
         if missing:
             raise SdtuneError(f"{where}: {len(missing)} LyCORIS module(s) match no layer of this "
                               f"{model.family.description} model, e.g. {missing[0]}; is it for another model "
                               "family?")
+        taken = {f"{m.lora_name}.{key}" for m in self.loras() for key in m.state_dict()}
+        if taken != set(weights):  # LyCORIS copied the file's tensors into its modules: every one must be used
+            left, lacking = sorted(set(weights) - taken), sorted(taken - set(weights))
+            raise SdtuneError(f"{where}: the LyCORIS network built from it does not take every tensor (unused "
+                              f"{left[:3]}, missing {lacking[:3]}); the file is damaged or of another model")
         unet_param = next(model.unet.parameters())
         for module in self.loras():  # kept in lists, not as sub-modules, until apply_to: moved one by one
             module.to(unet_param.device, unet_param.dtype).eval().requires_grad_(False)
@@ -88,14 +92,8 @@ class LycorisFileNetwork:
         return list(self.network.unet_loras) + list(self.network.text_encoder_loras)
 
     def apply_to(self) -> None:
-        """Hook the layers and load the file's tensors; every tensor must be taken."""
+        """Hook the layers (the modules hold the file's tensors since they were built)."""
         self.network.apply_to(self.te_root, self.model.unet, apply_text_encoder=self.has_te, apply_unet=self.has_unet)
-        missing, unexpected = self.network.load_state_dict(self.weights, strict=False)
-        if missing or unexpected:
-            self.remove()
-            raise SdtuneError(f"{self.where}: the LyCORIS network built from it does not take every tensor "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the file is damaged or of "
-                              "another model")
 
     @torch.no_grad()
     def merge(self) -> int:
