@@ -79,12 +79,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import bare_loop, build_model, cache_latents, make_dataset  # noqa: E402  (the bare loop, reused)
+from bench_train import build_model, cache_latents, make_dataset  # noqa: E402  (the sibling benchmark's model and data)
 
-from sdtune.data.dataset import FineTuneData, build_caption  # noqa: E402
+from sdtune.data.dataset import build_caption  # noqa: E402
 from sdtune.data.metadata import load_metadata  # noqa: E402
 from sdtune.models.save import save_model  # noqa: E402
 
@@ -198,17 +197,6 @@ def vae_encode_seconds(model, batch: int, size: int, repeats: int = 5) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def bare_seconds(model_path: Path, data: FineTuneData, steps: int, batch: int, warmup: int) -> dict[str, float]:
-    """bench_train.bare_loop, its optimizer steps timed by the same global hook as the subprocesses'."""
-    times: list[float] = []
-    handle = register_optimizer_step_post_hook(lambda *_: times.append(time.perf_counter()))
-    try:
-        bare_loop(model_path, data, steps, batch, 0)
-    finally:
-        handle.remove()
-    return step_seconds(times, warmup)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer_script", type=Path, help="a copy of diffusers' train_text_to_image.py (without it "
@@ -227,6 +215,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--vae_layers", type=int, default=1, help="the VAE's layers per block (SD: 2)")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each tool, interleaved; the best median "
+                        "counts")
     parser.add_argument("--keep", type=Path, help="copy the work folder (logs, step times, outputs) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -254,28 +244,24 @@ def main(argv: Optional[list[str]] = None) -> None:
             results[f"{name}_s_per_step"] = round(figures["median"], 4)
             results[f"{name}_mean_s_per_step"] = round(figures["mean"], 4)
             wall = f", run {figures['wall']:.1f} s wall" if "wall" in figures else ""
-            print(f"{name:12}: {figures['median']:7.4f} s/step median, {figures['mean']:7.4f} mean "
+            print(f"{name:16}: {figures['median']:7.4f} s/step median, {figures['mean']:7.4f} mean "
                   f"({figures['steps']} intervals after {args.warmup} warm-up steps{wall})", flush=True)
 
-        sdtune = run_timed(launcher, [
-            "--module", "sdtune", "train", "--pretrained_model_name_or_path", str(model_path),
-            "--in_json", str(work / "lat.json"), "--train_data_dir", str(work / "train"),
-            "--output_dir", str(work / "sdtune_out"), "--train_batch_size", str(args.batch),
-            "--learning_rate", str(args.learning_rate), "--max_train_steps", str(args.steps), "--seed", "0",
-            "--max_data_loader_n_workers", "0"], work, env, "sdtune", args.warmup)
-        show("sdtune", sdtune)
-
-        data = FineTuneData.from_metadata(meta, work / "train")
-        bare_seconds(model_path, data, args.warmup + 2, args.batch, 1)  # warm-up (first-call allocations, imports)
-        bare = bare_seconds(model_path, data, args.steps, args.batch, args.warmup)
-        show("bare", bare)
-        encode = vae_encode_seconds(model, args.batch, args.size)
-        results["vae_encode_s"] = round(encode, 4)
-        results["vae_to_unet_flops"] = round(vae_to_unet_flops(model, args.batch, args.size), 3)
-        print(f"VAE encode / U-Net training FLOPs: {results['vae_to_unet_flops']} (SD 1.5 at 512 px: ~0.48)")
-        print(f"VAE encode of one batch (the peer's extra work each step): {encode:.4f} s", flush=True)
-
-        peer = None
+        train = ["--module", "sdtune", "train", "--pretrained_model_name_or_path", str(model_path),
+                 "--in_json", str(work / "lat.json"), "--train_data_dir", str(work / "train"),
+                 "--train_batch_size", str(args.batch), "--learning_rate", str(args.learning_rate),
+                 "--max_train_steps", str(args.steps), "--seed", "0", "--max_data_loader_n_workers", "0"]
+        bare = [str(Path(__file__).resolve().parent / "bench_train.py"), "--bare_only", str(model_path),
+                str(work / "lat.json"), str(work / "train"), "--steps", str(args.steps), "--batch", str(args.batch),
+                "--threads", str(args.threads)]
+        # name -> (arguments for one run, given an empty folder for its outputs; working folder; environment)
+        runs: dict[str, tuple] = {
+            "sdtune": (lambda out: [*train, "--output_dir", str(out)], work, env),
+            "sdtune_te_cache": (lambda out: [*train, "--output_dir", str(out), "--cache_text_encoder_outputs"],
+                                work, env),
+            "bare": (lambda out: bare, work, env),
+            "bare_loop_adamw": (lambda out: [*bare, "--loop_adamw"], work, env),
+        }
         if args.peer_script is not None:
             peer_env = dict(env)
             if args.peer_pythonpath:
@@ -285,32 +271,53 @@ def main(argv: Optional[list[str]] = None) -> None:
             peer_dir.mkdir()
             script = args.peer_script.resolve()
             results["peer_script"] = str(script)
-            try:
-                peer = run_timed(launcher, [
-                    str(script), "--pretrained_model_name_or_path", str(model_path),
-                    "--train_data_dir", str(peer_data), "--image_column", "image", "--caption_column", "text",
-                    "--resolution", str(args.size), "--center_crop", "--train_batch_size", str(args.batch),
-                    "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate),
-                    "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--mixed_precision", "no",
-                    "--dataloader_num_workers", "0", "--output_dir", str(peer_dir / "out"),
-                    "--cache_dir", str(peer_dir / "cache"), "--checkpointing_steps", "1000000"],
-                    peer_dir, peer_env, "peer", args.warmup)
-            except RuntimeError as exc:
-                results["peer_error"] = str(exc)[-2000:]
-                print(f"peer        : could not run: {exc}", flush=True)
-            else:
-                show("peer", peer)
-        else:
-            print("peer        : not run (no --peer_script)")
-        s, b = sdtune["median"], bare["median"]
+            runs["peer"] = (lambda out: [
+                str(script), "--pretrained_model_name_or_path", str(model_path),
+                "--train_data_dir", str(peer_data), "--image_column", "image", "--caption_column", "text",
+                "--resolution", str(args.size), "--center_crop", "--train_batch_size", str(args.batch),
+                "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate),
+                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--mixed_precision", "no",
+                "--dataloader_num_workers", "0", "--output_dir", str(out), "--cache_dir", str(peer_dir / "cache"),
+                "--checkpointing_steps", "1000000"], peer_dir, peer_env)
+        best: dict[str, dict[str, float]] = {}
+        names = list(runs)
+        for r in range(args.rounds):  # interleaved, each round in another order: a slow minute hits every tool
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                make, cwd, run_env = runs[name]
+                try:
+                    figures = run_timed(launcher, make(work / "out" / f"{name}-{r}"), cwd, run_env,
+                                        f"{name}-{r}", args.warmup)
+                except RuntimeError as exc:
+                    if name != "peer":
+                        raise
+                    results["peer_error"] = str(exc)[-2000:]
+                    print(f"peer            : could not run: {exc}", flush=True)
+                    names.remove("peer")
+                    continue
+                print(f"  round {r + 1}: {name} {figures['median']:.4f} s/step", flush=True)
+                if name not in best or figures["median"] < best[name]["median"]:
+                    best[name] = figures
+        for name, figures in best.items():
+            show(name, figures)
+        if args.peer_script is None:
+            print("peer            : not run (no --peer_script)")
+        sdtune, cached, bare_run, peer = best["sdtune"], best["sdtune_te_cache"], best["bare"], best.get("peer")
+        encode = vae_encode_seconds(model, args.batch, args.size)
+        results["vae_encode_s"] = round(encode, 4)
+        results["vae_to_unet_flops"] = round(vae_to_unet_flops(model, args.batch, args.size), 3)
+        print(f"VAE encode / U-Net training FLOPs: {results['vae_to_unet_flops']} (SD 1.5 at 512 px: ~0.48)")
+        print(f"VAE encode of one batch (the peer's extra work each step): {encode:.4f} s", flush=True)
+        s, c, b = sdtune["median"], cached["median"], bare_run["median"]
         print(f"ratio sdtune / bare : {s / b:6.3f}  (1.0 = no overhead)")
         results["ratio_sdtune_over_bare"] = round(s / b, 3)
         if peer is not None:
             p = peer["median"]
             print(f"ratio sdtune / peer : {s / p:6.3f}  (below 1: sdtune faster)")
+            print(f"ratio sdtune with --cache_text_encoder_outputs / peer : {c / p:6.3f}")
             print(f"ratio sdtune / (peer - VAE encode) : {s / (p - encode):6.3f}  (against the peer without its "
                   "per-step VAE encode)")
             results["ratio_sdtune_over_peer"] = round(s / p, 3)
+            results["ratio_sdtune_te_cache_over_peer"] = round(c / p, 3)
             results["ratio_sdtune_over_peer_without_vae"] = round(s / (p - encode), 3)
         print(json.dumps(results), flush=True)
     finally:

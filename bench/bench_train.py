@@ -1,8 +1,9 @@
 """Training speed: ``sdtune train`` against a bare PyTorch loop doing the same work.
 
-Both run the same model (a small SD1-topology U-Net), the same cached latents and captions, the same AdamW and
-the same forward, backward and optimizer step; the bare loop has the batches in memory and nothing else. The
-ratio is the trainer's overhead (data loading, RNG derivation, NaN guard, progress bar, bookkeeping).
+Both run the same model (a small SD1-topology U-Net), the same cached latents and captions, the same AdamW (torch's
+fused kernel, sdtune's choice on the CPU) and the same forward, backward and optimizer step; the bare loop has the
+batches in memory and nothing else. The ratio is the trainer's overhead (data loading, RNG derivation, NaN guard,
+progress bar, bookkeeping).
 
     .venv/bin/python bench/bench_train.py [--steps 40] [--warmup 3] [--width 64] [--batch 4] [--threads 2]
 
@@ -68,12 +69,15 @@ def build_model(width: int):
     return model
 
 
-def bare_loop(model_path: Path, data: FineTuneData, steps: int, batch: int, seed: int) -> float:
+def bare_loop(model_path: Path, data: FineTuneData, steps: int, batch: int, seed: int, fused: bool = True) -> float:
+    """The step written by hand: batches in memory, the text encoder's forward, the U-Net's forward and backward,
+    clipping, torch's AdamW (``fused``: its fused kernel, which sdtune picks on the CPU and CUDA; False: the
+    per-tensor loop, torch's CPU default, what diffusers' scripts get there). Steps per second."""
     model = load_model(model_path)
     unet, te, tok = model.unet.train(), model.text_encoder, model.tokenizer
     te.requires_grad_(False)
     scheduler = model.noise_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=fused)
     keys = data.epoch_batches(0, seed, batch, 1, 0)
     batches = [data.load_batch(k, 0, seed) for k, _ in keys]
     generator = torch.Generator().manual_seed(seed)
@@ -109,6 +113,14 @@ def steps_per_second(run, warmup: int) -> float:
     return 1.0 / float(np.median(intervals))
 
 
+def run_bare(model_path: Path, in_json: Path, train_dir: Path, steps: int, batch: int, fused: bool) -> None:
+    """Only the bare loop, on a model and data already prepared: bench_peer.py runs this in a process of its own,
+    started like the trainers' (a fresh process's heap grows and is trimmed by the C allocator as the step's
+    tensors come and go, which a process that ran other work first does not see)."""
+    data = FineTuneData.from_metadata(load_metadata(in_json), train_dir)
+    bare_loop(model_path, data, steps, batch, 0, fused=fused)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -117,9 +129,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (latents are size/8)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bare_only", nargs=3, type=Path, metavar=("MODEL", "IN_JSON", "TRAIN_DIR"),
+                        help="run only the bare loop on this model and prepared data (bench_peer.py's)")
+    parser.add_argument("--loop_adamw", action="store_true", help="with --bare_only: AdamW's per-tensor loop "
+                        "(torch's CPU default) instead of its fused kernel")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    if args.bare_only is not None:
+        run_bare(*args.bare_only, args.steps, args.batch, fused=not args.loop_adamw)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = build_model(args.width)
