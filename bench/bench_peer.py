@@ -217,6 +217,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each tool, interleaved; the best median "
                         "counts")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for every measured process alike (repeatable), e.g. "
+                             "MALLOC_TOP_PAD_=268435456: glibc then grows its heap in 256 MiB steps instead of "
+                             "trimming and regrowing it between steps")
     parser.add_argument("--keep", type=Path, help="copy the work folder (logs, step times, outputs) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -224,10 +228,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    for pair in args.env:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
     work = Path(tempfile.mkdtemp(prefix="sdtune-bench-peer-"))
     results: dict[str, object] = {"images": args.images, "size": args.size, "batch": args.batch,
                                   "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-                                  "unet_width": args.width}
+                                  "unet_width": args.width, "env": args.env}
     try:
         model = build_model(args.width)
         model.vae = sd_proportioned_vae(model, [int(w) for w in args.vae_widths.split(",")], args.vae_layers)
