@@ -175,6 +175,29 @@ def test_adamw_kernels_give_the_per_tensor_loops_result(extra, kernel):
     assert kept.defaults["foreach"] is False and not kept.defaults.get("fused")
 
 
+def test_the_trainers_adamw_is_fused_and_updates_as_the_per_tensor_loop(prepared, tmp_path):
+    """``sdtune train`` on a CPU steps with the fused kernel, and its update of the tiny model is the one AdamW's
+    per-tensor loop (--optimizer_args foreach=False, torch's own CPU default) makes from the same gradients,
+    within float rounding. One step: after it the weights differ in their last bits, and Adam's next steps
+    (about lr * sign(g)) turn that into full-size differences in near-zero gradients of a random model (see
+    tests/train/test_compile.py), which says nothing about the kernel."""
+    runs = {}
+    for name, extra in (("fused", []), ("loop", ["foreach=False"])):
+        trainer = Trainer(options(prepared, tmp_path, output_dir=str(tmp_path / name), max_train_steps=1,
+                                  optimizer_args=extra))
+        runs[name] = (dict(trainer.optimizer.defaults), trainer.run())
+    assert runs["fused"][0]["fused"] is True
+    assert not runs["loop"][0]["fused"] and runs["loop"][0]["foreach"] is False
+    assert runs["fused"][1]["losses"] == runs["loop"][1]["losses"]  # the same forward before the update
+    ours, theirs = load_file(str(runs["fused"][1]["model"])), load_file(str(runs["loop"][1]["model"]))
+    base = load_model(prepared("sd1")[0]).unet.conv_in.weight
+    conv_in = ours["model.diffusion_model.input_blocks.0.0.weight"]
+    assert conv_in.shape == base.shape and not torch.equal(conv_in, base)  # it trained
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_adamw_is_fused_on_cuda():
     model = torch.nn.Linear(8, 8).cuda()
