@@ -303,3 +303,52 @@ def test_recursive_folders_find_masks_in_the_same_sub_folder(dataset, mask_dir, 
     cache = load_latent_file(train / "sub" / "tall.npz")
     assert Path(cache.mask_file) == Path(os.path.relpath(mask_dir / "sub" / "tall.png", train / "sub"))
     assert cache_staleness(cache, train / "sub" / "tall.png", (64, 128), vae_fingerprint(tiny_vae)) is None
+
+
+def save_rotated(displayed: Image.Image, path: Path) -> None:
+    """Store ``displayed`` as a camera does: the pixels turned a quarter anticlockwise, with EXIF orientation 6
+    ("rotate 90 clockwise to display"), which PIL's ImageOps.exif_transpose undoes."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    displayed.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+
+
+def test_exif_rotated_images_get_the_mask_of_their_displayed_orientation(dataset, mask_dir, tiny_vae):
+    """A photo stored sideways with an EXIF orientation: its alpha (--alpha_mask) turns with its pixels, and a
+    --mask_dir mask is one drawn on the image as shown (its size after the orientation); the cached mask and the
+    latents are those of the displayed image, computed here with PIL's exif_transpose."""
+    from PIL import ImageOps
+
+    train, meta = dataset
+    size = EXPECTED["wide"][0]  # shown 130x70; stored 70x130
+    alpha = left_half_transparent(size)
+    shown = Image.fromarray(np.dstack([smooth_rgb(*size, 5), alpha]), "RGBA")
+    save_rotated(shown, train / "wide.png")
+    with Image.open(train / "wide.png") as im:
+        assert im.size == (70, 130)
+        upright = ImageOps.exif_transpose(im)
+        assert upright.size == size and np.array_equal(np.asarray(upright), np.asarray(shown))  # the reference
+    prepare_latents(options(train, meta, alpha_mask=True), vae=tiny_vae)
+    cache = load_latent_file(train / "wide.npz")
+    expected = expected_mask(shown.getchannel("A"), "wide")
+    assert expected[:, :6].max() < 0.05 and expected[:, -6:].min() > 0.95  # the left half off, in the shown image
+    torch.testing.assert_close(torch.from_numpy(cache.mask).double(), torch.from_numpy(expected), atol=1e-6, rtol=0)
+    white = Image.alpha_composite(Image.new("RGBA", size, (255, 255, 255, 255)), shown).convert("RGB")
+    _, _, resized, crop = EXPECTED["wide"]
+    pixels = np.asarray(white.resize(resized, Image.Resampling.LANCZOS).crop(crop))
+    np.testing.assert_allclose(cache.latents, encode(tiny_vae, pixels), atol=2e-5, rtol=0)
+
+    # --mask_dir: the mask drawn on the shown image is used; one of the stored orientation is refused
+    masks = mask_dir.parent / "masks_exif"
+    masks.mkdir()
+    grey_mask(size).save(masks / "wide.png")
+    summary = prepare_latents(options(train, meta, mask_dir=masks), vae=tiny_vae)
+    assert summary.skipped == []
+    with Image.open(masks / "wide.png") as im:
+        expected = expected_mask(im, "wide")
+    torch.testing.assert_close(torch.from_numpy(load_latent_file(train / "wide.npz").mask).double(),
+                               torch.from_numpy(expected), atol=1e-6, rtol=0)
+    grey_mask((70, 130)).save(masks / "wide.png")
+    summary = prepare_latents(options(train, meta, mask_dir=masks), vae=tiny_vae)
+    reasons = dict((path.name, reason) for path, reason in summary.skipped)
+    assert "70x130" in reasons["wide.png"] and "130x70" in reasons["wide.png"]
