@@ -9,8 +9,10 @@ progress bar, bookkeeping).
 
 Each loop's steps are timed by a global optimizer-step hook; the median interval between steps after ``--warmup``
 is its step time (first-call allocations, model loading and the final save do not count; other jobs on a shared
-machine add spikes, which the median ignores). Prints steps/s of each and the ratio. Not a test: nothing here
-asserts a time.
+machine add spikes, which the median ignores). Prints steps/s of each and the ratio. Both loops run in this
+process, the trainer second, on a heap the bare loop has already grown: a quick check of the trainer's Python-side
+overhead. bench_peer.py runs each in a fresh process of its own (under glibc that costs sdtune's process about
+10 % more than the bare loop's, see there), beside diffusers' script. Not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
