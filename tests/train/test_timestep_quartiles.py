@@ -38,3 +38,27 @@ def test_the_full_schedule_logs_several_quarters(prepared, tmp_path):
     quarters = [tag for tag in scalars if tag.startswith("loss/q")]
     assert len(quarters) >= 3  # 18 samples drawn over the whole schedule
     assert sum(len(scalars[q]) for q in quarters) >= 6  # every step logs at least one quarter
+
+
+def test_quarters_are_guided_diffusions_at_every_timestep():
+    """Every timestep lands in the quarter guided-diffusion's log_loss_dict gives it (``int(4 * t /
+    num_timesteps)``, written here from its train_util.py), boundaries included (249 -> 0, 250 -> 1, 999 -> 3),
+    and each quarter's sum and count are those of its samples."""
+    from sdtune.train.logs import TimestepQuartiles
+
+    steps = 1000
+    timesteps = torch.arange(steps)
+    errors = torch.rand(steps, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    quartiles = TimestepQuartiles(steps, torch.device("cpu"))
+    quartiles.add_errors(errors, timesteps)
+    sums, counts = [0.0] * 4, [0] * 4
+    for t, e in zip(timesteps.tolist(), errors.tolist()):
+        q = int(4 * t / steps)
+        sums[q] += e
+        counts[q] += 1
+    assert counts == [250, 250, 250, 250]
+    torch.testing.assert_close(quartiles.totals[1], torch.tensor(counts, dtype=torch.float32))
+    torch.testing.assert_close(quartiles.totals[0], torch.tensor(sums, dtype=torch.float32))
+    figures = TimestepQuartiles.figures(quartiles.totals.flatten().tolist())
+    torch.testing.assert_close(torch.tensor([figures[f"loss/q{i}"] for i in range(4)]),
+                               torch.tensor([s / c for s, c in zip(sums, counts)]), rtol=1e-6, atol=1e-7)
