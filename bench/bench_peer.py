@@ -43,26 +43,21 @@ U-Net parameters, and a VAE of widths 32,64,64,64 whose encode is 0.43 of the U-
 512 px: 0.46, counted the same way); 16 images, batch 4, 40 steps (20 at 256 px), 3 warm-up steps; the peer at
 diffusers commit 58eb52c0803ea9af3abec60841c2a093bdf1f951 (2026-08-23) with diffusers 0.42.1, datasets 5.2.0 and
 torchvision 0.28.0 from ``pip install --target /tmp/peer/site --no-deps datasets "torchvision==0.28.*" pyarrow
-pandas dill xxhash multiprocess ftfy wcwidth python-dateutil pytz tzdata``), s/step, best of the rounds::
+pandas dill xxhash multiprocess ftfy wcwidth python-dateutil pytz tzdata``), s/step, best of the rounds (x N);
+"padded": ``--env MALLOC_TOP_PAD_=268435456``; te: sdtune_te_cache; loop: bare_loop_adamw::
 
-                                   128 px, glibc's defaults   128 px, MALLOC_TOP_PAD_=256 MiB   256 px, defaults
-                                   (--rounds 3)               (--rounds 3, every process)       (--rounds 1)
-    sdtune                         0.241                      0.207                             0.899
-    sdtune_te_cache                0.230                      0.207                             0.884
-    bare (fused AdamW)             0.218                      0.211                             0.826
-    bare_loop_adamw                0.236                      0.229                             0.838
-    peer                           0.299                      0.278                             1.160
-    sdtune / bare                  1.11                       0.98                              1.09
-    sdtune / peer                  0.81                       0.74                              0.78
-    sdtune_te_cache / peer         0.77                       0.74                              0.76
-    bare / peer                    0.73                       0.76                              0.71
+    run                            sdtune  te     bare   loop   peer   sdtune/bare  sdtune/peer  te/peer  bare/peer
+    128 px, 1 thread, glibc  (x3)  0.241   0.230  0.218  0.236  0.299  1.11         0.81         0.77     0.73
+    128 px, 1 thread, padded (x3)  0.207   0.207  0.211  0.229  0.278  0.98         0.74         0.74     0.76
+    128 px, 2 threads, glibc (x2)  0.160   0.153  0.153  0.174  0.217  1.05         0.74         0.70     0.70
+    256 px, 1 thread, glibc  (x1)  0.899   0.884  0.826  0.838  1.160  1.09         0.78         0.76     0.71
 
 What the figures say:
-- The peer's extra work (image decoding and transforms, the VAE encode, AdamW's per-tensor loop) is 24-29 % of its
+- The peer's extra work (image decoding and transforms, the VAE encode, AdamW's per-tensor loop) is 24-30 % of its
   step on this CPU, where the VAE's FLOPs alone (0.43 of the U-Net's training) predict 30 % for the encode: the
   VAE's few large convolutions run near the CPU's peak, the U-Net's many small operations do not. So even the
-  bare loop, which has no overhead at all, reaches only 0.71-0.76 of the peer's time: 0.7 is out of reach on a
-  CPU for any trainer doing this work. On a GPU the shares differ, and this script runs there unchanged.
+  bare loop, which has no overhead at all, reaches only 0.70-0.76 of the peer's time: below 0.7 is out of reach
+  on this CPU for any trainer doing this work. On a GPU the shares differ, and this script runs there unchanged.
 - sdtune's step costs what the bare loop's does when both processes' C allocator behaves alike (0.98 with
   ``--env MALLOC_TOP_PAD_=268435456``). Under glibc's defaults sdtune's process trims its heap and grows it again
   within each step, about 120 ``brk`` calls and 18,700 minor page faults a step, where the bare loop's makes 11 calls
