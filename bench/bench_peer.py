@@ -50,15 +50,16 @@ pandas dill xxhash multiprocess ftfy wcwidth python-dateutil pytz tzdata``), s/s
     128 px, 1 thread, glibc  (x3)  0.241   0.230  0.218  0.236  0.299  1.11         0.81         0.77     0.73
     128 px, 1 thread, padded (x3)  0.207   0.207  0.211  0.229  0.278  0.98         0.74         0.74     0.76
     128 px, 2 threads, glibc (x2)  0.160   0.153  0.153  0.174  0.217  1.05         0.74         0.70     0.70
+    128 px, 2 threads, padded (x2) 0.148   0.153  0.153  0.166  0.195  0.97         0.76         0.79     0.79
     256 px, 1 thread, glibc  (x1)  0.899   0.884  0.826  0.838  1.160  1.09         0.78         0.76     0.71
 
 What the figures say:
 - The peer's extra work (image decoding and transforms, the VAE encode, AdamW's per-tensor loop) is 24-30 % of its
   step on this CPU, where the VAE's FLOPs alone (0.43 of the U-Net's training) predict 30 % for the encode: the
   VAE's few large convolutions run near the CPU's peak, the U-Net's many small operations do not. So even the
-  bare loop, which has no overhead at all, reaches only 0.70-0.76 of the peer's time: below 0.7 is out of reach
+  bare loop, which has no overhead at all, reaches only 0.70-0.79 of the peer's time: below 0.7 is out of reach
   on this CPU for any trainer doing this work. On a GPU the shares differ, and this script runs there unchanged.
-- sdtune's step costs what the bare loop's does when both processes' C allocator behaves alike (0.98 with
+- sdtune's step costs what the bare loop's does when both processes' C allocator behaves alike (0.97-0.98 with
   ``--env MALLOC_TOP_PAD_=268435456``). Under glibc's defaults sdtune's process trims its heap and grows it again
   within each step, about 120 ``brk`` calls and 18,700 minor page faults a step, where the bare loop's makes 11 calls
   and no faults (``strace -c -e trace=brk``; ``getrusage``), though glibc's thresholds are the same in both
