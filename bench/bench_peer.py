@@ -54,7 +54,7 @@ pandas dill xxhash multiprocess ftfy wcwidth python-dateutil pytz tzdata``), s/s
     256 px, 1 thread, glibc  (x1)  0.899   0.884  0.826  0.838  1.160  1.09         0.78         0.76     0.71
 
 What the figures say:
-- The peer's extra work (image decoding and transforms, the VAE encode, AdamW's per-tensor loop) is 24-30 % of its
+- The peer's extra work (image decoding and transforms, the VAE encode, AdamW's per-tensor loop) is 21-30 % of its
   step on this CPU, where the VAE's FLOPs alone (0.43 of the U-Net's training) predict 30 % for the encode: the
   VAE's few large convolutions run near the CPU's peak, the U-Net's many small operations do not. So even the
   bare loop, which has no overhead at all, reaches only 0.70-0.79 of the peer's time: below 0.7 is out of reach
