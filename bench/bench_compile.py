@@ -6,24 +6,30 @@ per bucket shape, and against eager.
 
 The U-Net is bench_train.py's (a small SD1-topology U-Net), its blocks compiled in place by sdtune's own
 ``compile_blocks`` inside ``recompile_room``, as ``sdtune train --torch_compile`` does. One forward and backward per
-call, on latents of three bucket shapes in the order a shuffled epoch meets them (16x16, 16x24, 24x16, then the first
-two again). Per mode: the seconds of each call (a call that compiles shows it), the compiles counted by dynamo, and
-the median of three further calls per shape once everything is compiled. Inductor's on-disk cache goes to a fresh
-temporary folder, so every compile is a real one. Prints one JSON line per mode.
+call, on latents of bucket shapes in the order a shuffled epoch might meet them (16x16, 16x24, 24x16, the first
+two again, then two new ones: 24x24, 32x16). Per mode: the seconds of each call (a call that compiles shows it),
+the graphs dynamo compiled, and the median of three further calls per shape once everything is compiled.
+Inductor's on-disk cache goes to a fresh temporary folder, so every compile is a real one. Prints one JSON line per
+mode.
 
-Measured 2026-12-06 (2-core CPU, 1 thread, inductor, width 64, batch 4; ``bench_compile.py --width 64``, 5 min 40 s),
-seconds per forward and backward::
+Measured 2026-12-06 (2-core CPU, 1 thread, width 64, batch 4; ``bench_compile.py --width 64``, 9 min 23 s, and
+``--modes "all sizes dynamic"``, ``--backend aot_eager``), seconds per forward and backward::
 
-    call (latents)              16x16  16x24  24x16  16x16  16x24   graphs   steady 16x16 / 16x24 / 24x16
-    eager                       0.26   0.31   0.31   0.20   0.29    0        0.200 / 0.289 / 0.286
-    automatic dynamic (sdtune)  81.7   50.9   25.6   0.24   0.34    39       0.238 / 0.338 / 0.338
-    static per shape            67.1   71.9   24.5   0.24   0.33    44       0.229 / 0.309 / 0.314
+    call (latents)                16x16  16x24  24x16  16x16  16x24  24x24  32x16  graphs  steady (5 shapes)
+    eager                         0.27   0.32   0.30   0.20   0.28   0.47   0.40   0       0.200 0.287 0.278 0.439 0.374
+    automatic dynamic (sdtune)    83.9   49.5   24.5   0.23   0.33   40.0   36.6   63      0.202 0.285 0.291 0.450 0.386
+    static per shape              60.4   71.6   24.8   0.22   0.32   72.5   70.6   76      0.227 0.314 0.308 0.489 0.424
+    all sizes dynamic (dynamic=True) 93.4 51.4  29.9   0.23   0.31   48.0   45.2   63      0.211 0.296 0.297 0.456 0.391
+    automatic dynamic, aot_eager  6.3    1.7    0.31   0.21   0.29   0.44   0.38   12      (traces only)
 
-Automatic dynamic compiles a block again the first time its width changes and once more when its height does
-(each size turns symbolic on its own), then never again: a run with twenty buckets compiles three times. Static
-compiles at every new bucket (here the third is cheaper, its smaller levels' shapes having been met already), so
-its cost grows with the number of buckets, for kernels 4-9 % faster than the symbolic ones. On this CPU both run
-slower than eager (see bench_options.py for why); on a GPU the figures are not measured yet.
+With inductor every new bucket compiles again, whichever mode: the graphs dynamo traces turn symbolic (aot_eager,
+which only traces, compiles 12 graphs for the seven calls and nothing for new buckets), but inductor's kernels add
+guards of their own (``TORCH_LOGS=recompiles`` shows the failed size guards). Automatic dynamic pays least for a new
+bucket (37-50 s here, against 71-72 s for a static compile) and its kernels run as fast as eager; a run pays one
+compile per bucket in its first epoch and none after. An earlier run of the five first calls gave the same
+compile times and steady times 0.238 / 0.338 / 0.338 (automatic) and 0.229 / 0.309 / 0.314 (static): the steady
+figures move by 10-15 % between runs on this shared machine. On this CPU compiling never pays (see
+bench_options.py for why); on a GPU the figures are not measured yet.
 Not a test: nothing here asserts a time.
 """
 
@@ -38,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPES = [(16, 16), (16, 24), (24, 16), (16, 16), (16, 24)]
+SHAPES = [(16, 16), (16, 24), (24, 16), (16, 16), (16, 24), (24, 24), (32, 16)]
 
 
 def step(unet, latents, states) -> float:
@@ -53,7 +59,10 @@ def step(unet, latents, states) -> float:
 
 
 def run_mode(mode: str, width: int, batch: int, backend: str) -> dict:
-    """The call times of one mode: ``eager``, ``automatic dynamic`` or ``static per shape``."""
+    """The call times of one mode: ``eager``, ``automatic dynamic`` (sdtune's), ``static per shape`` or ``all sizes
+    dynamic`` (``dynamic=True``: every size symbolic from the first compile)."""
+    if mode not in ("eager", "automatic dynamic", "static per shape", "all sizes dynamic"):
+        raise SystemExit(f"unknown mode {mode!r}")
     import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -70,7 +79,7 @@ def run_mode(mode: str, width: int, batch: int, backend: str) -> dict:
     states = torch.randn(batch, 77, unet.config.cross_attention_dim)
     latents = {shape: torch.randn(batch, 4, *shape) for shape in set(SHAPES)}
     if mode != "eager":
-        compile_blocks(unet, backend)
+        compile_blocks(unet, backend, dynamic=True if mode == "all sizes dynamic" else None)
     patch = torch._dynamo.config.patch(automatic_dynamic_shapes=(mode != "static per shape"))
     with patch, recompile_room(mode != "eager"):
         calls = [round(step(unet, latents[shape], states), 3) for shape in SHAPES]
@@ -86,13 +95,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="inductor", help="dynamo backend (aot_eager: trace only, fast)")
+    parser.add_argument("--modes", default="eager,automatic dynamic,static per shape",
+                        help="which of the three to run, comma-separated")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-inductor-") as cache:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)  # before torch._inductor reads it
         import torch
 
         torch.set_num_threads(args.threads)
-        for mode in ("eager", "automatic dynamic", "static per shape"):
+        for mode in args.modes.split(","):
             print(json.dumps(run_mode(mode, args.width, args.batch, args.backend)), flush=True)
 
 

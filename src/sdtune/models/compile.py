@@ -8,10 +8,11 @@ wrapped, so its parameter names, and every checkpoint saved from it, stay as the
 and hooks (LoRA, hypernetworks) on layers inside a block still run (dynamo traces through them).
 
 **Bucket shapes.** ``dynamic=None`` is torch's automatic-dynamic mode: a block is compiled for the first shape it
-sees; when a bucket changes its width it is compiled once more with the width symbolic, and again when one changes
-its height; every later bucket reuses that graph. So a run with many buckets compiles each block at most three
-times, not once per bucket (``bench/bench_compile.py`` measures both: static kernels run 4-9 % faster on a CPU but
-cost a compile at every new bucket). ``--
+sees, and again with the sizes that changed symbolic when a bucket changes them. The traced graphs then serve every
+bucket (with the ``aot_eager`` backend nothing compiles again), but inductor's kernels add size guards of their own,
+so with inductor each new bucket still compiles once, the first time it comes: measured on a CPU by
+``bench/bench_compile.py``, 37-50 s per new bucket for a small U-Net against 71-72 s with a static compile per
+bucket (``dynamic=False``), and no better with ``dynamic=True``; later epochs compile nothing. ``--
 dynamo_backend`` / ``--torch_compile_mode`` choose torch's backend (``inductor``, the default, generates kernels;
 ``aot_eager`` and ``eager`` only trace, for debugging) and inductor's mode (``default``, ``reduce-overhead``: CUDA
 graphs, ``max-autotune``).
@@ -38,10 +39,13 @@ COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 RECOMPILE_LIMIT = 64  # per block class: its layouts x the bucket shapes before they turn dynamic
 
 
-def compile_blocks(unet: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> int:
-    """Compile every transformer and ResNet block of ``unet`` in place; returns how many were compiled."""
+def compile_blocks(unet: nn.Module, backend: str = "inductor", mode: Optional[str] = None,
+                   dynamic: Optional[bool] = None) -> int:
+    """Compile every transformer and ResNet block of ``unet`` in place; returns how many were compiled.
+    ``dynamic``: torch.compile's (None: automatic dynamic, sizes turn symbolic when they change; True: every size
+    symbolic from the first compile)."""
     assert backend in DYNAMO_BACKENDS and (mode is None or mode in COMPILE_MODES), (backend, mode)
-    options: dict = {"backend": backend, "dynamic": None}
+    options: dict = {"backend": backend, "dynamic": dynamic}
     if backend == "inductor" and mode not in (None, "default"):
         options["mode"] = mode
     count = 0
