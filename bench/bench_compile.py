@@ -1,6 +1,6 @@
 """``--torch_compile`` across bucket shapes: what torch's automatic-dynamic mode (sdtune's choice: a block is compiled
-for its first shape, then once more with the changing sizes symbolic) costs and runs at, against one static compile
-per bucket shape, and against eager.
+for its first shape, and again with the sizes that changed symbolic) costs and runs at, against one static compile
+per bucket shape, every size symbolic from the start (``dynamic=True``), and eager.
 
     .venv/bin/python bench/bench_compile.py [--width 64] [--batch 4] [--threads 1] [--backend inductor]
 
@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="inductor", help="dynamo backend (aot_eager: trace only, fast)")
     parser.add_argument("--modes", default="eager,automatic dynamic,static per shape",
-                        help="which of the three to run, comma-separated")
+                        help="which to run, comma-separated, of: eager, automatic dynamic, static per shape, "
+                             "all sizes dynamic")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-inductor-") as cache:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)  # before torch._inductor reads it

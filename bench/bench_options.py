@@ -98,7 +98,7 @@ def adamw_step_seconds(width: int, repeats: int = 20) -> dict[str, float]:
                          ("fused", {"fused": True})):
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, **kwargs)
         seconds = []
-        for i in range(3 + repeats):
+        for _ in range(3 + repeats):
             started = time.perf_counter()
             optimizer.step()
             seconds.append(time.perf_counter() - started)

@@ -207,7 +207,7 @@ def vae_encode_seconds(model, batch: int, size: int, repeats: int = 10) -> float
     pixels = torch.rand(batch, 3, size, size) * 2 - 1
     seconds = []
     with torch.no_grad():
-        for i in range(3 + repeats):
+        for _ in range(3 + repeats):
             started = time.perf_counter()
             vae.encode(pixels).latent_dist.sample()
             seconds.append(time.perf_counter() - started)

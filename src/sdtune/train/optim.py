@@ -250,8 +250,7 @@ def _fast_adamw(param_groups: list[dict[str, Any]], extra: dict[str, Any]) -> di
         return extra
     params = [p for group in param_groups for p in group["params"]]
     device_types = {p.device.type for p in params}
-    fusable = params and len(device_types) == 1 and device_types <= {"cpu", "cuda"} and all(
-        p.is_floating_point() for p in params)
+    fusable = len(device_types) == 1 and device_types <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
     return {"fused": True, **extra} if fusable else extra
 
 
