@@ -90,3 +90,44 @@ def test_dynamo_mode_needs_torch_compile(prepared, tmp_path):
 def test_sd_scripts_persistent_workers_flag_is_accepted(prepared, tmp_path, plain_run):
     _, result = _run(prepared, tmp_path, "persistent", persistent_data_loader_workers=True)
     assert result["losses"] == plain_run["losses"]
+
+
+@pytest.mark.slow  # 40 s: 8 buckets traced block by block
+def test_every_bucket_gets_compiled_code_however_many_there_are():
+    """A block may need one compiled entry per bucket shape (inductor's kernels guard on sizes:
+    bench/bench_compile.py hit torch's limit at the sixth bucket with the old fixed 64). Here the worst case is
+    forced (static shapes, torch's ``eager`` backend, which traces without code generation): with the limit of
+    recompile_limit no block falls back to uncompiled code across 8 buckets, where the fixed RECOMPILE_LIMIT of
+    64 does (so the case really reaches the limit)."""
+    import logging
+
+    import torch._dynamo
+
+    from sdtune.models.compile import RECOMPILE_LIMIT, compile_blocks, recompile_limit, recompile_room
+    from sdtune.models.tiny import build_tiny
+
+    unet = build_tiny("sd1").unet.eval()
+    states = torch.randn(1, 77, unet.config.cross_attention_dim)
+    shapes = [(8, 8 + 8 * i) for i in range(8)]
+
+    def limit_hits(limit: int) -> list[str]:
+        torch._dynamo.reset()
+        compile_blocks(unet, "eager")
+        messages: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: messages.append(record.getMessage())
+        dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+        dynamo_log.addHandler(handler)
+        try:
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False), recompile_room(True, limit), \
+                    torch.no_grad():
+                for h, w in shapes:
+                    unet(torch.randn(1, 4, h, w), torch.tensor([10]), states)
+        finally:
+            dynamo_log.removeHandler(handler)
+            torch._dynamo.reset()
+        return [m for m in messages if "recompile_limit" in m]
+
+    assert recompile_limit(unet, len(shapes)) > RECOMPILE_LIMIT
+    assert limit_hits(RECOMPILE_LIMIT)  # the fixed limit is reached: some blocks would run uncompiled
+    assert limit_hits(recompile_limit(unet, len(shapes))) == []

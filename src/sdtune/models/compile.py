@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -36,7 +37,7 @@ from sdtune.models.choices import COMPILE_MODES, DYNAMO_BACKENDS
 logger = logging.getLogger(__name__)
 
 COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
-RECOMPILE_LIMIT = 64  # per block class: its layouts x the bucket shapes before they turn dynamic
+RECOMPILE_LIMIT = 64  # per block class, at the least (recompile_limit: a run's, from its buckets)
 
 
 def compile_blocks(unet: nn.Module, backend: str = "inductor", mode: Optional[str] = None,
@@ -58,16 +59,25 @@ def compile_blocks(unet: nn.Module, backend: str = "inductor", mode: Optional[st
     return count
 
 
-def recompile_room(enabled: bool = True) -> contextlib.AbstractContextManager:
-    """A context in which torch.compile may compile each block's code for up to :data:`RECOMPILE_LIMIT` shapes
-    (torch's default, 8, is shared by all the blocks of one class: an SD 1.5 U-Net's ResNet blocks alone come in
-    about a dozen channel layouts, and past the limit torch silently runs the rest uncompiled). Scoped: torch's
-    setting is back as it was outside the context."""
+def recompile_limit(unet: nn.Module, buckets: int) -> int:
+    """How many compiled versions of one block class's code a run with ``buckets`` bucket shapes may need: each
+    block may want its own entry for every bucket (inductor's kernels guard on sizes, so a new bucket compiles again
+    even after the sizes turned symbolic: ``bench/bench_compile.py``), plus the first, static one. So the most
+    blocks of one class times ``buckets + 1``, and never less than :data:`RECOMPILE_LIMIT`."""
+    counts = Counter(type(m).__name__ for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS)
+    return max(RECOMPILE_LIMIT, max(counts.values(), default=0) * (buckets + 1))
+
+
+def recompile_room(enabled: bool = True, limit: int = RECOMPILE_LIMIT) -> contextlib.AbstractContextManager:
+    """A context in which torch.compile may compile each block class's code for up to ``limit`` shapes (torch's
+    default, 8, is shared by all the blocks of one class: an SD 1.5 U-Net's ResNet blocks alone come in about a
+    dozen channel layouts, and past the limit torch silently runs the rest uncompiled; :func:`recompile_limit`
+    gives a run's). Scoped: torch's setting is back as it was outside the context."""
     if not enabled:
         return contextlib.nullcontext()
     import torch._dynamo
 
-    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+    return torch._dynamo.config.patch(recompile_limit=limit)
 
 
 def compiled_blocks(unet: nn.Module) -> int:
@@ -80,5 +90,5 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
-__all__ = ["COMPILED_BLOCKS", "RECOMPILE_LIMIT", "compile_blocks", "compiled_blocks", "recompile_room",
-           "to_channels_last"]
+__all__ = ["COMPILED_BLOCKS", "RECOMPILE_LIMIT", "compile_blocks", "compiled_blocks", "recompile_limit",
+           "recompile_room", "to_channels_last"]

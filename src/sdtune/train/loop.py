@@ -33,7 +33,7 @@ from tqdm import tqdm
 from sdtune.data.dataset import CaptionRules, FineTuneData, RunBatches, run_loader
 from sdtune.data.metadata import load_metadata
 from sdtune.errors import SdtuneError
-from sdtune.models.compile import recompile_room
+from sdtune.models.compile import recompile_limit, recompile_room
 from sdtune.models.text import encode, tokenize
 from sdtune.precision_names import autocast_dtype_of
 from sdtune.seeds import derived_seed
@@ -126,6 +126,8 @@ class Trainer:
         self.model, self.base_fingerprint = load_base_model(opts, self.accelerator, self.provenance)
         self.clip_skip = resolve_clip_skip(opts, self.model.family, self.provenance, self.is_main)
         self.encodes_on_the_fly, self.scaling_factor = self._encode_missing_latents(held_out)
+        buckets = {ex.bucket for data in (self.data, held_out) if data is not None for ex in data.examples.values()}
+        self.recompile_limit = recompile_limit(self.model.unet, len(buckets))  # --torch_compile: room for them all
         self.mask_counts = self.data.check_masks() if opts.masked_loss else None
         self.noise_scheduler = self.model.noise_scheduler()
         # on the device once: the noise coefficients are looked up every step without a copy
@@ -363,7 +365,7 @@ class Trainer:
         target = noise_lib.target(self.model.prediction_type, self.noise_scheduler, latents, noise, timesteps)
         states = self.conditioning(batch["captions"], self.model.text_encoder if unwrapped else None)
         unet_dtype = next(self.model.unet.parameters()).dtype
-        with self.autocast(), recompile_room(self.opts.torch_compile):
+        with self.autocast(), recompile_room(self.opts.torch_compile, self.recompile_limit):
             pred = (self.model.unet if unwrapped else self.unet)(noisy.to(unet_dtype), timesteps,
                                                                  states.to(unet_dtype)).sample
         return pred, target
